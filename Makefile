@@ -1,0 +1,41 @@
+# nbalex: `make demo` runs the whole job from nothing, `make test` runs the suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+DEMO   ?= demo
+# PyTorch (CPU build, pinned) is the independent oracle in tests and the peer in benchmarks.
+# Set NBALEX_TORCH= (empty) to skip it; the tests that need it then say so.
+NBALEX_TORCH ?= torch==2.13.0
+
+.PHONY: test demo install bench-static clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test,static]'
+	@if [ -n "$(NBALEX_TORCH)" ]; then \
+	  $(PIP) install -q "$(NBALEX_TORCH)" || echo "note: $(NBALEX_TORCH) could not be installed; PyTorch oracle tests will be skipped"; \
+	fi
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/nbalex synth $(DEMO)/images --classes 6 --train-per-class 120 --val-per-class 30
+	$(VENV)/bin/nbalex pack $(DEMO)/images/train $(DEMO)/train.h5 --size 64
+	$(VENV)/bin/nbalex pack $(DEMO)/images/val $(DEMO)/val.h5 --size 64 --classes-from $(DEMO)/train.h5
+	$(VENV)/bin/nbalex train --data $(DEMO)/train.h5 --val $(DEMO)/val.h5 --model alexnet-mini \
+	    --epochs 8 --batch-size 32 --out $(DEMO)/run
+	$(VENV)/bin/nbalex eval --checkpoint $(DEMO)/run/checkpoint.h5 --data $(DEMO)/val.h5
+	$(VENV)/bin/nbalex predict --checkpoint $(DEMO)/run/checkpoint.h5 --top 3 \
+	    $$(ls $(DEMO)/images/val/*/* | head -n 3)
+
+bench-static: $(VENV)/.installed
+	$(VENV)/bin/nbalex bench static
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache
