@@ -1,0 +1,1 @@
+"""cpu backend (filled in at integration)."""

@@ -1,0 +1,1 @@
+"""cuda backend (filled in at integration)."""

@@ -1,0 +1,1 @@
+"""io backend (filled in at integration)."""
