@@ -1,0 +1,298 @@
+"""``nbalex bench kernels``: every AlexNet layer's launchers, timed beside a peer.
+
+For each layer and pass (forward, backward-data, backward-weights) the launcher of the chosen
+backend is first checked against ``nbalex.reference`` at a small batch (a mismatch aborts
+that row with the reason), then timed at the full batch: the median of ``repeats`` calls after
+``warmup`` untimed ones, with CUDA events on a GPU and ``perf_counter`` on the CPU. The peer
+runs in the same process on the same inputs: PyTorch (cuDNN/cuBLAS, TF32 off) on a GPU,
+PyTorch and NumPy (im2col + matmul) on the CPU. Rates use the pass's floating-point work
+(conv and fc only) and its minimum traffic (every input read once, every output written once).
+
+Example::
+
+    nbalex bench kernels --backend cpu --layer conv2 --layer fc6 --batch-size 8
+    nbalex bench kernels --backend cuda --json > kernels.json
+"""
+
+import importlib
+import pkgutil
+import sys
+from types import SimpleNamespace
+
+import click
+import numpy as np
+
+from .. import backends
+from . import peers
+from .common import (CheckFailed, TimingRefused, compare_outputs, format_table, median_seconds,
+                     rate, ratio, refuse_under_simulator, time_host, time_numba_cuda,
+                     time_torch_cuda, to_json)
+from .layers import ALEXNET_LAYERS, array_shapes, make_inputs, passes, workspace_size
+
+DEFAULT_BATCH = {"cuda": 128, "cpu": 16}
+DEFAULT_REPEATS = {"cuda": 10, "cpu": 3}
+DEFAULT_WARMUP = {"cuda": 2, "cpu": 1}
+CHECK_BATCH = 2
+TOLERANCE = 1e-4
+POISON = {"f": np.nan, "i": -1, "u": 255}
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends and memory.
+
+def load_backend(name):
+    """The launchers of backend ``name`` as a module-like object.
+
+    Uses the package's exports when it has them all; otherwise collects them from the
+    package's submodules (one file per layer), so a partially exported package still works.
+    """
+    package = importlib.import_module(f"nbalex.{name}")
+    if all(callable(getattr(package, n, None)) for n in backends.LAUNCHERS):
+        return package
+    found = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name in ("static",):
+            continue
+        try:
+            sub = importlib.import_module(f"nbalex.{name}.{info.name}")
+        except Exception:                      # a layer file that does not import yet
+            continue
+        for launcher in backends.LAUNCHERS:
+            if launcher not in found and callable(getattr(sub, launcher, None)):
+                found[launcher] = getattr(sub, launcher)
+    return SimpleNamespace(__name__=f"nbalex.{name}", **found)
+
+
+class HostMemory:
+    """Arrays for the reference and cpu backends: plain NumPy, timed with perf_counter."""
+
+    def put(self, a):
+        return np.array(a, copy=True)
+
+    def get(self, a):
+        return np.array(a, copy=True)
+
+    def empty(self, shape, dtype):
+        return np.empty(shape, dtype)
+
+    def poisoned(self, shape, dtype):
+        return np.full(shape, POISON[np.dtype(dtype).kind], dtype)
+
+    def time(self, fn, warmup, repeats):
+        return time_host(fn, warmup, repeats)
+
+
+class CudaMemory(HostMemory):
+    """Device arrays for the cuda backend, timed with CUDA events on the default stream."""
+
+    def __init__(self):
+        from numba import cuda
+        self.cuda = cuda
+
+    def put(self, a):
+        return self.cuda.to_device(np.ascontiguousarray(a))
+
+    def get(self, a):
+        return a.copy_to_host()
+
+    def empty(self, shape, dtype):
+        return self.cuda.device_array(shape, dtype)
+
+    def poisoned(self, shape, dtype):
+        return self.put(np.full(shape, POISON[np.dtype(dtype).kind], dtype))
+
+    def time(self, fn, warmup, repeats):
+        return time_numba_cuda(fn, warmup, repeats)
+
+
+def memory_for(backend):
+    return CudaMemory() if backend == "cuda" else HostMemory()
+
+
+def _workspace(mem, module, spec, n):
+    size = workspace_size(module, spec, n)
+    return mem.empty((size,), np.float32) if size else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Check, then time.
+
+def check_layer(spec, module, mem, reference, rng, n=CHECK_BATCH):
+    """{pass name: max relative error, or the CheckFailed/other exception} for one layer.
+
+    Each pass runs on the reference and on ``module`` from the same inputs; the outputs of
+    ``module`` are poisoned first (NaN, -1, 255) so an unwritten element fails. Later passes
+    get the reference's forward outputs, so each pass is judged on its own.
+    """
+    host = make_inputs(spec, n, rng)
+    ref = {k: v.copy() for k, v in host.items()}
+    ours = {k: mem.put(v) for k, v in host.items()}
+    ws_ref = _workspace(HostMemory(), reference, spec, n)
+    ws_ours = _workspace(mem, module, spec, n)
+    results = {}
+    for pa in passes(spec, n):
+        for name, (shape, dtype) in pa.writes.items():
+            ref[name] = np.zeros(shape, dtype)
+            ours[name] = mem.poisoned(shape, dtype)
+        pa.launch(reference, ref, ws_ref)
+        expected = {name: ref[name] for name in (*pa.writes, *pa.in_place)}
+        try:
+            pa.launch(module, ours, ws_ours)
+            got = {name: mem.get(ours[name]) for name in expected}
+            results[pa.name] = compare_outputs(got, expected, TOLERANCE)
+        except Exception as exc:          # noqa: BLE001 - the row reports whatever went wrong
+            results[pa.name] = exc
+        for name in expected:             # continue from the reference's values
+            ours[name] = mem.put(ref[name])
+    return results
+
+
+def _peer_callables(spec, backend, host, n):
+    """{peer name: {pass name: callable}} for the peers that exist for this layer."""
+    out = {}
+    try:
+        device = peers.torch_device(backend)
+        t = peers.to_torch(host, device)
+        out["torch"] = {pa.name: peers.torch_pass(spec, pa.name, t) for pa in passes(spec, n)}
+    except ImportError:
+        pass
+    if backend == "cpu" and spec.kind in ("conv", "fc"):
+        out["numpy"] = {pa.name: peers.numpy_pass(spec, pa.name, host) for pa in passes(spec, n)}
+    return out
+
+
+def _peer_timer(name, backend):
+    """The timer for a peer: CUDA events for PyTorch on a GPU, perf_counter otherwise."""
+    return time_torch_cuda if (name == "torch" and backend == "cuda") else time_host
+
+
+def time_layer(spec, backend, module, mem, rng, n, warmup, repeats):
+    """Rows (dicts) for every pass of one layer at batch ``n``; ours then each peer."""
+    host = make_inputs(spec, n, rng)
+    arrays = {k: mem.put(v) for k, v in host.items()}
+    shapes = array_shapes(spec, n, host)
+    ws = _workspace(mem, module, spec, n)
+    peer_fns = _peer_callables(spec, backend, host, n)
+    rows = []
+    for pa in passes(spec, n):
+        for name, (shape, dtype) in pa.writes.items():
+            arrays[name] = mem.empty(shape, dtype)
+        seconds = median_seconds(mem.time(lambda: pa.launch(module, arrays, ws), warmup, repeats))
+        nbytes = pa.min_bytes(shapes)
+        row = {"layer": spec.name, "pass": pa.name, "shape": spec.describe(), "batch": n,
+               "backend": backend, "ms": seconds * 1e3, "gflops": rate(pa.flops, seconds),
+               "gbs": rate(nbytes, seconds), "flops": pa.flops, "bytes": nbytes}
+        for peer, fns in peer_fns.items():
+            peer_s = median_seconds(_peer_timer(peer, backend)(fns[pa.name], warmup, repeats))
+            row[f"{peer}_ms"] = peer_s * 1e3
+            row[f"{peer}_over_ours"] = ratio(peer_s, seconds)
+        rows.append(row)
+    return rows
+
+
+def select_layers(names=None):
+    """The layer specs named (all of AlexNet's when ``names`` is empty), in table order."""
+    table = {s.name: s for s in ALEXNET_LAYERS}
+    wanted = [n for item in (names or ()) for n in item.split(",") if n]
+    unknown = [n for n in wanted if n not in table]
+    if unknown:
+        raise ValueError(f"unknown layer(s) {', '.join(unknown)}; choose from {', '.join(table)}")
+    return [s for s in ALEXNET_LAYERS if not wanted or s.name in wanted]
+
+
+def run_kernels(backend="auto", layers=None, batch_size=None, repeats=None, warmup=None,
+                seed=0, log=None):
+    """Check and time the layers; return the list of row dicts (failed rows carry ``error``).
+
+    Raises :class:`TimingRefused` for the cuda backend under the CUDA simulator.
+    """
+    backend = backends.resolve(backend)
+    if backend == "reference":
+        raise ValueError("the reference backend is the oracle, not a benchmark target")
+    if backend == "cuda":
+        refuse_under_simulator("nbalex bench kernels --backend cuda")
+        peers.torch_device("cuda")      # TF32 off before anything runs
+    n = batch_size or DEFAULT_BATCH[backend]
+    repeats = repeats or DEFAULT_REPEATS[backend]
+    warmup = DEFAULT_WARMUP[backend] if warmup is None else warmup
+    module, reference = load_backend(backend), load_backend("reference")
+    mem = memory_for(backend)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for spec in select_layers(layers):
+        checks = check_layer(spec, module, mem, reference, rng)
+        bad = {p: e for p, e in checks.items() if isinstance(e, Exception)}
+        for p, exc in bad.items():
+            message = f"{spec.name} {p}: does not match the reference ({_describe(exc)}); not timed"
+            if log is not None:
+                log(message)
+        if len(bad) < len(checks):
+            try:
+                timed = time_layer(spec, backend, module, mem, rng, n, warmup, repeats)
+            except Exception as exc:  # noqa: BLE001 - report it in the row, keep the rest going
+                timed = [{"layer": spec.name, "pass": p, "error": f"timing failed: {_describe(exc)}"}
+                         for p in checks]
+                if log is not None:
+                    log(f"{spec.name}: timing failed: {_describe(exc)}")
+        else:
+            timed = []
+        timed = {r["pass"]: r for r in timed}
+        for p, result in checks.items():
+            if p in bad:
+                rows.append({"layer": spec.name, "pass": p, "shape": spec.describe(), "batch": n,
+                             "backend": backend, "error": f"mismatch: {_describe(bad[p])}"})
+            else:
+                row = timed.get(p, {"layer": spec.name, "pass": p, "error": "not timed"})
+                row.setdefault("check_error", result)
+                rows.append(row)
+    return rows
+
+
+def _describe(exc):
+    return f"{type(exc).__name__}: {exc}" if not isinstance(exc, CheckFailed) else str(exc)
+
+
+COLUMNS = [("layer", "layer"), ("pass", "pass"), ("ms", "ms", 3), ("gflops", "GFLOP/s", 1),
+           ("gbs", "GB/s", 1), ("torch_ms", "torch ms", 3), ("torch_over_ours", "torch/ours", 2),
+           ("numpy_ms", "numpy ms", 3), ("numpy_over_ours", "numpy/ours", 2),
+           ("check_error", "rel err", 1)]
+
+
+def format_rows(rows, backend):
+    """The plain-text table, with a legend line and one line per failed row."""
+    columns = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows) or c[0] in ("ms",)]
+    text = format_table(rows, columns)
+    legend = ("peer/ours = the peer's time over ours (above 1: ours is faster); "
+              f"GB/s counts each input read once and each output written once; backend {backend}")
+    failures = [f"FAILED {r['layer']} {r['pass']}: {r['error']}" for r in rows if r.get("error")]
+    return "\n".join([text, legend, *failures])
+
+
+@click.command("kernels")
+@click.option("--backend", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
+              show_default=True, help="Whose launchers to time; auto = cuda on a GPU, else cpu.")
+@click.option("--layer", "layers", multiple=True,
+              help="Layer(s) to run (repeatable or comma-separated); default every layer.")
+@click.option("--batch-size", type=int, default=None,
+              help="Batch for timing (default 128 on a GPU, 16 on the CPU).")
+@click.option("--repeats", type=int, default=None, help="Timed calls per pass (median reported).")
+@click.option("--warmup", type=int, default=None, help="Untimed calls before timing.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of row objects.")
+def command(backend, layers, batch_size, repeats, warmup, as_json):
+    """Time every AlexNet layer's kernels beside PyTorch (and NumPy on the CPU).
+
+    \b
+    Examples:
+      nbalex bench kernels --backend cpu --layer conv2 --layer fc6 --batch-size 8
+      nbalex bench kernels --backend cuda --json
+    """
+    def log(message):
+        click.echo(message, err=True)
+    try:
+        rows = run_kernels(backend, layers, batch_size, repeats, warmup, log=log)
+    except (TimingRefused, ValueError) as exc:
+        raise click.ClickException(str(exc))
+    resolved = rows[0].get("backend", backend) if rows else backend
+    click.echo(to_json(rows) if as_json else format_rows(rows, resolved))
+    if any(r.get("error") for r in rows):
+        sys.exit(1)

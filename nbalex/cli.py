@@ -1,0 +1,401 @@
+"""The ``nbalex`` command line: thin wrappers that parse options and call the library.
+
+Mistakes a user can make (a wrong path, a PNG where an HDF5 file belongs, a checkpoint of
+another model, a batch that does not fit the GPU) end as one ``Error: ...`` line on stderr and
+a non-zero exit: :class:`NbalexGroup` turns the project's error classes into
+``click.ClickException`` in one place.  Heavy modules (numba, h5py, matplotlib) are imported
+inside the commands so ``nbalex --help`` is instant.
+"""
+
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import click
+
+BACKENDS = click.Choice(["auto", "cuda", "cpu", "reference"])
+BENCHMARKS = ("kernels", "sgemm", "train")   # modules of nbalex.benchmarks, loaded on demand
+
+
+# ------------------------------------------------------------------------ error handling
+def _user_errors():
+    """The exception classes that mean "the input is wrong", not "the program is wrong"."""
+    errors = [ValueError, OSError, MemoryError, EOFError]   # ConfigError is a ValueError
+    from nbalex.train import Diverged
+    errors.append(Diverged)
+    for module, name in (("nbalex.io", "DataError"), ("nbalex.io.dataset", "DataError"),
+                         ("nbalex.checkpoint", "CheckpointError")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            errors.append(cls)
+    if "numba.cuda" in sys.modules:   # no GPU, no driver, out of device memory
+        from numba import cuda
+        for name in ("CudaSupportError", "CudaAPIError", "CudaDriverError"):
+            cls = getattr(getattr(cuda, "cudadrv", None) and cuda.cudadrv.driver, name, None)
+            if isinstance(cls, type):
+                errors.append(cls)
+    return tuple(errors)
+
+
+def _one_line(exc):
+    """A one-line description of ``exc`` for ``Error: ...``."""
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, MemoryError):
+        text = f"out of memory ({text}); try a smaller --batch-size"
+    return text
+
+
+class NbalexGroup(click.Group):
+    """A click group that reports the project's errors as one line instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if isinstance(exc, _user_errors()):
+                raise click.ClickException(_one_line(exc)) from None
+            raise
+
+
+def _hdf5_file(ctx, param, value):
+    """Option callback: ``value`` must be an existing HDF5 file (None passes through)."""
+    if value is None:
+        return None
+    import h5py
+    if not h5py.is_hdf5(value):
+        raise click.BadParameter(f"{value} is not an HDF5 file (expected a file written by "
+                                 f"`nbalex {'pack' if param.name != 'checkpoint' else 'train'}`)",
+                                 ctx=ctx, param=param)
+    return value
+
+
+def _gpu_list(ctx, param, value):
+    try:
+        gpus = tuple(int(g) for g in value.split(",") if g.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected GPU numbers such as 0 or 0,1") from None
+    if not gpus or len(gpus) > 2 or any(g < 0 for g in gpus):
+        raise click.BadParameter(f"{value!r}: give one or two GPU numbers, such as 0 or 0,1")
+    return gpus
+
+
+H5 = click.Path(exists=True, dir_okay=False)
+
+
+def _examples(*lines, note=""):
+    """A click epilog listing example command lines, kept unwrapped (click's \\b marker)."""
+    text = "Example" + ("s" if len(lines) > 1 else "") + ":\n\n\b\n" + "\n".join(
+        "  " + line for line in lines)
+    return text + ("\n\n" + note if note else "")
+
+
+@click.group(cls=NbalexGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=_examples("nbalex synth demo/images --classes 6",
+                              "nbalex pack demo/images/train demo/train.h5 --size 64",
+                              "nbalex train --help",
+                              note="`make demo` runs the whole tour."))
+@click.version_option(package_name="nbalex")
+def cli():
+    """nbalex: AlexNet (Krizhevsky, Sutskever & Hinton, 2012) from scratch in Numba."""
+
+
+def main():
+    """Console-script entry point."""
+    cli(prog_name="nbalex")
+
+
+# ----------------------------------------------------------------------------- data
+@cli.command(epilog=_examples("nbalex synth demo/images --classes 6 --train-per-class 120 "
+                             "--val-per-class 30"))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--classes", default=10, show_default=True, type=click.IntRange(1),
+              help="Number of classes.")
+@click.option("--train-per-class", default=100, show_default=True, type=click.IntRange(1),
+              help="Training images per class.")
+@click.option("--val-per-class", default=20, show_default=True, type=click.IntRange(1),
+              help="Validation images per class.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
+def synth(out_dir, classes, train_per_class, val_per_class, seed):
+    """Write a small synthetic image dataset as OUT_DIR/train/CLASS/*.png and OUT_DIR/val/...
+
+    The classes differ in shape and colour, so a small network learns them in minutes.
+    """
+    from nbalex.io.synth import synth as write_synth
+    summary = write_synth(out_dir, classes=classes, train_per_class=train_per_class,
+                          val_per_class=val_per_class, seed=seed)
+    click.echo(_summary_line(f"wrote {out_dir}", summary))
+
+
+@cli.command(epilog=_examples("nbalex pack ~/imagenet/train train.h5 --workers 8",
+                             "nbalex pack ~/imagenet/val val.h5 --classes-from train.h5"))
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--size", default=256, show_default=True, type=click.IntRange(8),
+              help="Side of the stored square images (shorter side resized, centre crop).")
+@click.option("--workers", default=None, type=click.IntRange(1),
+              help="Decoding processes [default: the number of CPUs].")
+@click.option("--classes-from", type=H5, callback=_hdf5_file,
+              help="Use this packed file's class list (pack validation data this way).")
+def pack(src, out, size, workers, classes_from):
+    """Pack a folder of images (SRC/CLASS/IMAGE) into one HDF5 file OUT.
+
+    Stores uint8 images, labels, class names, the per-pixel mean and the RGB PCA that the
+    training loader needs.  Unreadable images are skipped and counted.
+    """
+    from nbalex.io.pack import pack as write_pack
+    summary = write_pack(src, out, size=size, workers=workers, classes_from=classes_from,
+                         progress=True)
+    click.echo(_summary_line(f"wrote {out}", summary))
+
+
+def _summary_line(head, summary):
+    """``head`` followed by a library summary dict's scalar entries."""
+    if not isinstance(summary, dict):
+        return head
+    parts = [f"{k}={v}" for k, v in summary.items()
+             if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+    return head + (": " + ", ".join(parts) if parts else "")
+
+
+# --------------------------------------------------------------------------- training
+TRAIN_EPILOG = _examples(
+    "nbalex train --data demo/train.h5 --val demo/val.h5 --model alexnet-mini \\",
+    "    --epochs 8 --batch-size 32 --out demo/run",
+    "nbalex train --data demo/train.h5 --val demo/val.h5 --epochs 12 --out demo/run --resume",
+    "nbalex train --data train.h5 --val val.h5 --model alexnet --gpus 0,1 --out runs/alexnet",
+    note="Writes RUN_DIR/log.jsonl, checkpoint.h5 (every epoch and on Ctrl-C), curves.png and "
+         "filters.png.  Options marked (run setting) are stored in the checkpoint; --resume "
+         "reuses them.")
+
+
+@cli.command(epilog=TRAIN_EPILOG)
+@click.option("--data", required=True, type=H5, callback=_hdf5_file,
+              help="Packed training data (from `nbalex pack`).")
+@click.option("--val", required=True, type=H5, callback=_hdf5_file,
+              help="Packed validation data (pack it with --classes-from the training file).")
+@click.option("--model", default=None, help="alexnet, alexnet-mini or a config .toml "
+              "(run setting) [default: alexnet].")
+@click.option("--epochs", default=90, show_default=True, type=click.IntRange(1),
+              help="Train until this many epochs are done (counting resumed ones).")
+@click.option("--batch-size", type=click.IntRange(1), help="Images per step (run setting) "
+              "[default: 128].")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help="Initial learning rate "
+              "(run setting) [default: 0.01].")
+@click.option("--momentum", type=click.FloatRange(0, 1), help="Momentum (run setting) "
+              "[default: 0.9].")
+@click.option("--weight-decay", type=click.FloatRange(0), help="Weight decay (run setting) "
+              "[default: 0.0005].")
+@click.option("--schedule", type=click.Choice(["plateau", "step"]), help="plateau: lr/10 when "
+              "validation top-1 error stops improving, at most 3 times (the paper); step: lr/10 "
+              "every --step-epochs (run setting) [default: plateau].")
+@click.option("--step-epochs", type=click.IntRange(1), help="Epochs between drops for "
+              "--schedule step (run setting) [default: 30].")
+@click.option("--seed", type=int, help="Seed for initialisation, crops, flips, colour noise "
+              "and dropout (run setting) [default: 0].")
+@click.option("--backend", type=BACKENDS, default="auto", show_default=True,
+              help="auto = cuda when a GPU is present, else cpu.")
+@click.option("--gpus", default="0", show_default=True, callback=_gpu_list,
+              help="GPU numbers for the towers, e.g. 0,1 for the paper's two GPUs.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run folder (RUN_DIR).")
+@click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR where it stopped.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
+              help="Loader threads.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show a progress bar per epoch on stderr.")
+@click.option("--stop-after-steps", type=click.IntRange(1), hidden=True,
+              help="Act as if Ctrl-C were pressed after this many steps (for tests).")
+@click.pass_context
+def train(ctx, data, val, model, epochs, batch_size, lr, momentum, weight_decay, schedule,
+          step_epochs, seed, backend, gpus, out_dir, resume, workers, progress,
+          stop_after_steps):
+    """Train a network with SGD, momentum and weight decay; validate after every epoch."""
+    from nbalex import train as training
+    given = dict(model=model, batch_size=batch_size, lr=lr, momentum=momentum,
+                 weight_decay=weight_decay, schedule=schedule, step_epochs=step_epochs,
+                 seed=seed)
+    defaults = training.Settings()
+    settings = training.Settings(**{k: defaults.__dict__[k] if v is None else v
+                                    for k, v in given.items()})
+    try:
+        summary = training.train(data, val, out_dir, settings, epochs, backend=backend,
+                                 gpus=gpus, resume=resume, given=given, workers=workers,
+                                 progress=progress, stop_after_steps=stop_after_steps,
+                                 report=lambda line: click.echo(line, err=True))
+    except training.Interrupted as stop:
+        click.echo(f"Stopped: {stop}", err=True)
+        ctx.exit(130)
+    last = summary["history"][-1] if summary["history"] else None
+    if last is None:
+        click.echo(f"{out_dir}: nothing to do", err=True)
+    else:
+        click.echo(f"done: {summary['epochs']} epochs, top-1 error "
+                   f"{100 * last['top1_error']:.2f}%, top-5 error {100 * last['top5_error']:.2f}%;"
+                   f" checkpoint {summary['checkpoint']}")
+
+
+# ------------------------------------------------------------------------ inference
+@cli.command("eval", epilog=_examples(
+                 "nbalex eval --checkpoint demo/run/checkpoint.h5 --data demo/val.h5",
+                 "nbalex eval --checkpoint run/checkpoint.h5 --data val.h5 --ten-crop --json"))
+@click.option("--checkpoint", required=True, type=H5, callback=_hdf5_file,
+              help="A checkpoint written by `nbalex train`.")
+@click.option("--data", required=True, type=H5, callback=_hdf5_file,
+              help="Packed data to evaluate on.")
+@click.option("--ten-crop", is_flag=True, help="Average the softmax over the 4 corner and "
+              "centre crops and their mirrors (the paper's test-time views).")
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1),
+              help="Images per forward pass (times 10 views with --ten-crop).")
+@click.option("--backend", type=BACKENDS, default="auto", show_default=True,
+              help="auto = cuda when a GPU is present, else cpu.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
+              help="Loader threads.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print one JSON object {"top1_error", "top5_error", "loss", "images"}.')
+def evaluate(checkpoint, data, ten_crop, batch_size, backend, workers, as_json):
+    """Top-1 and top-5 error and the mean loss of a checkpoint on packed data."""
+    from nbalex.train import evaluate_checkpoint
+    scores = evaluate_checkpoint(checkpoint, data, ten_crop=ten_crop, batch_size=batch_size,
+                                 backend=backend, workers=workers, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps({k: scores[k] for k in ("top1_error", "top5_error", "loss",
+                                                      "images")}))
+    else:
+        click.echo(f"top-1 error {100 * scores['top1_error']:.2f}%  top-5 error "
+                   f"{100 * scores['top5_error']:.2f}%  loss {scores['loss']:.4f}  "
+                   f"({scores['images']} images, {'10 crops' if ten_crop else 'centre crop'})")
+
+
+@cli.command(epilog=_examples("nbalex predict --checkpoint demo/run/checkpoint.h5 --top 3 "
+                             "photo.jpg other.png"))
+@click.option("--checkpoint", required=True, type=H5, callback=_hdf5_file,
+              help="A checkpoint written by `nbalex train` (holds classes and mean image).")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--top", default=5, show_default=True, type=click.IntRange(1),
+              help="How many classes to list per image.")
+@click.option("--backend", type=BACKENDS, default="auto", show_default=True,
+              help="auto = cuda when a GPU is present, else cpu.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one entry per image.")
+def predict(checkpoint, images, top, backend, as_json):
+    """The most likely classes of image files, with their probabilities."""
+    from nbalex.train import predict as run_predict
+    results = run_predict(checkpoint, list(images), top=top, backend=backend)
+    if as_json:
+        click.echo(json.dumps(results))
+        return
+    for result in results:
+        click.echo(result["image"])
+        for rank, guess in enumerate(result["top"], 1):
+            click.echo(f"  {rank}. {guess['class']:<24} {100 * guess['probability']:6.2f}%")
+
+
+# ------------------------------------------------------------------------------ info
+@cli.command(epilog=_examples("nbalex info --model alexnet",
+                             "nbalex info --model alexnet-mini --batch-size 32 --json"))
+@click.option("--model", required=True, help="alexnet, alexnet-mini or a config .toml.")
+@click.option("--batch-size", type=click.IntRange(1),
+              help="Also report the device arena needed for this batch size.")
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def info(model, batch_size, as_json):
+    """The layer table of a network: output shapes, parameters and multiply-adds."""
+    from nbalex.model import describe
+    description = describe(model, batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps(description, default=_jsonable))
+        return
+    click.echo(_layer_table(description))
+
+
+def _jsonable(value):
+    """json.dumps fallback for NumPy scalars, arrays and tuples of them."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _layer_table(description):
+    """The text table of :func:`nbalex.model.describe`'s result."""
+    rows = [("layer", "type", "output", "params", "MACs")]
+    for layer in description["layers"]:
+        shape = layer.get("output_shape", layer.get("shape", ()))
+        rows.append((str(layer["name"]), str(layer["type"]),
+                     "×".join(str(d) for d in shape),
+                     f"{int(layer.get('params', 0)):,}", f"{int(layer.get('macs', 0)):,}"))
+    rows.append(("total", "", "", f"{int(description['params']):,}",
+                 f"{int(description['macs']):,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = []
+    for i, row in enumerate(rows):
+        cells = [c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+        if i == 0 or i == len(rows) - 2:
+            lines.append("-" * len(lines[-1]))
+    lines.append(f"image size {description['image_size']}, input crop "
+                 f"{description['input_size']}")
+    if description.get("arena_bytes"):
+        lines.append(f"arena: {description['arena_bytes']:,} bytes "
+                     f"({description['arena_bytes'] / 2**20:.1f} MiB) per tower")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- bench
+class BenchGroup(NbalexGroup):
+    """``nbalex bench``: ``static`` here, the others imported from nbalex.benchmarks on use."""
+
+    def list_commands(self, ctx):
+        found = [n for n in BENCHMARKS if importlib.util.find_spec(f"nbalex.benchmarks.{n}")]
+        return sorted(set(super().list_commands(ctx)) | set(found))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None or name not in BENCHMARKS:
+            return command
+        if importlib.util.find_spec(f"nbalex.benchmarks.{name}") is None:
+            return None
+        module = importlib.import_module(f"nbalex.benchmarks.{name}")
+        if isinstance(getattr(module, "command", None), click.Command):
+            return module.command
+        return _passthrough(name, module.main, (module.__doc__ or "").strip())
+
+
+def _passthrough(name, run, doc):
+    """A click command that hands its arguments to ``run(argv)`` and exits with its result."""
+
+    @click.command(name, help=doc, context_settings={"ignore_unknown_options": True,
+                                                     "allow_extra_args": True,
+                                                     "help_option_names": []})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    @click.pass_context
+    def command(ctx, args):
+        ctx.exit(run(list(args)) or 0)
+
+    return command
+
+
+@cli.group(cls=BenchGroup, epilog=_examples("nbalex bench static",
+                                             "nbalex bench kernels --help"))
+def bench():
+    """Measure the kernels: timings against a peer (on a GPU) or static analysis (anywhere)."""
+
+
+@bench.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+               epilog=_examples("nbalex bench static", note="No GPU is needed: the kernels "
+                                 "are compiled for sm_90 and inspected."))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def static(ctx, args):
+    """Registers, spills, shared memory and SASS instruction mix of every kernel.
+
+    Runs nbalex.cuda.static in a fresh process without NUMBA_ENABLE_CUDASIM (the compiler is
+    needed, not a GPU).  Extra ARGS are passed to it.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    code = "import sys; from nbalex.cuda.static import main; sys.exit(main(sys.argv[1:]))"
+    ctx.exit(subprocess.run([sys.executable, "-c", code, *args], env=env).returncode)

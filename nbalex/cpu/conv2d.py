@@ -1,0 +1,142 @@
+"""2-D convolution with groups on the CPU: im2col (Numba, parallel) + SGEMM (NumPy's BLAS).
+
+Shapes as in the contract (``nbalex.backends``): x (N,C,H,W), w (F,C/G,KH,KW), b (F,),
+y (N,F,OH,OW).  The batch is processed in chunks of ``nb`` images (see :func:`chunk_images`);
+per chunk (layouts in :mod:`nbalex.cpu.im2col`)::
+
+    forward          cols = im2col(x chunk)            (K, nb*P)
+                     yt[g] = w[g] @ cols[g]             (F/G, nb*P) per group, one GEMM each
+                     y chunk = yt + b (ReLU fused)      scattered back to NCHW
+    backward data    dyt = dy chunk, filter-major       (F, nb*P)
+                     cols[g] = w[g].T @ dyt[g]          then col2im into dx
+    backward weights dw[g] (+)= dyt[g] @ cols[g].T      first chunk writes, later ones add
+
+The workspace holds ``cols`` and ``yt``/``dyt`` (plus a dw-sized scratch when the batch needs
+more than one chunk).  A 1x1, stride-1, unpadded convolution needs no im2col: its forward and
+backward-data passes are batched GEMMs straight on the NCHW arrays.
+"""
+
+import numpy as np
+
+from . import im2col as k
+
+# Column matrices up to this many float32 (32 MiB) per chunk: large enough that the GEMM's
+# N dimension (nb*P) is in the thousands for every AlexNet layer, small enough to stay modest.
+COLS_BUDGET = 8 * 1024 * 1024
+
+
+def output_size(size, kernel, stride, pad):
+    """floor((size + 2*pad - kernel) / stride) + 1."""
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def _geometry(x_shape, w_shape, stride, pad, groups):
+    n, c, h, w_ = x_shape
+    f, cg, kh, kw = w_shape
+    if stride < 1 or pad < 0 or groups < 1:
+        raise ValueError(f"need stride >= 1, pad >= 0, groups >= 1; got {stride}, {pad}, {groups}")
+    if c % groups or f % groups or c // groups != cg:
+        raise ValueError(f"x {tuple(x_shape)} and w {tuple(w_shape)} do not fit groups={groups}")
+    oh, ow = output_size(h, kh, stride, pad), output_size(w_, kw, stride, pad)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"kernel {kh}x{kw} larger than padded input {h}x{w_} (pad {pad})")
+    return n, c, f, cg, kh, kw, oh, ow
+
+
+def chunk_images(n, rows, p_out):
+    """Images per chunk: as many as fit COLS_BUDGET, at least 1, at most n."""
+    return max(1, min(n, COLS_BUDGET // max(1, rows * p_out)))
+
+
+def _is_pointwise(kh, kw, stride, pad):
+    return kh == 1 and kw == 1 and stride == 1 and pad == 0
+
+
+def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
+    """float32 elements the launchers use: cols + filter-major output (+ dw scratch)."""
+    n, c, f, cg, kh, kw, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
+    rows, p_out = c * kh * kw, oh * ow
+    nb = chunk_images(n, rows, p_out)
+    scratch = f * cg * kh * kw if nb < n else 0
+    return rows * nb * p_out + f * nb * p_out + scratch
+
+
+def _buffers(workspace, x_shape, w_shape, stride, pad, groups):
+    """Carve (cols, yt, scratch, nb) out of the workspace (allocated when None)."""
+    n, c, f, cg, kh, kw, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
+    size = conv2d_workspace_size(x_shape, w_shape, stride, pad, groups)
+    if workspace is None:
+        workspace = np.empty(size, np.float32)
+    elif workspace.dtype != np.float32 or workspace.ndim != 1 or workspace.size < size:
+        raise ValueError(f"workspace must be flat float32 with >= {size} elements")
+    rows, p_out = c * kh * kw, oh * ow
+    nb = chunk_images(n, rows, p_out)
+    cols = workspace[:rows * nb * p_out].reshape(rows, nb * p_out)
+    yt = workspace[rows * nb * p_out:(rows + f) * nb * p_out].reshape(f, nb * p_out)
+    scratch = workspace[(rows + f) * nb * p_out:size]
+    return cols, yt, scratch, nb
+
+
+def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, stream=None):
+    """y (N,F,OH,OW) <- conv(x, w) + b, then max(y, 0) if ``relu``.  y is overwritten."""
+    n, c, f, cg, kh, kw, oh, ow = _geometry(x.shape, w.shape, stride, pad, groups)
+    fg = f // groups
+    if _is_pointwise(kh, kw, stride, pad):
+        wg = w.reshape(groups, fg, cg)
+        np.matmul(wg, x.reshape(n, groups, cg, oh * ow), out=y.reshape(n, groups, fg, oh * ow))
+        k.add_bias_relu_nchw(y, b, relu)
+        return
+    cols, yt, _, nb = _buffers(workspace, x.shape, w.shape, stride, pad, groups)
+    kg = cg * kh * kw
+    w2 = w.reshape(f, kg)
+    for n0 in range(0, n, nb):
+        m = min(nb, n - n0)
+        width = m * oh * ow
+        k.im2col(cols, x, n0, m, kh, kw, stride, pad, oh, ow)
+        for g in range(groups):
+            np.matmul(w2[g * fg:(g + 1) * fg], cols[g * kg:(g + 1) * kg, :width],
+                      out=yt[g * fg:(g + 1) * fg, :width])
+        k.scatter_bias_relu(y, yt, b, n0, m, relu)
+
+
+def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=None):
+    """dx (N,C,H,W) <- dL/dx given dy (N,F,OH,OW).  dx is overwritten."""
+    n, c, f, cg, kh, kw, oh, ow = _geometry(dx.shape, w.shape, stride, pad, groups)
+    fg = f // groups
+    if _is_pointwise(kh, kw, stride, pad):
+        wt = w.reshape(groups, fg, cg).transpose(0, 2, 1)
+        np.matmul(wt, dy.reshape(n, groups, fg, oh * ow), out=dx.reshape(n, groups, cg, oh * ow))
+        return
+    cols, dyt, _, nb = _buffers(workspace, dx.shape, w.shape, stride, pad, groups)
+    kg = cg * kh * kw
+    w2 = w.reshape(f, kg)
+    for n0 in range(0, n, nb):
+        m = min(nb, n - n0)
+        width = m * oh * ow
+        k.gather_filter_major(dyt, dy, n0, m)
+        for g in range(groups):
+            np.matmul(w2[g * fg:(g + 1) * fg].T, dyt[g * fg:(g + 1) * fg, :width],
+                      out=cols[g * kg:(g + 1) * kg, :width])
+        k.col2im(dx, cols, n0, m, kh, kw, stride, pad, oh, ow)
+
+
+def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, stream=None):
+    """dw (F,C/G,KH,KW), db (F,) <- dL/dw, dL/db.  Both overwritten, never accumulated."""
+    n, c, f, cg, kh, kw, oh, ow = _geometry(x.shape, dw.shape, stride, pad, groups)
+    fg = f // groups
+    cols, dyt, scratch, nb = _buffers(workspace, x.shape, dw.shape, stride, pad, groups)
+    kg = cg * kh * kw
+    dw2 = dw.reshape(f, kg)
+    part = scratch.reshape(f, kg) if nb < n else None
+    for n0 in range(0, n, nb):
+        m = min(nb, n - n0)
+        width = m * oh * ow
+        k.im2col(cols, x, n0, m, kh, kw, stride, pad, oh, ow)
+        k.gather_filter_major(dyt, dy, n0, m)
+        target = dw2 if n0 == 0 else part
+        for g in range(groups):
+            np.matmul(dyt[g * fg:(g + 1) * fg, :width], cols[g * kg:(g + 1) * kg, :width].T,
+                      out=target[g * fg:(g + 1) * fg])
+        if n0 > 0:
+            k.add_into(dw2.reshape(-1), part.reshape(-1))
+    k.bias_grad(db, dy)

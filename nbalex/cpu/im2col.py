@@ -1,0 +1,169 @@
+"""im2col / col2im and the layout shuffles around the conv GEMMs, as parallel Numba kernels.
+
+The CPU convolution works on a *chunk* of ``nb`` images at a time.  Its column matrix has one
+row per (channel, tap) and one column per (image in the chunk, output pixel)::
+
+    cols[(c*KH + p)*KW + q, j*P + i*OW + jj] = xp[n0 + j, c, i*stride + p, jj*stride + q]
+
+with P = OH*OW and ``xp`` the zero-padded input.  Rows of one group's channels are a
+contiguous block, so a group's GEMM is a slice; one GEMM covers the whole chunk, which keeps
+the BLAS call large even where P is small (conv3..conv5 have P = 169).  The GEMM result is
+``(F, nb*P)``, "filter-major"; :func:`scatter_bias_relu` turns it into NCHW with the bias and
+ReLU fused in, and :func:`gather_filter_major` does the reverse for dy in the backward pass.
+"""
+
+from numba import njit, prange
+
+from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
+
+
+@njit(cache=True, inline="always")
+def _valid_range(out_len, in_len, tap, stride, pad):
+    """First and one-past-last output index o with 0 <= o*stride - pad + tap < in_len."""
+    lo = 0
+    if pad - tap > 0:
+        lo = (pad - tap + stride - 1) // stride
+    hi = 0
+    if in_len + pad - tap > 0:
+        hi = (in_len + pad - tap - 1) // stride + 1
+    if hi > out_len:
+        hi = out_len
+    if lo > hi:
+        lo = hi
+    return lo, hi
+
+
+@njit(parallel=True, cache=True)
+def im2col(cols, x, n0, nb, kh, kw, stride, pad, oh, ow):
+    """Write ``cols`` (K, nb*P), K = C*KH*KW, from images n0..n0+nb-1 of x (N, C, H, W).
+
+    One parallel task per (row k, image j): it writes the P columns of image j in row k,
+    zeros where the tap falls into the padding.  Every element of cols[:, :nb*P] is written.
+    """
+    c_in, h, w = x.shape[1], x.shape[2], x.shape[3]
+    p_out = oh * ow
+    taps = kh * kw
+    for task in prange(c_in * taps * nb):
+        k = task // nb
+        j = task % nb
+        c = k // taps
+        p = (k % taps) // kw
+        q = k % kw
+        row = cols[k, j * p_out:(j + 1) * p_out]
+        img = x[n0 + j, c]
+        lo_i, hi_i = _valid_range(oh, h, p, stride, pad)
+        lo_j, hi_j = _valid_range(ow, w, q, stride, pad)
+        for i in range(oh):
+            base = i * ow
+            if i < lo_i or i >= hi_i:
+                for jj in range(ow):
+                    row[base + jj] = 0.0
+                continue
+            src = img[i * stride - pad + p]
+            for jj in range(lo_j):
+                row[base + jj] = 0.0
+            off = q - pad
+            for jj in range(lo_j, hi_j):
+                row[base + jj] = src[jj * stride + off]
+            for jj in range(hi_j, ow):
+                row[base + jj] = 0.0
+
+
+@njit(parallel=True, cache=True)
+def col2im(dx, cols, n0, nb, kh, kw, stride, pad, oh, ow):
+    """Overwrite images n0..n0+nb-1 of dx (N, C, H, W) with the col2im of ``cols`` (K, nb*P).
+
+    One parallel task per (image j, channel c): it zeroes its own dx plane and adds every
+    tap's column back to the input pixel the tap read, so no two tasks write the same element.
+    """
+    c_in, h, w = dx.shape[1], dx.shape[2], dx.shape[3]
+    p_out = oh * ow
+    for task in prange(nb * c_in):
+        j = task // c_in
+        c = task % c_in
+        plane = dx[n0 + j, c]
+        plane[:, :] = 0.0
+        for p in range(kh):
+            lo_i, hi_i = _valid_range(oh, h, p, stride, pad)
+            for q in range(kw):
+                lo_j, hi_j = _valid_range(ow, w, q, stride, pad)
+                row = cols[(c * kh + p) * kw + q, j * p_out:(j + 1) * p_out]
+                off = q - pad
+                for i in range(lo_i, hi_i):
+                    dst = plane[i * stride - pad + p]
+                    base = i * ow
+                    for jj in range(lo_j, hi_j):
+                        dst[jj * stride + off] += row[base + jj]
+
+
+@njit(parallel=True, cache=True)
+def scatter_bias_relu(y, yt, b, n0, nb, relu):
+    """y[n0+j, f, :] = yt[f, j*P:(j+1)*P] + b[f], then max(., 0) if relu.  y (N,F,OH,OW).
+
+    One parallel task per (image j, filter f); each writes its own output plane.
+    """
+    f_out = y.shape[1]
+    p_out = y.shape[2] * y.shape[3]
+    for task in prange(nb * f_out):
+        j = task // f_out
+        f = task % f_out
+        dst = y[n0 + j, f].reshape(p_out)
+        src = yt[f, j * p_out:(j + 1) * p_out]
+        bias = b[f]
+        if relu:
+            for t in range(p_out):
+                v = src[t] + bias
+                dst[t] = v if v > 0.0 else 0.0
+        else:
+            for t in range(p_out):
+                dst[t] = src[t] + bias
+
+
+@njit(parallel=True, cache=True)
+def gather_filter_major(dyt, dy, n0, nb):
+    """dyt[f, j*P:(j+1)*P] = dy[n0+j, f] flattened, for the chunk's nb images.  dy (N,F,OH,OW).
+
+    The inverse layout change of :func:`scatter_bias_relu`; one task per (image, filter).
+    """
+    f_out = dy.shape[1]
+    p_out = dy.shape[2] * dy.shape[3]
+    for task in prange(nb * f_out):
+        j = task // f_out
+        f = task % f_out
+        src = dy[n0 + j, f].reshape(p_out)
+        dyt[f, j * p_out:(j + 1) * p_out] = src
+
+
+@njit(parallel=True, cache=True)
+def bias_grad(db, dy):
+    """db[f] = sum over n, i, j of dy[n, f, i, j] (overwritten), summed in float64."""
+    n, f_out = dy.shape[0], dy.shape[1]
+    p_out = dy.shape[2] * dy.shape[3]
+    for f in prange(f_out):
+        acc = 0.0
+        for i in range(n):
+            plane = dy[i, f].reshape(p_out)
+            for t in range(p_out):
+                acc += plane[t]
+        db[f] = acc
+
+
+@njit(parallel=True, cache=True)
+def add_bias_relu_nchw(y, b, relu):
+    """In place: y[n, f] += b[f], then max(., 0) if relu.  y (N, F, OH, OW)."""
+    n, f_out = y.shape[0], y.shape[1]
+    p_out = y.shape[2] * y.shape[3]
+    for task in prange(n * f_out):
+        f = task % f_out
+        plane = y[task // f_out, f].reshape(p_out)
+        bias = b[f]
+        for t in range(p_out):
+            v = plane[t] + bias
+            plane[t] = v if (v > 0.0 or not relu) else 0.0
+
+
+@njit(parallel=True, cache=True)
+def add_into(acc, part):
+    """acc += part, elementwise over 1-D arrays of the same length."""
+    for i in prange(acc.shape[0]):
+        acc[i] += part[i]

@@ -1,0 +1,30 @@
+"""ReLU on the CPU: one parallel Numba pass over the flat array."""
+
+from numba import njit, prange
+
+from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def relu_forward_kernel(y, x):
+    """y[i] = max(x[i], 0) for every i of the flat arrays; y may be x (written)."""
+    for i in prange(x.shape[0]):
+        v = x[i]
+        y[i] = v if v > 0.0 else 0.0
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def relu_backward_kernel(dx, dy, y):
+    """dx[i] = dy[i] if y[i] > 0 else 0 (written); dx may be dy."""
+    for i in prange(dy.shape[0]):
+        dx[i] = dy[i] if y[i] > 0.0 else 0.0
+
+
+def relu_forward(y, x, stream=None):
+    """y = max(x, 0), any shape, C-contiguous; y may be x."""
+    relu_forward_kernel(y.reshape(-1), x.reshape(-1))
+
+
+def relu_backward(dx, dy, y, stream=None):
+    """dx = dy * (y > 0); dx may be dy."""
+    relu_backward_kernel(dx.reshape(-1), dy.reshape(-1), y.reshape(-1))

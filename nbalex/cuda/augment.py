@@ -1,0 +1,67 @@
+"""Augmentation on the GPU: crop, flip, PCA colour shift, mean subtraction, uint8 HWC -> float32 NCHW.
+
+The random draws are made on the host (:mod:`nbalex.io.augment`) and copied with the batch,
+so every backend applies the same numbers.
+"""
+
+import numpy as np
+from numba import cuda, float32
+
+from nbalex.cuda.launch import check_dtype, stream_or_default
+
+THREADS = 256
+
+
+@cuda.jit
+def augment_batch_kernel(out, images, crop_y, crop_x, flip, rgb_shift, mean):
+    """One thread per output pixel (b, i, j), writing its 3 channels.
+
+    Grid: x covers the Cr*Cr pixels of one image (p = i*Cr + j), y is the image b.
+    images uint8 (B,S,S,3), out float32 (B,3,Cr,Cr) written (never accumulated),
+    crop_y/crop_x int32 (B,), flip uint8 (B,), rgb_shift float32 (B,3), mean float32 (S,S,3):
+      out[b,c,i,j] = images[b,y+i,x+jj,c] - mean[y+i,x+jj,c] + rgb_shift[b,c],
+      y = crop_y[b], x = crop_x[b], jj = Cr-1-j when flip[b] else j.
+    Adjacent threads read adjacent pixels (3 bytes apart) and write adjacent floats per channel.
+    """
+    b = cuda.blockIdx.y
+    p = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    crop = out.shape[2]
+    if b < out.shape[0] and p < crop * crop:
+        i = p // crop
+        j = p - i * crop
+        jj = crop - 1 - j if flip[b] != 0 else j
+        y = crop_y[b] + i
+        x = crop_x[b] + jj
+        for c in range(3):
+            out[b, c, i, j] = float32(images[b, y, x, c]) - mean[y, x, c] + rgb_shift[b, c]
+
+
+def augment_batch(out, images, crop_y, crop_x, flip, rgb_shift, mean, stream=None):
+    """Launch :func:`augment_batch_kernel` on ``stream``; all arrays are device arrays.
+
+    out float32 (B,3,Cr,Cr) (any strides, e.g. one view of a ten-crop batch), images uint8
+    (B,S,S,3), crop_y/crop_x int32 (B,), flip uint8 (B,), rgb_shift float32 (B,3), mean
+    float32 (S,S,3).  Crop offsets must lie in 0..S-Cr (checked by the host code that draws them).
+    """
+    batch, channels, crop, crop_w = out.shape
+    size = images.shape[1]
+    if channels != 3 or crop != crop_w or images.shape[0] != batch or images.shape[3] != 3:
+        raise ValueError(f"augment_batch: out {out.shape} and images {images.shape} do not match")
+    if tuple(mean.shape) != (size, size, 3) or tuple(rgb_shift.shape) != (batch, 3) or crop > size:
+        raise ValueError(f"augment_batch: mean {mean.shape} or rgb_shift {rgb_shift.shape} has the wrong shape")
+    for name, arr, dtype in (("out", out, np.float32), ("images", images, np.uint8),
+                             ("crop_y", crop_y, np.int32), ("crop_x", crop_x, np.int32),
+                             ("flip", flip, np.uint8), ("rgb_shift", rgb_shift, np.float32),
+                             ("mean", mean, np.float32)):
+        check_dtype(name, arr, dtype)
+    if batch == 0:
+        return
+    grid = ((crop * crop + THREADS - 1) // THREADS, batch)
+    augment_batch_kernel[grid, THREADS, stream_or_default(stream)](out, images, crop_y, crop_x, flip, rgb_shift, mean)
+
+
+STATIC_SIGNATURES = [
+    (augment_batch_kernel,
+     "void(float32[:, :, :, ::1], uint8[:, :, :, ::1], int32[::1], int32[::1], uint8[::1], "
+     "float32[:, ::1], float32[:, :, ::1])", False),
+]

@@ -1,0 +1,110 @@
+"""Inverted dropout on the GPU, with the counter-based mask of :func:`nbalex.backends.dropout_keep`.
+
+The mask is a pure function of (seed, flat element index), so the forward kernel draws it
+and applies it in the same pass (no random-state buffers), and every backend draws the same
+mask for the same seed.  The hash is computed in uint32 arithmetic: each multiply is done
+as uint64 and masked to 32 bits, which is exact (no overflow) in the simulator and compiles
+to a plain 32-bit multiply on the device.
+"""
+
+import numpy as np
+from numba import cuda, float32, uint8, uint32, uint64
+
+from nbalex.backends import dropout_threshold, mix32 as mix32_host
+from nbalex.cuda.launch import check_array, flat, grid_1d, stream_or_default, THREADS_PER_BLOCK
+
+SEED_SALT = 0x9E3779B9
+"""XORed into the seed before it is mixed (see nbalex.backends.dropout_keep)."""
+
+
+@cuda.jit(device=True, inline=True)
+def mul32(x, c):
+    """(x * c) mod 2**32 for uint32 x and c."""
+    return uint32((uint64(x) * uint64(c)) & uint64(0xFFFFFFFF))
+
+
+@cuda.jit(device=True, inline=True)
+def mix32(x):
+    """lowbias32, bit for bit the same as nbalex.backends.mix32, on a uint32."""
+    x ^= x >> uint32(16)
+    x = mul32(x, 0x7FEB352D)
+    x ^= x >> uint32(15)
+    x = mul32(x, 0x846CA68B)
+    x ^= x >> uint32(16)
+    return x
+
+
+@cuda.jit
+def dropout_forward_kernel(y, mask, x, seed_mix, threshold, keep):
+    """Draw the mask and apply it: for every flat index i,
+    mask[i] = 1 if (mix32((i mod 2**32) ^ seed_mix) >> 8) >= threshold else 0,
+    y[i] = x[i] / keep if kept else 0.
+
+    x, y: 1-D float32; mask: 1-D uint8 (all the same length), y and mask written; y may be x.
+    seed_mix = mix32(seed ^ 0x9E3779B9), computed once on the host; threshold = floor(p*2**24);
+    keep = 1-p (a division, not a multiply by 1/keep: bit for bit the reference's y).
+    One grid-stride loop over the elements.
+    """
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for i in range(start, x.shape[0], step):
+        u = mix32(uint32(uint64(i) & uint64(0xFFFFFFFF)) ^ seed_mix)
+        if (u >> uint32(8)) >= threshold:
+            mask[i] = uint8(1)
+            y[i] = x[i] / keep
+        else:
+            mask[i] = uint8(0)
+            y[i] = float32(0.0)
+
+
+@cuda.jit
+def dropout_backward_kernel(dx, dy, mask, keep):
+    """dx[i] = dy[i] / keep where mask[i] is nonzero, else 0 (keep = 1-p).
+
+    dx, dy: 1-D float32; mask: 1-D uint8 (same length); dx written, may be dy.
+    One grid-stride loop over the elements.
+    """
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for i in range(start, dy.shape[0], step):
+        dx[i] = dy[i] / keep if mask[i] != 0 else float32(0.0)
+
+
+STATIC_SIGNATURES = [
+    (dropout_forward_kernel,
+     "void(float32[::1], uint8[::1], float32[::1], uint32, uint32, float32)", False),
+    (dropout_backward_kernel, "void(float32[::1], float32[::1], uint8[::1], float32)", False),
+]
+
+
+def _keep_probability(p):
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    return np.float32(1.0 - p)
+
+
+def dropout_forward(y, mask, x, p, seed, stream=None):
+    """y = x * mask / (1-p) with mask (uint8, 1 = kept) drawn from (seed, flat index); any
+    shape, float32; y and mask are written, y may be x."""
+    keep = _keep_probability(p)
+    check_array("x", x)
+    check_array("y", y, shape=x.shape)
+    check_array("mask", mask, dtype="uint8", shape=x.shape)
+    if x.size == 0:
+        return
+    seed_mix = np.uint32(mix32_host((int(seed) & 0xFFFFFFFF) ^ SEED_SALT))
+    threshold = np.uint32(dropout_threshold(p))
+    dropout_forward_kernel[grid_1d(x.size), THREADS_PER_BLOCK, stream_or_default(stream)](
+        flat(y), flat(mask), flat(x), seed_mix, threshold, keep)
+
+
+def dropout_backward(dx, dy, mask, p, stream=None):
+    """dx = dy * mask / (1-p), any shape, float32 (mask uint8 from dropout_forward); dx may be dy."""
+    keep = _keep_probability(p)
+    check_array("dy", dy)
+    check_array("dx", dx, shape=dy.shape)
+    check_array("mask", mask, dtype="uint8", shape=dy.shape)
+    if dy.size == 0:
+        return
+    dropout_backward_kernel[grid_1d(dy.size), THREADS_PER_BLOCK, stream_or_default(stream)](
+        flat(dx), flat(dy), flat(mask), keep)

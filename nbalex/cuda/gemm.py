@@ -1,0 +1,214 @@
+"""The tiled SGEMM core that convolution and the fully-connected layers are built on.
+
+Every GEMM here computes ``C[m, n] = sum_k A[m, k] * B[k, n]`` where A, B and C are never
+materialised: small device functions ("operand loaders") read A and B straight out of the
+layer's own arrays (for convolution, an implicit im2col gather from ``x`` or ``dy``), and a
+"store" device function writes each finished C element where the layer wants it (adding the
+bias, applying ReLU, or accumulating atomically for split-K).  :func:`make_gemm_kernel`
+closes a kernel over those functions, so Numba specialises one kernel per use.
+
+Tiling (the register-blocked SGEMM scheme of cuda-convnet2 / MAGMA):
+
+* a block computes a ``BM x BN`` tile of C with ``(BM/8) * (BN/8)`` threads;
+* each thread computes an 8x8 sub-tile held in registers, as four 4x4 quadrants: rows
+  ``ty*4 + {0..3}`` and ``BM/2 + ty*4 + {0..3}``, columns ``tx*4 + {0..3}`` and
+  ``BN/2 + tx*4 + {0..3}``, so that its operand fragments are two aligned float4 loads per
+  operand (``LDS.128``) and a warp reads shared memory without bank conflicts;
+* K is walked in ``ceil(K/BK)`` tiles of ``BK = 8``.  Each thread fetches its share of the
+  next A and B tiles from global memory into registers *before* computing on the current
+  tile (the loads are in flight during the 512 FMAs) and writes them into the other half of a
+  double-buffered shared tile afterwards, so one barrier per K tile suffices.
+
+Simulator-friendly by construction: every thread runs every iteration and every barrier;
+out-of-range operands are loaded as zeros; only the final store is guarded.
+
+Operand loaders.  For an operand whose tile is ``BK x R`` (R = BM for A, BN for B) each
+thread loads ``E = BK*R/threads`` elements, all in one row ``r`` (an m of A or an n of B) of
+the tile.  The *layout* of a loader says which index is contiguous in memory, so that a warp
+reads consecutive addresses:
+
+* ``K_FAST``: threads of a row split the k range (``r = tid // (BK/E)``, k = ``(tid %
+  (BK/E))*E + e``), for operands stored with k contiguous (``w`` in conv forward, ``x`` in
+  linear forward);
+* ``ROW_FAST``: consecutive threads take consecutive rows (``r = tid % R``, k = ``tid // R +
+  e*(threads/R)``), for operands stored with m or n contiguous (im2col of ``x``, ``dy``).
+
+A loader is a pair of device functions: ``setup(src, geo, z, row) -> state`` runs once per
+thread before the K loop (decoding the row index, e.g. n -> (image, oh, ow)), and
+``fetch(src, geo, state, k) -> float32`` runs per element per K tile and returns 0 outside
+the operand.  ``krange(geo, z) -> (k_begin, k_end)`` gives the block's K range (split-K uses
+``blockIdx.z``), and ``store(out, bias, geo, z, m, n, value)`` writes one C element, checking
+``m < M`` and ``n < N`` itself.  ``geo`` is a tuple of int64 geometry the launcher builds.
+"""
+
+from numba import cuda, float32, int64, uint64
+
+BK = 8            # K depth of one shared-memory tile
+TM = 8            # rows of C per thread
+TN = 8            # columns of C per thread
+K_FAST = 0        # loader layout: k is the contiguous index of the operand in memory
+ROW_FAST = 1      # loader layout: the row index (m or n) is the contiguous one
+
+#: Block tiles a launcher may pick from: (BM, BN).  128x128 uses 256 threads, 64x64 uses 64.
+TILES = ((128, 128), (64, 64))
+
+
+@cuda.jit(device=True, inline="always")
+def fast_div(n, magic, shift):
+    """floor(n / d) for 0 <= n < 2**31, with (magic, shift) = :func:`magic_divider` (d)."""
+    return (n * magic) >> shift
+
+
+def magic_divider(d):
+    """(magic, shift) such that ``(n * magic) >> shift == n // d`` for all 0 <= n < 2**31.
+
+    With l = ceil(log2 d), shift = 31 + l and magic = ceil(2**shift / d) < 2**32, the error
+    n*(magic*d - 2**shift)/(d*2**shift) < 2**-l <= 1/d never carries past an integer, and
+    n * magic < 2**63 fits an int64.  Integer division costs ~20 SASS instructions; this
+    costs a multiply and a shift, which matters inside the GEMM's K loop.
+    """
+    d = int(d)
+    if d < 1:
+        raise ValueError(f"divisor must be >= 1, got {d}")
+    shift = 31 + (d - 1).bit_length()
+    magic = -(-(1 << shift) // d)
+    return magic, shift
+
+
+def cdiv(a, b):
+    """ceil(a / b) for positive integers."""
+    return -(-a // b)
+
+
+def make_gemm_kernel(setup_a, fetch_a, layout_a, setup_b, fetch_b, layout_b, krange, store,
+                     bm=128, bn=128, name="gemm_kernel"):
+    """A CUDA kernel ``kernel(out, src_a, src_b, bias, geo)`` computing one GEMM use.
+
+    Launch with grid ``(ceil(N/bn), ceil(M/bm), Z)`` and ``(bm//8)*(bn//8)`` threads per
+    block; ``blockIdx.z`` (0..Z-1) is handed to the loaders, ``krange`` and ``store`` (conv
+    uses it for the group and the split-K slice).  See the module docstring for the loader
+    protocol.
+    """
+    threads = (bm // TM) * (bn // TN)
+    threads_x = bn // TN                   # threads along n in the compute layout
+    ea = BK * bm // threads                # A elements each thread loads per K tile
+    eb = BK * bn // threads
+    sa = bm + 4                            # padded shared row strides (floats): the k-major
+    sb = bn + 4                            # transposed stores do not collide on banks
+    half_m = bm // 2
+    half_n = bn // 2
+    a_tile = BK * sa
+    b_tile = BK * sb
+    acc_len = TM * TN
+    a_smem = 2 * a_tile
+    b_smem = 2 * b_tile
+    assert ea * threads == BK * bm and eb * threads == BK * bn and BK % ea == 0 and BK % eb == 0
+    a_kgroups = BK // ea                   # K_FAST: threads sharing one row of A
+    b_kgroups = BK // eb
+    a_step = threads // bm if threads >= bm else 0   # ROW_FAST: k distance between elements
+    b_step = threads // bn if threads >= bn else 0
+    assert layout_a == K_FAST or a_step * ea == BK
+    assert layout_b == K_FAST or b_step * eb == BK
+
+    @cuda.jit(device=True, inline="always")
+    def a_row_k(tid):
+        """(row of the A tile, first k offset, k offset step) this thread loads."""
+        if layout_a == K_FAST:
+            return tid // a_kgroups, (tid % a_kgroups) * ea, 1
+        return tid % bm, tid // bm, a_step
+
+    @cuda.jit(device=True, inline="always")
+    def b_row_k(tid):
+        if layout_b == K_FAST:
+            return tid // b_kgroups, (tid % b_kgroups) * eb, 1
+        return tid % bn, tid // bn, b_step
+
+    @cuda.jit(device=True, inline="always")
+    def fma_step(acc, a_s, b_s, ra, rb):
+        """acc += A[:, kk] (x) B[kk, :] for this thread's 8x8 tile; ra, rb: fragment offsets."""
+        a_frag = cuda.local.array(TM, float32)
+        b_frag = cuda.local.array(TN, float32)
+        for i in range(4):
+            a_frag[i] = a_s[ra + uint64(i)]
+            a_frag[4 + i] = a_s[ra + uint64(half_m + i)]
+            b_frag[i] = b_s[rb + uint64(i)]
+            b_frag[4 + i] = b_s[rb + uint64(half_n + i)]
+        for i in range(TM):
+            for j in range(TN):
+                acc[i * TN + j] += a_frag[i] * b_frag[j]
+
+    def gemm_kernel(out, src_a, src_b, bias, geo):
+        tid = cuda.threadIdx.x
+        tx = tid % threads_x
+        ty = tid // threads_x
+        z = cuda.blockIdx.z
+        m0 = cuda.blockIdx.y * bm
+        n0 = cuda.blockIdx.x * bn
+
+        a_s = cuda.shared.array(a_smem, float32, alignment=16)   # [buffer][k][m], row stride sa
+        b_s = cuda.shared.array(b_smem, float32, alignment=16)   # [buffer][k][n], row stride sb
+        acc = cuda.local.array(acc_len, float32)
+        a_next = cuda.local.array(ea, float32)
+        b_next = cuda.local.array(eb, float32)
+        for i in range(acc_len):
+            acc[i] = float32(0.0)
+
+        a_row, a_k, a_dk = a_row_k(tid)
+        b_row, b_k, b_dk = b_row_k(tid)
+        a_state = setup_a(src_a, geo, z, m0 + a_row)
+        b_state = setup_b(src_b, geo, z, n0 + b_row)
+        k_begin, k_end = krange(geo, z)
+        n_tiles = (k_end - k_begin + BK - 1) // BK
+
+        # Prologue: tile 0 into buffer 0.
+        for e in range(ea):
+            k = k_begin + a_k + e * a_dk
+            a_s[(a_k + e * a_dk) * sa + a_row] = (
+                fetch_a(src_a, geo, a_state, k) if k < k_end else float32(0.0))
+        for e in range(eb):
+            k = k_begin + b_k + e * b_dk
+            b_s[(b_k + e * b_dk) * sb + b_row] = (
+                fetch_b(src_b, geo, b_state, k) if k < k_end else float32(0.0))
+        cuda.syncthreads()  # tile 0 is in shared memory before anyone reads it
+
+        for t in range(n_tiles):
+            cur = (t % 2) * a_tile
+            cur_b = (t % 2) * b_tile
+            # Fetch tile t+1 into registers (zeros past the end); the loads overlap the FMAs.
+            k_next = k_begin + (t + 1) * BK
+            for e in range(ea):
+                k = k_next + a_k + e * a_dk
+                a_next[e] = fetch_a(src_a, geo, a_state, k) if k < k_end else float32(0.0)
+            for e in range(eb):
+                k = k_next + b_k + e * b_dk
+                b_next[e] = fetch_b(src_b, geo, b_state, k) if k < k_end else float32(0.0)
+
+            ra = uint64(cur + ty * 4)
+            rb = uint64(cur_b + tx * 4)
+            fma_step(acc, a_s, b_s, ra, rb)
+            fma_step(acc, a_s, b_s, ra + uint64(1 * sa), rb + uint64(1 * sb))
+            fma_step(acc, a_s, b_s, ra + uint64(2 * sa), rb + uint64(2 * sb))
+            fma_step(acc, a_s, b_s, ra + uint64(3 * sa), rb + uint64(3 * sb))
+            fma_step(acc, a_s, b_s, ra + uint64(4 * sa), rb + uint64(4 * sb))
+            fma_step(acc, a_s, b_s, ra + uint64(5 * sa), rb + uint64(5 * sb))
+            fma_step(acc, a_s, b_s, ra + uint64(6 * sa), rb + uint64(6 * sb))
+            fma_step(acc, a_s, b_s, ra + uint64(7 * sa), rb + uint64(7 * sb))
+
+            nxt = a_tile - cur
+            nxt_b = b_tile - cur_b
+            for e in range(ea):
+                a_s[nxt + (a_k + e * a_dk) * sa + a_row] = a_next[e]
+            for e in range(eb):
+                b_s[nxt_b + (b_k + e * b_dk) * sb + b_row] = b_next[e]
+            # Tile t+1 is complete in the other buffer, and everyone has finished reading
+            # tile t's buffer, which the next iteration overwrites.
+            cuda.syncthreads()
+
+        for i in range(TM):
+            m = m0 + (i // 4) * half_m + ty * 4 + i % 4
+            for j in range(TN):
+                n = n0 + (j // 4) * half_n + tx * 4 + j % 4
+                store(out, bias, geo, z, m, n, acc[i * TN + j])
+
+    gemm_kernel.__name__ = gemm_kernel.__qualname__ = name
+    return cuda.jit(gemm_kernel), threads

@@ -1,0 +1,133 @@
+"""Max pooling (square window, no padding, floor output size) on the GPU.
+
+The forward pass keeps the argmax of every window (as h*W + w within its plane) so the
+backward pass is a gather, not a scatter: each input element sums the dy of the few windows
+that contain it and chose it.  No atomics, so the result is the same on every run.
+"""
+
+from numba import cuda, float32, int32
+
+from nbalex.cuda.launch import check_array, check_ndim, grid_1d, stream_or_default, THREADS_PER_BLOCK
+
+
+@cuda.jit
+def maxpool_forward_kernel(y, idx, x, size, stride):
+    """y[n,c,oh,ow] = max of x[n,c, oh*stride : oh*stride+size, ow*stride : ow*stride+size],
+    idx[n,c,oh,ow] = its position h*W + w in the (n, c) plane; ties go to the first in
+    row-major window order.
+
+    x (N,C,H,W) float32; y (N,C,OH,OW) float32 and idx (N,C,OH,OW) int32 are written.
+    One thread per output element, grid-stride over N*C*OH*OW in C order (adjacent threads
+    take adjacent ow, so the stores are coalesced).
+    """
+    n_img, channels, height, width = x.shape
+    out_h, out_w = y.shape[2], y.shape[3]
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for i in range(start, n_img * channels * out_h * out_w, step):
+        ow = i % out_w
+        rest = i // out_w
+        oh = rest % out_h
+        plane = rest // out_h
+        c = plane % channels
+        n = plane // channels
+        h0 = oh * stride
+        w0 = ow * stride
+        best = x[n, c, h0, w0]
+        best_at = h0 * width + w0
+        for dh in range(size):
+            for dw in range(size):
+                v = x[n, c, h0 + dh, w0 + dw]
+                if v > best:
+                    best = v
+                    best_at = (h0 + dh) * width + w0 + dw
+        y[n, c, oh, ow] = best
+        idx[n, c, oh, ow] = int32(best_at)
+
+
+@cuda.jit
+def maxpool_backward_kernel(dx, dy, idx, size, stride):
+    """dx[n,c,h,w] = sum of dy[n,c,oh,ow] over the windows (oh, ow) that contain (h, w) and
+    whose idx[n,c,oh,ow] == h*W + w (0 when none).
+
+    dx (N,C,H,W) float32 is written (every element); dy (N,C,OH,OW) float32 and idx
+    (N,C,OH,OW) int32 come from the forward pass.  One thread per input element, grid-stride
+    over N*C*H*W in C order; it visits at most ceil(size/stride)**2 windows.
+    """
+    n_img, channels, height, width = dx.shape
+    out_h, out_w = dy.shape[2], dy.shape[3]
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for i in range(start, n_img * channels * height * width, step):
+        w = i % width
+        rest = i // width
+        h = rest % height
+        plane = rest // height
+        c = plane % channels
+        n = plane // channels
+        # windows containing h: oh*stride <= h <= oh*stride + size - 1
+        oh_lo = 0 if h < size else (h - size) // stride + 1
+        oh_hi = min(h // stride, out_h - 1)
+        ow_lo = 0 if w < size else (w - size) // stride + 1
+        ow_hi = min(w // stride, out_w - 1)
+        here = h * width + w
+        acc = float32(0.0)
+        for oh in range(oh_lo, oh_hi + 1):
+            for ow in range(ow_lo, ow_hi + 1):
+                if idx[n, c, oh, ow] == here:
+                    acc += dy[n, c, oh, ow]
+        dx[n, c, h, w] = acc
+
+
+_F4 = "float32[:, :, :, ::1]"
+_I4 = "int32[:, :, :, ::1]"
+STATIC_SIGNATURES = [
+    (maxpool_forward_kernel, f"void({_F4}, {_I4}, {_F4}, int64, int64)", False),
+    (maxpool_backward_kernel, f"void({_F4}, {_F4}, {_I4}, int64, int64)", False),
+]
+
+
+def pooled_size(length, size, stride):
+    """Output length of a pooling window sweep: floor((length - size) / stride) + 1."""
+    return (length - size) // stride + 1
+
+
+def _check_window(size, stride, height, width):
+    if size < 1 or stride < 1:
+        raise ValueError(f"pool size and stride must be positive, got {size}, {stride}")
+    if height < size or width < size:
+        raise ValueError(f"pool window {size} is larger than the input plane {height}x{width}")
+
+
+def maxpool_forward(y, idx, x, size, stride, stream=None):
+    """y, idx = max pool of x (N,C,H,W) float32 with a size x size window every stride;
+    y float32 and idx int32 (N,C,OH,OW) are written."""
+    size, stride = int(size), int(stride)
+    check_array("x", x)
+    check_ndim("x", x, 4)
+    n, c, h, w = x.shape
+    _check_window(size, stride, h, w)
+    out_shape = (n, c, pooled_size(h, size, stride), pooled_size(w, size, stride))
+    check_array("y", y, shape=out_shape)
+    check_array("idx", idx, dtype="int32", shape=out_shape)
+    if y.size == 0:
+        return
+    maxpool_forward_kernel[grid_1d(y.size), THREADS_PER_BLOCK, stream_or_default(stream)](
+        y, idx, x, size, stride)
+
+
+def maxpool_backward(dx, dy, idx, size, stride, stream=None):
+    """dx (N,C,H,W) float32 is overwritten with dy (N,C,OH,OW) routed to each window's argmax
+    idx (int32, from maxpool_forward), summed where windows overlap."""
+    size, stride = int(size), int(stride)
+    check_array("dx", dx)
+    check_ndim("dx", dx, 4)
+    n, c, h, w = dx.shape
+    _check_window(size, stride, h, w)
+    out_shape = (n, c, pooled_size(h, size, stride), pooled_size(w, size, stride))
+    check_array("dy", dy, shape=out_shape)
+    check_array("idx", idx, dtype="int32", shape=out_shape)
+    if dx.size == 0:
+        return
+    maxpool_backward_kernel[grid_1d(dx.size), THREADS_PER_BLOCK, stream_or_default(stream)](
+        dx, dy, idx, size, stride)

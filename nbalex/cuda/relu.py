@@ -1,0 +1,61 @@
+"""ReLU on the GPU: elementwise grid-stride kernels over the flattened tensor.
+
+The convolution and linear launchers fuse ReLU into their epilogue (``relu=True``); these
+kernels serve the layers where it stands alone, and the backward pass everywhere.
+"""
+
+from numba import cuda, float32
+
+from nbalex.cuda.launch import check_array, flat, grid_1d, stream_or_default, THREADS_PER_BLOCK
+
+
+@cuda.jit
+def relu_forward_kernel(y, x):
+    """y[i] = max(x[i], 0) for every i, one grid-stride loop.
+
+    x, y: 1-D float32 of the same length; y is written and may be the same array as x.
+    """
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for i in range(start, x.shape[0], step):
+        v = x[i]
+        y[i] = v if v > 0 else float32(0.0)
+
+
+@cuda.jit
+def relu_backward_kernel(dx, dy, y):
+    """dx[i] = dy[i] if y[i] > 0 else 0, one grid-stride loop.
+
+    dx, dy, y: 1-D float32 of the same length; dx is written and may be the same array as dy.
+    """
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for i in range(start, y.shape[0], step):
+        dx[i] = dy[i] if y[i] > 0 else float32(0.0)
+
+
+STATIC_SIGNATURES = [
+    (relu_forward_kernel, "void(float32[::1], float32[::1])", False),
+    (relu_backward_kernel, "void(float32[::1], float32[::1], float32[::1])", False),
+]
+
+
+def relu_forward(y, x, stream=None):
+    """y = max(x, 0), any shape, float32; ``y`` may be ``x`` (in place)."""
+    check_array("x", x)
+    check_array("y", y, shape=x.shape)
+    if x.size == 0:
+        return
+    relu_forward_kernel[grid_1d(x.size), THREADS_PER_BLOCK, stream_or_default(stream)](
+        flat(y), flat(x))
+
+
+def relu_backward(dx, dy, y, stream=None):
+    """dx = dy * (y > 0), any shape, float32; ``dx`` may be ``dy`` (in place)."""
+    check_array("y", y)
+    check_array("dy", dy, shape=y.shape)
+    check_array("dx", dx, shape=y.shape)
+    if y.size == 0:
+        return
+    relu_backward_kernel[grid_1d(y.size), THREADS_PER_BLOCK, stream_or_default(stream)](
+        flat(dx), flat(dy), flat(y))

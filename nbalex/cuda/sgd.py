@@ -1,0 +1,100 @@
+"""SGD with momentum and weight decay (the paper's rule) on the GPU: one launch per step.
+
+Parameters, gradients and momentum are each one flat buffer with the same layout; the
+launch walks the whole buffer with a grid-stride loop and each thread finds the tensor of
+its element from ``offsets`` (the tensors' boundaries) to pick that tensor's learning-rate
+and weight-decay multipliers.  Because a thread's elements only increase, its tensor index
+only moves forward: the search is a short forward scan (T is about 16), amortised over the
+loop.  Without ``offsets`` a kernel variant with no multipliers updates the whole buffer.
+"""
+
+import numpy as np
+from numba import cuda
+
+from nbalex.cuda.launch import check_array, check_shape, grid_1d, stream_or_default, THREADS_PER_BLOCK
+
+
+@cuda.jit
+def sgd_update_kernel(w, dw, v, lr, momentum, weight_decay, offsets, lr_mults, decay_mults):
+    """For every element i of tensor t (offsets[t] <= i < offsets[t+1]):
+    v[i] = momentum*v[i] - lr*lr_mults[t] * (weight_decay*decay_mults[t]*w[i] + dw[i]);
+    w[i] += v[i].
+
+    w, dw, v: 1-D float32 (same length), w and v updated in place, dw read.
+    offsets: (T+1,) int64, offsets[0] = 0, offsets[T] = len(w); lr_mults, decay_mults: (T,)
+    float32.  One grid-stride loop over the elements.
+    """
+    last_tensor = lr_mults.shape[0] - 1
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    t = 0
+    for i in range(start, w.shape[0], step):
+        while t < last_tensor and offsets[t + 1] <= i:  # i only grows, so t only moves forward
+            t += 1
+        step_lr = lr * lr_mults[t]
+        decay = weight_decay * decay_mults[t]
+        wi = w[i]
+        vi = momentum * v[i] - step_lr * (decay * wi + dw[i])
+        v[i] = vi
+        w[i] = wi + vi
+
+
+@cuda.jit
+def sgd_update_single_kernel(w, dw, v, lr, momentum, weight_decay):
+    """The same rule with both multipliers 1 for every element:
+    v[i] = momentum*v[i] - lr*(weight_decay*w[i] + dw[i]);  w[i] += v[i].
+
+    w, dw, v: 1-D float32 (same length), w and v updated in place, dw read.
+    One grid-stride loop over the elements.
+    """
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for i in range(start, w.shape[0], step):
+        wi = w[i]
+        vi = momentum * v[i] - lr * (weight_decay * wi + dw[i])
+        v[i] = vi
+        w[i] = wi + vi
+
+
+_F1 = "float32[::1]"
+STATIC_SIGNATURES = [
+    (sgd_update_kernel,
+     f"void({_F1}, {_F1}, {_F1}, float32, float32, float32, int64[::1], {_F1}, {_F1})", False),
+    (sgd_update_single_kernel, f"void({_F1}, {_F1}, {_F1}, float32, float32, float32)", False),
+]
+
+
+def sgd_update(w, dw, v, lr, momentum, weight_decay, offsets=None, lr_mults=None,
+               decay_mults=None, stream=None):
+    """One SGD step in place on flat float32 w and v from the gradient dw (the paper's rule,
+    see sgd_update_kernel).  ``offsets`` int64 (T+1,) splits the buffers into tensors with
+    float32 (T,) ``lr_mults`` and ``decay_mults``; offsets None = one tensor, multipliers 1
+    (then lr_mults and decay_mults must be None too).  When offsets is a host array its ends
+    are checked against len(w)."""
+    check_array("w", w)
+    check_shape("w", w, (w.size,))
+    check_array("dw", dw, shape=w.shape)
+    check_array("v", v, shape=w.shape)
+    scalars = (np.float32(lr), np.float32(momentum), np.float32(weight_decay))
+    stream = stream_or_default(stream)
+    if offsets is None:
+        if lr_mults is not None or decay_mults is not None:
+            raise ValueError("lr_mults and decay_mults need offsets (the tensors' boundaries)")
+        if w.size:
+            sgd_update_single_kernel[grid_1d(w.size), THREADS_PER_BLOCK, stream](
+                w, dw, v, *scalars)
+        return
+    if lr_mults is None or decay_mults is None:
+        raise ValueError("offsets need both lr_mults and decay_mults")
+    check_array("offsets", offsets, dtype="int64")
+    n_tensors = offsets.shape[0] - 1
+    if len(offsets.shape) != 1 or n_tensors < 1:
+        raise ValueError(f"offsets must be 1-D with at least 2 entries, got {tuple(offsets.shape)}")
+    check_array("lr_mults", lr_mults, shape=(n_tensors,))
+    check_array("decay_mults", decay_mults, shape=(n_tensors,))
+    if isinstance(offsets, np.ndarray) and (offsets[0] != 0 or offsets[-1] != w.size
+                                             or np.any(np.diff(offsets) < 0)):
+        raise ValueError(f"offsets must rise from 0 to len(w) = {w.size}, got {offsets}")
+    if w.size:
+        sgd_update_kernel[grid_1d(w.size), THREADS_PER_BLOCK, stream](
+            w, dw, v, *scalars, offsets, lr_mults, decay_mults)

@@ -1,0 +1,36 @@
+"""Fully connected layer.
+
+Shapes::
+
+    x (N, K)    inputs, one row per example
+    w (M, K)    weights, one row per output unit (PyTorch's layout)
+    b (M,)      biases
+    y (N, M)    y = x @ w.T + b
+
+Gradients, given dy = dL/dy (N, M)::
+
+    dx = dy @ w          (N, K)
+    dw = dy.T @ x        (M, K)
+    db = dy.sum(axis=0)  (M,)
+"""
+
+import numpy as np
+
+
+def linear_forward(y, x, w, b, relu=False, stream=None):
+    """y (N,M) <- x @ w.T + b, then max(y, 0) if ``relu``.  y is overwritten."""
+    np.matmul(x, w.T, out=y)
+    y += b
+    if relu:
+        np.maximum(y, 0, out=y)
+
+
+def linear_backward_data(dx, dy, w, stream=None):
+    """dx (N,K) <- dy @ w.  dx is overwritten."""
+    np.matmul(dy, w, out=dx)
+
+
+def linear_backward_weights(dw, db, dy, x, stream=None):
+    """dw (M,K) <- dy.T @ x and db (M,) <- dy summed over the batch.  Both overwritten."""
+    np.matmul(dy.T, x, out=dw)
+    db[...] = dy.sum(axis=0)
