@@ -22,21 +22,19 @@ BENCHMARKS = ("kernels", "sgemm", "train")   # modules of nbalex.benchmarks, loa
 
 # ------------------------------------------------------------------------ error handling
 def _user_errors():
-    """The exception classes that mean "the input is wrong", not "the program is wrong"."""
-    errors = [ValueError, OSError, MemoryError, EOFError]   # ConfigError is a ValueError
+    """The exception classes that mean "the input is wrong", not "the program is wrong".
+
+    ValueError covers the project's own: ConfigError (configs), DataError (packed data and
+    images), the checkpoint reader's and the checks of the model, loader and training loop.
+    """
+    from nbalex.io.errors import DataError
     from nbalex.train import Diverged
-    errors.append(Diverged)
-    for module, name in (("nbalex.io", "DataError"), ("nbalex.io.dataset", "DataError"),
-                         ("nbalex.checkpoint", "CheckpointError")):
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and issubclass(cls, Exception):
+    errors = [ValueError, DataError, OSError, MemoryError, Diverged]
+    driver = sys.modules.get("numba.cuda.cudadrv.driver")   # loaded only if CUDA was used
+    for name in ("CudaSupportError", "CudaAPIError", "CudaDriverError"):
+        cls = getattr(driver, name, None)        # no GPU, no driver, out of device memory
+        if isinstance(cls, type):
             errors.append(cls)
-    if "numba.cuda" in sys.modules:   # no GPU, no driver, out of device memory
-        from numba import cuda
-        for name in ("CudaSupportError", "CudaAPIError", "CudaDriverError"):
-            cls = getattr(getattr(cuda, "cudadrv", None) and cuda.cudadrv.driver, name, None)
-            if isinstance(cls, type):
-                errors.append(cls)
     return tuple(errors)
 
 
@@ -50,12 +48,21 @@ def _one_line(exc):
     return text
 
 
+class OneLineUsageError(click.ClickException):
+    """A usage mistake (missing file, bad option value) reported as one line, exit status 2."""
+
+    exit_code = 2
+
+
 class NbalexGroup(click.Group):
     """A click group that reports the project's errors as one line instead of a traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            raise OneLineUsageError(f"{exc.format_message()} (see '{where} --help')") from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as exc:
@@ -70,9 +77,9 @@ def _hdf5_file(ctx, param, value):
         return None
     import h5py
     if not h5py.is_hdf5(value):
-        raise click.BadParameter(f"{value} is not an HDF5 file (expected a file written by "
-                                 f"`nbalex {'pack' if param.name != 'checkpoint' else 'train'}`)",
-                                 ctx=ctx, param=param)
+        writer = "nbalex train" if param.name == "checkpoint" else "nbalex pack"
+        raise click.ClickException(f"{param.opts[0]} {value} is not an HDF5 file "
+                                   f"(expected a file written by `{writer}`)")
     return value
 
 
@@ -130,7 +137,8 @@ def synth(out_dir, classes, train_per_class, val_per_class, seed):
     from nbalex.io.synth import synth as write_synth
     summary = write_synth(out_dir, classes=classes, train_per_class=train_per_class,
                           val_per_class=val_per_class, seed=seed)
-    click.echo(_summary_line(f"wrote {out_dir}", summary))
+    click.echo(f"wrote {summary['train']} training and {summary['val']} validation images of "
+               f"{len(summary['classes'])} classes under {out_dir}")
 
 
 @cli.command(epilog=_examples("nbalex pack ~/imagenet/train train.h5 --workers 8",
@@ -152,16 +160,11 @@ def pack(src, out, size, workers, classes_from):
     from nbalex.io.pack import pack as write_pack
     summary = write_pack(src, out, size=size, workers=workers, classes_from=classes_from,
                          progress=True)
-    click.echo(_summary_line(f"wrote {out}", summary))
-
-
-def _summary_line(head, summary):
-    """``head`` followed by a library summary dict's scalar entries."""
-    if not isinstance(summary, dict):
-        return head
-    parts = [f"{k}={v}" for k, v in summary.items()
-             if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
-    return head + (": " + ", ".join(parts) if parts else "")
+    click.echo(f"packed {summary['images']} images of {summary['classes']} classes "
+               f"({summary['size']}x{summary['size']}) into {out}: {summary['skipped']} skipped, "
+               f"{summary['seconds']:.1f} s")
+    for line in summary.get("skipped_files", [])[:10]:
+        click.echo(f"  skipped {line}", err=True)
 
 
 # --------------------------------------------------------------------------- training
@@ -251,8 +254,8 @@ def train(ctx, data, val, model, epochs, batch_size, lr, momentum, weight_decay,
               help="Packed data to evaluate on.")
 @click.option("--ten-crop", is_flag=True, help="Average the softmax over the 4 corner and "
               "centre crops and their mirrors (the paper's test-time views).")
-@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1),
-              help="Images per forward pass (times 10 views with --ten-crop).")
+@click.option("--batch-size", type=click.IntRange(1), help="Images per forward pass; with "
+              "--ten-crop the network sees 10 views of each [default: 128, 12 with --ten-crop].")
 @click.option("--backend", type=BACKENDS, default="auto", show_default=True,
               help="auto = cuda when a GPU is present, else cpu.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
@@ -262,6 +265,7 @@ def train(ctx, data, val, model, epochs, batch_size, lr, momentum, weight_decay,
 def evaluate(checkpoint, data, ten_crop, batch_size, backend, workers, as_json):
     """Top-1 and top-5 error and the mean loss of a checkpoint on packed data."""
     from nbalex.train import evaluate_checkpoint
+    batch_size = batch_size or (12 if ten_crop else 128)
     scores = evaluate_checkpoint(checkpoint, data, ten_crop=ten_crop, batch_size=batch_size,
                                  backend=backend, workers=workers, progress=not as_json)
     if as_json:
@@ -302,11 +306,13 @@ def predict(checkpoint, images, top, backend, as_json):
 @click.option("--model", required=True, help="alexnet, alexnet-mini or a config .toml.")
 @click.option("--batch-size", type=click.IntRange(1),
               help="Also report the device arena needed for this batch size.")
+@click.option("--backend", type=click.Choice(["cuda", "cpu", "reference"]), default="cuda",
+              show_default=True, help="Whose buffers the arena size counts (with --batch-size).")
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
-def info(model, batch_size, as_json):
+def info(model, batch_size, backend, as_json):
     """The layer table of a network: output shapes, parameters and multiply-adds."""
     from nbalex.model import describe
-    description = describe(model, batch_size=batch_size)
+    description = describe(model, batch_size=batch_size, backend=backend)
     if as_json:
         click.echo(json.dumps(description, default=_jsonable))
         return
@@ -322,7 +328,7 @@ def _jsonable(value):
 
 def _layer_table(description):
     """The text table of :func:`nbalex.model.describe`'s result."""
-    rows = [("layer", "type", "output", "params", "MACs")]
+    rows = [("layer", "type", "output", "params", "MACs/image")]
     for layer in description["layers"]:
         shape = layer.get("output_shape", layer.get("shape", ()))
         rows.append((str(layer["name"]), str(layer["type"]),
@@ -340,7 +346,8 @@ def _layer_table(description):
     lines.append(f"image size {description['image_size']}, input crop "
                  f"{description['input_size']}")
     if description.get("arena_bytes"):
-        lines.append(f"arena: {description['arena_bytes']:,} bytes "
+        lines.append(f"arena for batch {description.get('batch_size')}: "
+                     f"{description['arena_bytes']:,} bytes "
                      f"({description['arena_bytes'] / 2**20:.1f} MiB) per tower")
     return "\n".join(lines)
 
@@ -394,8 +401,13 @@ def static(ctx, args):
     """Registers, spills, shared memory and SASS instruction mix of every kernel.
 
     Runs nbalex.cuda.static in a fresh process without NUMBA_ENABLE_CUDASIM (the compiler is
-    needed, not a GPU).  Extra ARGS are passed to it.
+    needed, not a GPU).  Extra ARGS are passed to it: `nbalex bench static -- --help` lists
+    them.
     """
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     code = "import sys; from nbalex.cuda.static import main; sys.exit(main(sys.argv[1:]))"
     ctx.exit(subprocess.run([sys.executable, "-c", code, *args], env=env).returncode)
+
+
+if __name__ == "__main__":
+    main()

@@ -227,10 +227,11 @@ def build_net(config, backend="auto", batch_size=128, gpus=(0,), seed=0):
 
 def _check_fits_on_gpu(config, batch_size, gpus):
     """Raise ValueError when one tower's arena for ``batch_size`` exceeds a GPU's free memory."""
+    from numba import config as numba_config
+    if numba_config.ENABLE_CUDASIM:
+        return
     from numba import cuda
     from nbalex import model
-    if getattr(cuda, "simulator_enabled", False) or not hasattr(cuda, "current_context"):
-        return
     need = model.describe(config, batch_size=batch_size).get("arena_bytes")
     if not need:
         return
@@ -253,6 +254,17 @@ def _check_data(net, dataset, path, classes=None):
     if classes is not None and list(dataset.classes) != list(classes):
         raise ValueError(f"{path} has different classes from the training data "
                          f"(pack it with --classes-from TRAIN.h5)")
+
+
+def _check_same_model(model, config_text, path):
+    """Raise ValueError when ``--model`` (name or path; None = not given) is not the config in
+    the checkpoint at ``path``."""
+    if model is None:
+        return
+    from nbalex.config import resolve_source
+    if resolve_source(model)[0].strip() != str(config_text).strip():
+        raise ValueError(f"--model {model} is not the model of the run in {path}; leave "
+                         f"--model out to resume it, or start a new --out folder")
 
 
 def _tower(net):
@@ -301,137 +313,155 @@ def train(data, val, out, settings, epochs, *, backend="auto", gpus=(0,), resume
     Raises :class:`Interrupted` after Ctrl-C (position saved), :class:`Diverged` when the
     loss stops being finite (last good checkpoint kept), ValueError on unusable inputs.
     """
-    from nbalex import checkpoint
-    from nbalex.backends import resolve
-    from nbalex.io.dataset import H5Dataset
     from nbalex.io.loader import Loader
-    from nbalex import plots
+    from nbalex.backends import resolve
 
-    out = Path(out)
-    path = out / CHECKPOINT
-    state = None
-    if resume:
-        if not path.exists():
-            raise ValueError(f"nothing to resume: {path} does not exist")
-        state = checkpoint.load(path)
-        run = json.loads(_extra_text(state["extra"]["run"]))
-        settings = Settings(**run["settings"]).merged(given or {})
-        config = state["config_text"]
-    else:
-        if path.exists():
-            raise ValueError(f"{out} already holds a run; pass --resume to continue it "
-                             f"or choose another --out")
-        run = {"history": [], "epoch_totals": _fresh_epoch(), "schedule": None}
-        config = settings.model
     backend = resolve(backend)
-    train_set, val_set = H5Dataset(data), H5Dataset(val)
-    net = build_net(config, backend, settings.batch_size, gpus, settings.seed)
-    _check_data(net, train_set, data)
-    _check_data(net, val_set, val, classes=train_set.classes)
-    if state is not None:
-        net.load_params(state["params"])
-        net.load_momentum(state["momentum"])
-    schedule = make_schedule(settings, run["schedule"])
-    lr = state["lr"] if state is not None else settings.lr
-    epoch, step = (int(state["epoch"]), int(state["step"])) if state is not None else (0, 0)
-    history, totals = run["history"], run["epoch_totals"]
-    seed = settings.seed
-    classes = [str(c) for c in train_set.classes]
-    mean = np.asarray(train_set.mean, dtype=np.float32)
-
-    out.mkdir(parents=True, exist_ok=True)
-    _write_log(out / LOG, history)
-    (out / "model.toml").write_text(net.config_text)
-
-    def save(epoch_, step_, lr_):
-        extra = {"run": json.dumps({"settings": dataclasses.asdict(settings),
-                                    "history": history, "epoch_totals": totals,
-                                    "schedule": schedule.state_dict()}),
-                 "classes": classes, "mean": mean}
-        checkpoint.save(path, net, epoch=epoch_, step=step_, lr=lr_, seed=seed,
-                        loader_state={"epoch": epoch_, "batch": step_}, extra=extra)
-
-    loader_args = dict(backend=backend, seed=seed, workers=workers, tower=_tower(net))
-    train_loader = Loader(data, settings.batch_size, net.input_size, train=True, **loader_args)
-    val_loader = Loader(val, settings.batch_size, net.input_size, train=False, view="center",
-                        drop_last=False, **loader_args)
-    steps = train_loader.batches_per_epoch
-    if steps == 0:
-        raise ValueError(f"{data} holds fewer images than one batch ({settings.batch_size})")
-    try:
-        with _StopRequest(stop_after_steps) as stop:
-            while epoch < epochs:
-                started = time.perf_counter()
-                try:
-                    step = _train_epoch(net, train_loader, epoch, step, steps, lr, settings,
-                                        totals, stop, progress, f"epoch {epoch + 1}/{epochs}")
-                    totals["train_seconds"] += time.perf_counter() - started
-                    scores = None if stop() else evaluate(
-                        net, val_loader, should_stop=stop, progress=progress,
-                        desc=f"validate {epoch + 1}")
-                    if scores is None:
-                        raise KeyboardInterrupt
-                except KeyboardInterrupt:
-                    if stop.forced:  # a second Ctrl-C: quit without saving
-                        raise
-                    totals["seconds"] += time.perf_counter() - started
-                    save(epoch, step, lr)
-                    raise Interrupted(path, epoch, step) from None
-                except Diverged as exc:
-                    kept = (f"the last good checkpoint ({path}, after epoch {epoch}) is kept"
-                            if path.exists() else "no checkpoint was written")
-                    raise Diverged(f"{exc}; stopped, {kept}. Try a lower --lr.") from None
-                totals["seconds"] += time.perf_counter() - started
-                row = {"epoch": epoch + 1, "lr": lr,
-                       "train_loss": totals["loss_sum"] / max(totals["images"], 1),
-                       "val_loss": scores["loss"], "top1_error": scores["top1_error"],
-                       "top5_error": scores["top5_error"],
-                       "images_per_s": totals["images"] / max(totals["train_seconds"], 1e-9),
-                       "seconds": totals["seconds"]}
-                history.append(row)
-                lr = schedule.next_lr(lr, epoch + 1, row["top1_error"])
-                epoch, step, totals = epoch + 1, 0, _fresh_epoch()
-                save(epoch, step, lr)
-                _append_log(out / LOG, row)
-                plots.plot_curves(history, out / "curves.png")
-                weights = _first_conv_weight(net)
-                if weights is not None:
-                    plots.plot_filters(weights, out / "filters.png")
-                report(_epoch_line(row, epochs))
-    finally:
-        train_loader.close()
-        val_loader.close()
-    return {"epochs": epoch, "history": history, "checkpoint": str(path)}
+    run = _Run.start(data, val, Path(out), settings, epochs, given, resume, backend, gpus)
+    net, settings = run.net, run.settings
+    loader_args = dict(backend=backend, seed=settings.seed, workers=workers, tower=_tower(net))
+    with Loader(data, settings.batch_size, net.input_size, train=True, **loader_args) as train_loader, \
+            Loader(val, settings.batch_size, net.input_size, train=False, view="center",
+                   drop_last=False, **loader_args) as val_loader, \
+            _StopRequest(stop_after_steps) as stop:
+        steps = train_loader.batches_per_epoch
+        report(f"{'resuming' if resume else 'training'} {net.name} ({net.num_params():,} "
+               f"parameters, backend {backend}) at epoch {run.epoch + 1}, step {run.step} of "
+               f"{steps}; batch {settings.batch_size}, lr {run.lr:g}; run folder {out}")
+        while run.epoch < epochs:
+            started = time.perf_counter()
+            try:
+                _train_epoch(net, train_loader, run, steps, stop, progress,
+                             f"epoch {run.epoch + 1}/{epochs}")
+                run.totals["train_seconds"] += time.perf_counter() - started
+                scores = None if stop() else evaluate(
+                    net, val_loader, should_stop=stop, progress=progress,
+                    desc=f"validate {run.epoch + 1}")
+                if scores is None:
+                    raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                if stop.forced:  # a second Ctrl-C: quit without saving
+                    raise
+                run.totals["seconds"] += time.perf_counter() - started
+                run.save()
+                raise Interrupted(run.path, run.epoch, run.step) from None
+            except Diverged as exc:
+                kept = (f"the last good checkpoint {run.path} is kept" if run.path.exists()
+                        else "no checkpoint was written")
+                raise Diverged(f"{exc}; stopped, {kept}. Try a lower --lr.") from None
+            run.totals["seconds"] += time.perf_counter() - started
+            report(_epoch_line(run.finish_epoch(scores), epochs))
+    return {"epochs": run.epoch, "history": run.history, "checkpoint": str(run.path)}
 
 
-def _train_epoch(net, loader, epoch, step, steps, lr, settings, totals, stop, progress, desc):
-    """Run steps ``step .. steps-1`` of ``epoch``; returns the number of steps done so far.
+class _Run:
+    """A run folder's state: the network, settings, position, schedule and history."""
 
-    Stops early (returning the position) when ``stop()`` becomes true between steps.
+    def __init__(self, out, net, settings, state, record, classes, mean, epochs):
+        self.out, self.path, self.net, self.settings = out, out / CHECKPOINT, net, settings
+        self.classes, self.mean = classes, mean
+        self.history, self.totals = record["history"], record["epoch_totals"]
+        self.schedule = make_schedule(settings, record["schedule"], epochs)
+        self.lr = float(state["lr"]) if state else settings.lr
+        self.epoch, self.step = (int(state["epoch"]), int(state["step"])) if state else (0, 0)
+
+    @classmethod
+    def start(cls, data, val, out, settings, epochs, given, resume, backend, gpus):
+        """A new run in ``out``, or the one saved there (``resume``); checks the data."""
+        from nbalex import checkpoint
+        from nbalex.io.dataset import H5Dataset
+        path = out / CHECKPOINT
+        state = None
+        if resume:
+            if not path.exists():
+                raise ValueError(f"nothing to resume: {path} does not exist")
+            state = checkpoint.load(path)
+            extra = state.get("extra") or {}
+            if "run" not in extra:
+                raise ValueError(f"{path} was not written by `nbalex train`; cannot resume it")
+            record = json.loads(_extra_text(extra["run"]))
+            given = dict(given or {})
+            _check_same_model(given.pop("model", None), state["config_text"], path)
+            settings = Settings(**record["settings"]).merged(given)
+            config = state["config_text"]
+        else:
+            if path.exists():
+                raise ValueError(f"{out} already holds a run; pass --resume to continue it "
+                                 f"or choose another --out")
+            record = {"history": [], "epoch_totals": _fresh_epoch(), "schedule": None}
+            config = settings.model
+        net = build_net(config, backend, settings.batch_size, gpus, settings.seed)
+        with H5Dataset(data) as train_set, H5Dataset(val) as val_set:
+            _check_data(net, train_set, data)
+            _check_data(net, val_set, val, classes=train_set.classes)
+            classes = [str(c) for c in train_set.classes]
+            mean = np.asarray(train_set.mean, dtype=np.float32)
+        if state is not None:
+            net.load_params(state["params"])
+            net.load_momentum(state["momentum"])
+        out.mkdir(parents=True, exist_ok=True)
+        _write_log(out / LOG, record["history"])
+        (out / "model.toml").write_text(net.config_text)
+        return cls(out, net, settings, state, record, classes, mean, epochs)
+
+    def save(self):
+        """Write the checkpoint at the current position (atomic)."""
+        from nbalex import checkpoint
+        record = {"settings": dataclasses.asdict(self.settings), "history": self.history,
+                  "epoch_totals": self.totals, "schedule": self.schedule.state_dict()}
+        extra = {"run": json.dumps(record), "classes": self.classes, "mean": self.mean}
+        checkpoint.save(self.path, self.net, epoch=self.epoch, step=self.step, lr=self.lr,
+                        seed=self.settings.seed,
+                        loader_state={"epoch": self.epoch, "batch": self.step}, extra=extra)
+
+    def finish_epoch(self, scores):
+        """Log the finished epoch, step the schedule, save, redraw the plots; returns the row."""
+        from nbalex import plots
+        t = self.totals
+        row = {"epoch": self.epoch + 1, "lr": self.lr,
+               "train_loss": t["loss_sum"] / max(t["images"], 1),
+               "val_loss": scores["loss"], "top1_error": scores["top1_error"],
+               "top5_error": scores["top5_error"],
+               "images_per_s": t["images"] / max(t["train_seconds"], 1e-9),
+               "seconds": t["seconds"]}
+        self.history.append(row)
+        self.lr = float(self.schedule.step(row["top1_error"]))
+        self.epoch, self.step, self.totals = self.epoch + 1, 0, _fresh_epoch()
+        self.save()
+        _append_log(self.out / LOG, row)
+        plots.plot_curves(self.history, self.out / "curves.png")
+        weights = _first_conv_weight(self.net)
+        if weights is not None:
+            plots.plot_filters(weights, self.out / "filters.png")
+        return row
+
+
+def _train_epoch(net, loader, run, steps, stop, progress, desc):
+    """Run steps ``run.step .. steps-1`` of ``run.epoch``, advancing ``run.step`` after each.
+
+    Stops early when ``stop()`` becomes true between steps.
     """
-    seed = settings.seed
-    with _bar(progress, steps, desc, initial=step) as bar:
+    settings, epoch = run.settings, run.epoch
+    with _bar(progress, steps, desc, initial=run.step) as bar:
         tick = time.perf_counter()
-        for x, labels in loader.epoch(epoch, start_batch=step):
+        for x, labels in loader.epoch(epoch, start_batch=run.step):
             loss = float(net.forward_backward(x, labels, train=True,
-                                              seed=step_seed(seed, epoch, step)))
+                                              seed=step_seed(settings.seed, epoch, run.step)))
             if not math.isfinite(loss):
                 raise Diverged(f"the training loss became {loss} at epoch {epoch + 1}, "
-                               f"step {step + 1}")
-            net.sgd_step(lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-            step += 1
-            images = len(labels)
-            totals["loss_sum"] += loss * images
-            totals["images"] += images
+                               f"step {run.step + 1}")
+            net.sgd_step(run.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+            run.step += 1
+            run.totals["loss_sum"] += loss * len(labels)
+            run.totals["images"] += len(labels)
             now = time.perf_counter()
-            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images / max(now - tick, 1e-9):.0f}",
+            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{len(labels) / max(now - tick, 1e-9):.0f}",
                             refresh=False)
             bar.update(1)
             tick = now
             stop.count_step()
             if stop():
                 break
-    return step
 
 
 def _epoch_line(row, epochs):
@@ -530,3 +560,30 @@ def _extra_list(value):
     if value is None:
         return None
     return [v.decode() if isinstance(v, bytes) else str(v) for v in value]
+
+
+# ----------------------------------------------------------------------------- schedule
+MAX_REDUCTIONS = 3     # the paper divided the rate by 10 three times
+
+
+def make_schedule(settings, state=None, epochs=90):
+    """The learning-rate schedule of ``settings`` (from ``state`` when resuming).
+
+    ``plateau``: the paper's rule, lr/10 after an epoch whose validation top-1 error is no
+    better than the best so far, at most three times (then the rate stays).  ``step``:
+    lr/10 every ``step_epochs`` epochs of the ``epochs`` the run is asked for.
+    """
+    from nbalex import optim
+    if settings.schedule == "plateau":
+        schedule = optim.ReduceOnPlateau(settings.lr, factor=0.1, patience=1,
+                                         max_reductions=MAX_REDUCTIONS)
+        if state is not None:
+            schedule.load_state_dict(state)
+    elif settings.schedule == "step":
+        every = settings.step_epochs
+        schedule = optim.StepSchedule(settings.lr, milestones=range(every, epochs, every))
+        if state is not None:   # the milestones follow --epochs, which may grow on resume
+            schedule.epoch = int(state["epoch"])
+    else:
+        raise ValueError(f"unknown schedule {settings.schedule!r}: choose plateau or step")
+    return schedule

@@ -69,7 +69,7 @@ def time_numba_cuda(fn, warmup=2, repeats=5):
     cuda.synchronize()
     samples = []
     for _ in range(repeats):
-        start, end = cuda.event(timing=True), cuda.event(timing=True)
+        start, end = cuda.event(), cuda.event()     # timing events (the default)
         start.record()
         fn()
         end.record()
@@ -146,12 +146,15 @@ def compare_outputs(ours, reference, tolerance):
 # Output.
 
 def format_value(value, digits=3):
-    """A table cell: '-' for missing, fixed digits for floats, str() for the rest."""
+    """A table cell: '-' for missing, floats with ``digits`` decimals (or a format spec such
+    as ``".1e"`` when ``digits`` is a string), str() for the rest."""
     if value is None:
         return "-"
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
             return str(value)
+        if isinstance(digits, str):
+            return format(value, digits)
         if value != 0.0 and abs(value) < 10 ** -digits:
             return f"{value:.2e}"
         return f"{value:.{digits}f}"
@@ -162,6 +165,7 @@ def format_table(rows, columns):
     """A plain, aligned text table.
 
     ``columns`` is a list of (key, header) or (key, header, digits); rows are dicts.
+    ``digits`` is a number of decimals or a format spec (see :func:`format_value`).
     """
     cols = [(c[0], c[1], c[2] if len(c) > 2 else 3) for c in columns]
     cells = [[format_value(row.get(key), digits) for key, _, digits in cols] for row in rows]

@@ -148,17 +148,17 @@ def check_layer(spec, module, mem, reference, rng, n=CHECK_BATCH):
 
 
 def _peer_callables(spec, backend, host, n):
-    """{peer name: {pass name: callable}} for the peers that exist for this layer."""
-    out = {}
+    """({peer name: {pass name: callable}}, {peer name: why it is missing}) for one layer."""
+    found, missing = {}, {}
     try:
         device = peers.torch_device(backend)
         t = peers.to_torch(host, device)
-        out["torch"] = {pa.name: peers.torch_pass(spec, pa.name, t) for pa in passes(spec, n)}
-    except ImportError:
-        pass
+        found["torch"] = {pa.name: peers.torch_pass(spec, pa.name, t) for pa in passes(spec, n)}
+    except Exception as exc:  # noqa: BLE001 - no torch, or a torch without CUDA: time ours alone
+        missing["torch"] = f"{type(exc).__name__}: {exc}"
     if backend == "cpu" and spec.kind in ("conv", "fc"):
-        out["numpy"] = {pa.name: peers.numpy_pass(spec, pa.name, host) for pa in passes(spec, n)}
-    return out
+        found["numpy"] = {pa.name: peers.numpy_pass(spec, pa.name, host) for pa in passes(spec, n)}
+    return found, missing
 
 
 def _peer_timer(name, backend):
@@ -166,27 +166,71 @@ def _peer_timer(name, backend):
     return time_torch_cuda if (name == "torch" and backend == "cuda") else time_host
 
 
-def time_layer(spec, backend, module, mem, rng, n, warmup, repeats):
-    """Rows (dicts) for every pass of one layer at batch ``n``; ours then each peer."""
+def time_layer(spec, backend, module, mem, rng, n, warmup, repeats, skip=()):
+    """{pass name: row dict} for one layer at batch ``n``: ours, then each peer.
+
+    Passes in ``skip`` (they failed their check) are run once, untimed, so that the passes
+    after them still get their inputs; an error there is ignored.
+    """
     host = make_inputs(spec, n, rng)
     arrays = {k: mem.put(v) for k, v in host.items()}
     shapes = array_shapes(spec, n, host)
     ws = _workspace(mem, module, spec, n)
-    peer_fns = _peer_callables(spec, backend, host, n)
-    rows = []
+    peer_fns, peer_missing = _peer_callables(spec, backend, host, n)
+    rows = {}
     for pa in passes(spec, n):
         for name, (shape, dtype) in pa.writes.items():
             arrays[name] = mem.empty(shape, dtype)
+        if pa.name in skip:
+            try:
+                pa.launch(module, arrays, ws)
+            except Exception:  # noqa: BLE001 - already reported by the check
+                pass
+            continue
         seconds = median_seconds(mem.time(lambda: pa.launch(module, arrays, ws), warmup, repeats))
         nbytes = pa.min_bytes(shapes)
         row = {"layer": spec.name, "pass": pa.name, "shape": spec.describe(), "batch": n,
                "backend": backend, "ms": seconds * 1e3, "gflops": rate(pa.flops, seconds),
                "gbs": rate(nbytes, seconds), "flops": pa.flops, "bytes": nbytes}
+        for peer, why in peer_missing.items():
+            row[f"{peer}_error"] = why
         for peer, fns in peer_fns.items():
-            peer_s = median_seconds(_peer_timer(peer, backend)(fns[pa.name], warmup, repeats))
+            try:
+                peer_s = median_seconds(_peer_timer(peer, backend)(fns[pa.name], warmup, repeats))
+            except Exception as exc:  # noqa: BLE001 - our row stands without its peer
+                row[f"{peer}_error"] = f"{type(exc).__name__}: {exc}"
+                continue
             row[f"{peer}_ms"] = peer_s * 1e3
             row[f"{peer}_over_ours"] = ratio(peer_s, seconds)
-        rows.append(row)
+        rows[pa.name] = row
+    return rows
+
+
+def bench_layer(spec, backend, module, mem, reference, rng, n, warmup, repeats, log=None):
+    """Check every pass of one layer, time those that passed; one row per pass."""
+    def report(message):
+        if log is not None:
+            log(message)
+
+    checks = check_layer(spec, module, mem, reference, rng)
+    bad = {p: _describe(e) for p, e in checks.items() if isinstance(e, Exception)}
+    for p, why in bad.items():
+        report(f"{spec.name} {p}: {why}; not timed")
+    timed = {}
+    if len(bad) < len(checks):
+        try:
+            timed = time_layer(spec, backend, module, mem, rng, n, warmup, repeats, skip=set(bad))
+        except Exception as exc:  # noqa: BLE001 - report it in the rows, keep the rest going
+            why = f"timing failed: {type(exc).__name__}: {exc}"
+            report(f"{spec.name}: {why}")
+            bad.update({p: why for p in checks if p not in bad})
+    rows = []
+    for p, result in checks.items():
+        if p in bad:
+            rows.append({"layer": spec.name, "pass": p, "shape": spec.describe(), "batch": n,
+                         "backend": backend, "error": bad[p]})
+        else:
+            rows.append({**timed[p], "check_error": result})
     return rows
 
 
@@ -220,42 +264,21 @@ def run_kernels(backend="auto", layers=None, batch_size=None, repeats=None, warm
     rng = np.random.default_rng(seed)
     rows = []
     for spec in select_layers(layers):
-        checks = check_layer(spec, module, mem, reference, rng)
-        bad = {p: e for p, e in checks.items() if isinstance(e, Exception)}
-        for p, exc in bad.items():
-            message = f"{spec.name} {p}: does not match the reference ({_describe(exc)}); not timed"
-            if log is not None:
-                log(message)
-        if len(bad) < len(checks):
-            try:
-                timed = time_layer(spec, backend, module, mem, rng, n, warmup, repeats)
-            except Exception as exc:  # noqa: BLE001 - report it in the row, keep the rest going
-                timed = [{"layer": spec.name, "pass": p, "error": f"timing failed: {_describe(exc)}"}
-                         for p in checks]
-                if log is not None:
-                    log(f"{spec.name}: timing failed: {_describe(exc)}")
-        else:
-            timed = []
-        timed = {r["pass"]: r for r in timed}
-        for p, result in checks.items():
-            if p in bad:
-                rows.append({"layer": spec.name, "pass": p, "shape": spec.describe(), "batch": n,
-                             "backend": backend, "error": f"mismatch: {_describe(bad[p])}"})
-            else:
-                row = timed.get(p, {"layer": spec.name, "pass": p, "error": "not timed"})
-                row.setdefault("check_error", result)
-                rows.append(row)
+        rows += bench_layer(spec, backend, module, mem, reference, rng, n, warmup, repeats, log)
     return rows
 
 
 def _describe(exc):
-    return f"{type(exc).__name__}: {exc}" if not isinstance(exc, CheckFailed) else str(exc)
+    """'does not match the reference: ...' for a mismatch, else the error that stopped the check."""
+    if isinstance(exc, CheckFailed):
+        return f"does not match the reference: {exc}"
+    return f"could not be checked: {type(exc).__name__}: {exc}"
 
 
 COLUMNS = [("layer", "layer"), ("pass", "pass"), ("ms", "ms", 3), ("gflops", "GFLOP/s", 1),
-           ("gbs", "GB/s", 1), ("torch_ms", "torch ms", 3), ("torch_over_ours", "torch/ours", 2),
-           ("numpy_ms", "numpy ms", 3), ("numpy_over_ours", "numpy/ours", 2),
-           ("check_error", "rel err", 1)]
+           ("gbs", "GB/s", 1), ("torch_ms", "torch-ms", 3), ("torch_over_ours", "torch/ours", 2),
+           ("numpy_ms", "numpy-ms", 3), ("numpy_over_ours", "numpy/ours", 2),
+           ("check_error", "rel-err", ".1e")]
 
 
 def format_rows(rows, backend):
@@ -265,7 +288,9 @@ def format_rows(rows, backend):
     legend = ("peer/ours = the peer's time over ours (above 1: ours is faster); "
               f"GB/s counts each input read once and each output written once; backend {backend}")
     failures = [f"FAILED {r['layer']} {r['pass']}: {r['error']}" for r in rows if r.get("error")]
-    return "\n".join([text, legend, *failures])
+    peer_errors = sorted({f"peer {k[:-6]} missing: {v}" for r in rows for k, v in r.items()
+                          if k.endswith("_error") and k != "check_error" and k != "error"})
+    return "\n".join([text, legend, *peer_errors, *failures])
 
 
 @click.command("kernels")

@@ -9,24 +9,26 @@ from numba import cuda, float32
 
 from nbalex.cuda.launch import check_dtype, stream_or_default
 
-THREADS = 256
+THREADS_PER_BLOCK = 256
 
 
 @cuda.jit
 def augment_batch_kernel(out, images, crop_y, crop_x, flip, rgb_shift, mean):
     """One thread per output pixel (b, i, j), writing its 3 channels.
 
-    Grid: x covers the Cr*Cr pixels of one image (p = i*Cr + j), y is the image b.
+    1-D grid over t = b*Cr*Cr + i*Cr + j, t < B*Cr*Cr (threads past the end do nothing).
     images uint8 (B,S,S,3), out float32 (B,3,Cr,Cr) written (never accumulated),
     crop_y/crop_x int32 (B,), flip uint8 (B,), rgb_shift float32 (B,3), mean float32 (S,S,3):
       out[b,c,i,j] = images[b,y+i,x+jj,c] - mean[y+i,x+jj,c] + rgb_shift[b,c],
       y = crop_y[b], x = crop_x[b], jj = Cr-1-j when flip[b] else j.
     Adjacent threads read adjacent pixels (3 bytes apart) and write adjacent floats per channel.
     """
-    b = cuda.blockIdx.y
-    p = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    t = cuda.grid(1)
     crop = out.shape[2]
-    if b < out.shape[0] and p < crop * crop:
+    plane = crop * crop
+    if t < out.shape[0] * plane:
+        b = t // plane
+        p = t - b * plane
         i = p // crop
         j = p - i * crop
         jj = crop - 1 - j if flip[b] != 0 else j
@@ -56,8 +58,9 @@ def augment_batch(out, images, crop_y, crop_x, flip, rgb_shift, mean, stream=Non
         check_dtype(name, arr, dtype)
     if batch == 0:
         return
-    grid = ((crop * crop + THREADS - 1) // THREADS, batch)
-    augment_batch_kernel[grid, THREADS, stream_or_default(stream)](out, images, crop_y, crop_x, flip, rgb_shift, mean)
+    blocks = (batch * crop * crop + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
+    launch = augment_batch_kernel[blocks, THREADS_PER_BLOCK, stream_or_default(stream)]
+    launch(out, images, crop_y, crop_x, flip, rgb_shift, mean)
 
 
 STATIC_SIGNATURES = [

@@ -1,4 +1,4 @@
-"""Inverted dropout on the GPU, with the counter-based mask of :func:`nbalex.backends.dropout_keep`.
+"""Inverted dropout on the GPU, with the counter-based mask of nbalex.backends.dropout_keep.
 
 The mask is a pure function of (seed, flat element index), so the forward kernel draws it
 and applies it in the same pass (no random-state buffers), and every backend draws the same
@@ -99,7 +99,8 @@ def dropout_forward(y, mask, x, p, seed, stream=None):
 
 
 def dropout_backward(dx, dy, mask, p, stream=None):
-    """dx = dy * mask / (1-p), any shape, float32 (mask uint8 from dropout_forward); dx may be dy."""
+    """dx = dy * mask / (1-p), any shape, float32 (mask: uint8 from dropout_forward);
+    dx may be dy."""
     keep = _keep_probability(p)
     check_array("dy", dy)
     check_array("dx", dx, shape=dy.shape)

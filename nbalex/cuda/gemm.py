@@ -35,19 +35,29 @@ reads consecutive addresses:
 
 A loader is a pair of device functions: ``setup(src, geo, z, row) -> state`` runs once per
 thread before the K loop (decoding the row index, e.g. n -> (image, oh, ow)), and
-``fetch(src, geo, state, k) -> float32`` runs per element per K tile and returns 0 outside
-the operand.  ``krange(geo, z) -> (k_begin, k_end)`` gives the block's K range (split-K uses
-``blockIdx.z``), and ``store(out, bias, geo, z, m, n, value)`` writes one C element, checking
-``m < M`` and ``n < N`` itself.  ``geo`` is a tuple of int64 geometry the launcher builds.
+``fetch(src, geo, state, k, step, k_end, buf)`` runs once per K tile and fills the thread's
+``E`` registers ``buf[e]`` with the operand at k + e*step, 0 where ``k + e*step >= k_end``
+or outside the operand.  Fetching a whole tile share at once lets a loader decode k once and
+step through the rest incrementally (the im2col loaders do; they are only used with
+``K_FAST``, where step is 1).  Loads are branch-free: out-of-range elements read a safe
+address and are replaced by 0.  ``krange(geo, z) -> (k_begin, k_end)`` gives the block's K
+range (split-K uses ``blockIdx.z``), and ``store(out, bias, geo, z, m, n, value)`` writes
+one C element, checking ``m < M`` and ``n < N`` itself.  ``geo`` is a tuple of int64
+geometry the launcher builds.
 """
 
-from numba import cuda, float32, int64, uint64
+from numba import config, cuda, float32, uint64
 
 BK = 8            # K depth of one shared-memory tile
 TM = 8            # rows of C per thread
 TN = 8            # columns of C per thread
 K_FAST = 0        # loader layout: k is the contiguous index of the operand in memory
 ROW_FAST = 1      # loader layout: the row index (m or n) is the contiguous one
+
+# 16-byte aligned shared tiles let NVVM fuse the fragment reads into LDS.128; the simulator
+# rejects any alignment request (and needs none).
+SMEM_ALIGN = None if config.ENABLE_CUDASIM else 16
+MIN_BLOCKS_PER_SM = 1   # launch bound: 2 blocks x 256 threads -> at most 128 registers
 
 #: Block tiles a launcher may pick from: (BM, BN).  128x128 uses 256 threads, 64x64 uses 64.
 TILES = ((128, 128), (64, 64))
@@ -57,6 +67,19 @@ TILES = ((128, 128), (64, 64))
 def fast_div(n, magic, shift):
     """floor(n / d) for 0 <= n < 2**31, with (magic, shift) = :func:`magic_divider` (d)."""
     return (n * magic) >> shift
+
+
+if config.ENABLE_CUDASIM:
+    @cuda.jit(device=True, inline="always")
+    def inside(i, n):
+        """0 <= i < n (for n >= 0)."""
+        return (i >= 0) & (i < n)
+else:
+    @cuda.jit(device=True, inline="always")
+    def inside(i, n):
+        """0 <= i < n (for n >= 0), as one unsigned comparison (the simulator cannot cast
+        negative Python ints to unsigned, so it gets the two-sided test above)."""
+        return uint64(i) < uint64(n)
 
 
 def magic_divider(d):
@@ -73,6 +96,19 @@ def magic_divider(d):
     shift = 31 + (d - 1).bit_length()
     magic = -(-(1 << shift) // d)
     return magic, shift
+
+
+@cuda.jit(device=True, inline="always")
+def fetch_strided(src, base, stride, valid, k, step, k_end, buf):
+    """buf[e] = src[base + (k + e*step)*stride] where valid and k + e*step < k_end, else 0.
+
+    The loader of a plain row-major operand (a row of A or B at a fixed stride in k).
+    """
+    for e in range(buf.shape[0]):
+        kk = k + e * step
+        ok = valid & (kk < k_end)
+        v = src[uint64(base + kk * stride if ok else 0)]
+        buf[e] = v if ok else float32(0.0)
 
 
 def cdiv(a, b):
@@ -145,8 +181,8 @@ def make_gemm_kernel(setup_a, fetch_a, layout_a, setup_b, fetch_b, layout_b, kra
         m0 = cuda.blockIdx.y * bm
         n0 = cuda.blockIdx.x * bn
 
-        a_s = cuda.shared.array(a_smem, float32, alignment=16)   # [buffer][k][m], row stride sa
-        b_s = cuda.shared.array(b_smem, float32, alignment=16)   # [buffer][k][n], row stride sb
+        a_s = cuda.shared.array(a_smem, float32, alignment=SMEM_ALIGN)   # [buffer][k][m], row stride sa
+        b_s = cuda.shared.array(b_smem, float32, alignment=SMEM_ALIGN)   # [buffer][k][n], row stride sb
         acc = cuda.local.array(acc_len, float32)
         a_next = cuda.local.array(ea, float32)
         b_next = cuda.local.array(eb, float32)
@@ -161,14 +197,12 @@ def make_gemm_kernel(setup_a, fetch_a, layout_a, setup_b, fetch_b, layout_b, kra
         n_tiles = (k_end - k_begin + BK - 1) // BK
 
         # Prologue: tile 0 into buffer 0.
+        fetch_a(src_a, geo, a_state, k_begin + a_k, a_dk, k_end, a_next)
+        fetch_b(src_b, geo, b_state, k_begin + b_k, b_dk, k_end, b_next)
         for e in range(ea):
-            k = k_begin + a_k + e * a_dk
-            a_s[(a_k + e * a_dk) * sa + a_row] = (
-                fetch_a(src_a, geo, a_state, k) if k < k_end else float32(0.0))
+            a_s[uint64((a_k + e * a_dk) * sa + a_row)] = a_next[e]
         for e in range(eb):
-            k = k_begin + b_k + e * b_dk
-            b_s[(b_k + e * b_dk) * sb + b_row] = (
-                fetch_b(src_b, geo, b_state, k) if k < k_end else float32(0.0))
+            b_s[uint64((b_k + e * b_dk) * sb + b_row)] = b_next[e]
         cuda.syncthreads()  # tile 0 is in shared memory before anyone reads it
 
         for t in range(n_tiles):
@@ -176,12 +210,8 @@ def make_gemm_kernel(setup_a, fetch_a, layout_a, setup_b, fetch_b, layout_b, kra
             cur_b = (t % 2) * b_tile
             # Fetch tile t+1 into registers (zeros past the end); the loads overlap the FMAs.
             k_next = k_begin + (t + 1) * BK
-            for e in range(ea):
-                k = k_next + a_k + e * a_dk
-                a_next[e] = fetch_a(src_a, geo, a_state, k) if k < k_end else float32(0.0)
-            for e in range(eb):
-                k = k_next + b_k + e * b_dk
-                b_next[e] = fetch_b(src_b, geo, b_state, k) if k < k_end else float32(0.0)
+            fetch_a(src_a, geo, a_state, k_next + a_k, a_dk, k_end, a_next)
+            fetch_b(src_b, geo, b_state, k_next + b_k, b_dk, k_end, b_next)
 
             ra = uint64(cur + ty * 4)
             rb = uint64(cur_b + tx * 4)
@@ -197,9 +227,9 @@ def make_gemm_kernel(setup_a, fetch_a, layout_a, setup_b, fetch_b, layout_b, kra
             nxt = a_tile - cur
             nxt_b = b_tile - cur_b
             for e in range(ea):
-                a_s[nxt + (a_k + e * a_dk) * sa + a_row] = a_next[e]
+                a_s[uint64(nxt + (a_k + e * a_dk) * sa + a_row)] = a_next[e]
             for e in range(eb):
-                b_s[nxt_b + (b_k + e * b_dk) * sb + b_row] = b_next[e]
+                b_s[uint64(nxt_b + (b_k + e * b_dk) * sb + b_row)] = b_next[e]
             # Tile t+1 is complete in the other buffer, and everyone has finished reading
             # tile t's buffer, which the next iteration overwrites.
             cuda.syncthreads()
@@ -211,4 +241,8 @@ def make_gemm_kernel(setup_a, fetch_a, layout_a, setup_b, fetch_b, layout_b, kra
                 store(out, bias, geo, z, m, n, acc[i * TN + j])
 
     gemm_kernel.__name__ = gemm_kernel.__qualname__ = name
-    return cuda.jit(gemm_kernel), threads
+    if config.ENABLE_CUDASIM:              # the simulator's jit takes no launch bounds
+        return cuda.jit(gemm_kernel), threads
+    # Promise ptxas at most `threads` per block and ask for 2 resident blocks per SM: it
+    # then keeps to 128 registers (65536 / 512 threads), which this tile fits without spills.
+    return cuda.jit(gemm_kernel, launch_bounds=(threads, MIN_BLOCKS_PER_SM)), threads

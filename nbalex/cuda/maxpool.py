@@ -7,89 +7,94 @@ that contain it and chose it.  No atomics, so the result is the same on every ru
 
 from numba import cuda, float32, int32
 
-from nbalex.cuda.launch import check_array, check_ndim, grid_1d, stream_or_default, THREADS_PER_BLOCK
+from nbalex.cuda.launch import (THREADS_PER_BLOCK, check_array, check_ndim, grid_1d,
+                                stream_or_default)
 
 
 @cuda.jit
 def maxpool_forward_kernel(y, idx, x, size, stride):
-    """y[n,c,oh,ow] = max of x[n,c, oh*stride : oh*stride+size, ow*stride : ow*stride+size],
-    idx[n,c,oh,ow] = its position h*W + w in the (n, c) plane; ties go to the first in
-    row-major window order.
+    """y[p,oh,ow] = max of x[p, oh*stride : oh*stride+size, ow*stride : ow*stride+size],
+    idx[p,oh,ow] = its position h*W + w in plane p; ties go to the first in row-major
+    window order.
 
-    x (N,C,H,W) float32; y (N,C,OH,OW) float32 and idx (N,C,OH,OW) int32 are written.
-    One thread per output element, grid-stride over N*C*OH*OW in C order (adjacent threads
-    take adjacent ow, so the stores are coalesced).
+    x (P,H,W) float32, P = N*C planes; y (P,OH,OW) float32 and idx (P,OH,OW) int32 are
+    written.  One thread per output element, grid-stride over P*OH*OW in C order (adjacent
+    threads take adjacent ow, so the stores are coalesced).
     """
-    n_img, channels, height, width = x.shape
-    out_h, out_w = y.shape[2], y.shape[3]
+    planes, height, width = x.shape
+    out_h, out_w = y.shape[1], y.shape[2]
     start = cuda.grid(1)
     step = cuda.gridsize(1)
-    for i in range(start, n_img * channels * out_h * out_w, step):
+    for i in range(start, planes * out_h * out_w, step):
         ow = i % out_w
         rest = i // out_w
         oh = rest % out_h
-        plane = rest // out_h
-        c = plane % channels
-        n = plane // channels
+        p = rest // out_h
         h0 = oh * stride
         w0 = ow * stride
-        best = x[n, c, h0, w0]
+        best = x[p, h0, w0]
         best_at = h0 * width + w0
         for dh in range(size):
             for dw in range(size):
-                v = x[n, c, h0 + dh, w0 + dw]
+                v = x[p, h0 + dh, w0 + dw]
                 if v > best:
                     best = v
                     best_at = (h0 + dh) * width + w0 + dw
-        y[n, c, oh, ow] = best
-        idx[n, c, oh, ow] = int32(best_at)
+        y[p, oh, ow] = best
+        idx[p, oh, ow] = int32(best_at)
 
 
 @cuda.jit
 def maxpool_backward_kernel(dx, dy, idx, size, stride):
-    """dx[n,c,h,w] = sum of dy[n,c,oh,ow] over the windows (oh, ow) that contain (h, w) and
-    whose idx[n,c,oh,ow] == h*W + w (0 when none).
+    """dx[p,h,w] = sum of dy[p,oh,ow] over the windows (oh, ow) that contain (h, w) and
+    whose idx[p,oh,ow] == h*W + w (0 when none).
 
-    dx (N,C,H,W) float32 is written (every element); dy (N,C,OH,OW) float32 and idx
-    (N,C,OH,OW) int32 come from the forward pass.  One thread per input element, grid-stride
-    over N*C*H*W in C order; it visits at most ceil(size/stride)**2 windows.
+    dx (P,H,W) float32, P = N*C planes, is written (every element); dy (P,OH,OW) float32 and
+    idx (P,OH,OW) int32 come from the forward pass.  One thread per input element,
+    grid-stride over P*H*W in C order; it visits at most ceil(size/stride)**2 windows.
     """
-    n_img, channels, height, width = dx.shape
-    out_h, out_w = dy.shape[2], dy.shape[3]
+    planes, height, width = dx.shape
+    out_h, out_w = dy.shape[1], dy.shape[2]
     start = cuda.grid(1)
     step = cuda.gridsize(1)
-    for i in range(start, n_img * channels * height * width, step):
+    for i in range(start, planes * height * width, step):
         w = i % width
         rest = i // width
         h = rest % height
-        plane = rest // height
-        c = plane % channels
-        n = plane // channels
-        # windows containing h: oh*stride <= h <= oh*stride + size - 1
-        oh_lo = 0 if h < size else (h - size) // stride + 1
-        oh_hi = min(h // stride, out_h - 1)
-        ow_lo = 0 if w < size else (w - size) // stride + 1
-        ow_hi = min(w // stride, out_w - 1)
+        p = rest // height
         here = h * width + w
+        # window oh covers h iff oh*stride <= h < oh*stride + size: walk back from the last
+        # window starting at or before h while it still reaches h (likewise for ow)
+        ow_last = min(w // stride, out_w - 1)
         acc = float32(0.0)
-        for oh in range(oh_lo, oh_hi + 1):
-            for ow in range(ow_lo, ow_hi + 1):
-                if idx[n, c, oh, ow] == here:
-                    acc += dy[n, c, oh, ow]
-        dx[n, c, h, w] = acc
+        oh = min(h // stride, out_h - 1)
+        while oh >= 0 and oh * stride + size > h:
+            ow = ow_last
+            while ow >= 0 and ow * stride + size > w:
+                if idx[p, oh, ow] == here:
+                    acc += dy[p, oh, ow]
+                ow -= 1
+            oh -= 1
+        dx[p, h, w] = acc
 
 
-_F4 = "float32[:, :, :, ::1]"
-_I4 = "int32[:, :, :, ::1]"
+_F3 = "float32[:, :, ::1]"
+_I3 = "int32[:, :, ::1]"
 STATIC_SIGNATURES = [
-    (maxpool_forward_kernel, f"void({_F4}, {_I4}, {_F4}, int64, int64)", False),
-    (maxpool_backward_kernel, f"void({_F4}, {_F4}, {_I4}, int64, int64)", False),
+    (maxpool_forward_kernel, f"void({_F3}, {_I3}, {_F3}, int64, int64)", False),
+    (maxpool_backward_kernel, f"void({_F3}, {_F3}, {_I3}, int64, int64)", False),
 ]
 
 
 def pooled_size(length, size, stride):
     """Output length of a pooling window sweep: floor((length - size) / stride) + 1."""
     return (length - size) // stride + 1
+
+
+def _planes(a):
+    """(N, C, H, W) -> (N*C, H, W) view: the kernels only care about planes."""
+    n, c, h, w = a.shape
+    return a.reshape(n * c, h, w)
 
 
 def _check_window(size, stride, height, width):
@@ -113,7 +118,7 @@ def maxpool_forward(y, idx, x, size, stride, stream=None):
     if y.size == 0:
         return
     maxpool_forward_kernel[grid_1d(y.size), THREADS_PER_BLOCK, stream_or_default(stream)](
-        y, idx, x, size, stride)
+        _planes(y), _planes(idx), _planes(x), size, stride)
 
 
 def maxpool_backward(dx, dy, idx, size, stride, stream=None):
@@ -130,4 +135,4 @@ def maxpool_backward(dx, dy, idx, size, stride, stream=None):
     if dx.size == 0:
         return
     maxpool_backward_kernel[grid_1d(dx.size), THREADS_PER_BLOCK, stream_or_default(stream)](
-        dx, dy, idx, size, stride)
+        _planes(dx), _planes(dy), _planes(idx), size, stride)

@@ -11,7 +11,8 @@ from nbalex.cuda.launch import check_array, flat, grid_1d, stream_or_default, TH
 
 @cuda.jit
 def relu_forward_kernel(y, x):
-    """y[i] = max(x[i], 0) for every i, one grid-stride loop.
+    """y[i] = max(x[i], 0) for every i (a NaN stays NaN, as with np.maximum), one grid-stride
+    loop.
 
     x, y: 1-D float32 of the same length; y is written and may be the same array as x.
     """
@@ -19,7 +20,7 @@ def relu_forward_kernel(y, x):
     step = cuda.gridsize(1)
     for i in range(start, x.shape[0], step):
         v = x[i]
-        y[i] = v if v > 0 else float32(0.0)
+        y[i] = float32(0.0) if v < 0 else v
 
 
 @cuda.jit

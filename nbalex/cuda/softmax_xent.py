@@ -12,7 +12,8 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from nbalex.cuda.launch import check_array, check_ndim, grid_1d, stream_or_default, THREADS_PER_BLOCK
+from nbalex.cuda.launch import (THREADS_PER_BLOCK, check_array, check_ndim, grid_1d,
+                                stream_or_default)
 
 ROW_THREADS = 128
 """Threads per row in the forward kernel (a power of two: the tree halves it)."""
@@ -99,7 +100,7 @@ def softmax_xent_backward_kernel(dlogits, probs, labels, inv_n):
 
 STATIC_SIGNATURES = [
     (softmax_xent_forward_kernel,
-     "void(float32[::1], float32[:, ::1], float32[:, ::1], int32[::1])", False),
+     "void(float32[::1], float32[:, ::1], float32[:, ::1], int32[::1])", False, ROW_THREADS),
     (softmax_xent_backward_kernel,
      "void(float32[:, ::1], float32[:, ::1], int32[::1], float32)", False),
 ]

@@ -201,7 +201,8 @@ def analyze(entries, module=None, workdir=None):
             pyfunc = getattr(kernel, "py_func", kernel)
             name = getattr(pyfunc, "__name__", str(kernel))
             threads, assumed = _threads_for(entry, module)
-            ptx, _ = cuda.compile_ptx(pyfunc, sig, cc=CC)
+            bounds = getattr(kernel, "targetoptions", {}).get("launch_bounds")
+            ptx, _ = cuda.compile_ptx(pyfunc, sig, cc=CC, launch_bounds=bounds)
             ptx_path = os.path.join(tmp, f"k{n}.ptx")
             cubin = os.path.join(tmp, f"k{n}.cubin")
             with open(ptx_path, "w") as f:

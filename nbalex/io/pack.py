@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from nbalex.io.errors import DataError
 
-START_METHOD = "forkserver"   # workers never inherit the caller's threads or CUDA context
+# fork: no re-import of the caller's main module; workers only use PIL and NumPy
+START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
 CHUNK = 16                    # images per worker task
 RESAMPLE = Image.Resampling.LANCZOS
 REDUCING_GAP = 3.0            # Pillow reduces by an integer factor first, then Lanczos
@@ -155,10 +156,7 @@ def _pca(cov):
 
 
 def _executor(workers):
-    ctx = multiprocessing.get_context(START_METHOD)
-    if START_METHOD == "forkserver":
-        ctx.set_forkserver_preload(["nbalex.io.pack"])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(START_METHOD))
 
 
 def _decoded_chunks(items, size, workers):

@@ -1,0 +1,42 @@
+"""SGD with momentum and weight decay on the CPU: one parallel pass per tensor of the flat buffers.
+
+Per element i of tensor t (the paper's rule, ``nbalex.backends``)::
+
+    v[i] <- momentum*v[i] - lr*lr_mults[t] * (weight_decay*decay_mults[t]*w[i] + dw[i])
+    w[i] <- w[i] + v[i]
+
+Tensor t spans [offsets[t], offsets[t+1]) of w, dw and v (all flat float32, same layout).
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def sgd_kernel(w, dw, v, offsets, steps, decays, momentum):
+    """Update w and v in place; steps[t] = lr*lr_mults[t], decays[t] = wd*decay_mults[t]."""
+    for t in range(offsets.shape[0] - 1):
+        step = steps[t]
+        decay = decays[t]
+        for i in prange(offsets[t], offsets[t + 1]):
+            vi = momentum * v[i] - step * (decay * w[i] + dw[i])
+            v[i] = vi
+            w[i] += vi
+
+
+def sgd_update(w, dw, v, lr, momentum, weight_decay, offsets=None, lr_mults=None,
+               decay_mults=None, stream=None):
+    """w, v (flat 1-D float32) updated in place from dw; offsets None = one tensor, mults 1."""
+    if offsets is None:
+        offsets = np.array([0, w.size], dtype=np.int64)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    tensors = len(offsets) - 1
+    if offsets[0] != 0 or offsets[-1] != w.size:
+        raise ValueError(f"offsets must run from 0 to {w.size}, got {offsets[0]}..{offsets[-1]}")
+    lr_m = np.ones(tensors) if lr_mults is None else np.asarray(lr_mults, dtype=np.float64)
+    decay_m = np.ones(tensors) if decay_mults is None else np.asarray(decay_mults, dtype=np.float64)
+    steps = (lr * lr_m).astype(np.float32)
+    decays = (weight_decay * decay_m).astype(np.float32)
+    sgd_kernel(w, dw, v, offsets, steps, decays, np.float32(momentum))

@@ -1,0 +1,513 @@
+"""2-D convolution with groups on the GPU: forward, backward-data and backward-weights as
+implicit GEMMs on the register-blocked tile of :mod:`nbalex.cuda.gemm`.
+
+No im2col matrix is ever written: the operand loaders below gather each K tile straight from
+``x``, ``w`` or ``dy`` while it is being loaded into shared memory, so
+:func:`conv2d_workspace_size` is 0.  Per group g (``blockIdx.z``), with ``Cg = C/groups``,
+``Fg = F/groups``, ``P = OH*OW``:
+
+* forward:          C[f, (n,oh,ow)] = sum_{(c,kh,kw)} w[g*Fg+f, c, kh, kw] * x[n, g*Cg+c, oh*s-pad+kh, ow*s-pad+kw]
+                    M = Fg, N = batch*P, K = Cg*KH*KW; epilogue adds b[f] and applies ReLU.
+* backward-data:    C[c, (n,h,w)] = sum_{(f,kh,kw)} w[g*Fg+f, c, kh, kw] * dy[n, g*Fg+f, oh, ow]
+                    with oh = (h+pad-kh)/s, ow = (w+pad-kw)/s where both divide exactly and lie
+                    in range (zero otherwise).  M = Cg, N = batch*H*W, K = Fg*KH*KW.
+* backward-weights: C[f, (c,kh,kw)] = sum_{(n,oh,ow)} dy[n, g*Fg+f, oh, ow] * x[n, g*Cg+c, oh*s-pad+kh, ow*s-pad+kw]
+                    M = Fg, N = Cg*KH*KW, K = batch*P.  K is huge and M*N small, so K is split
+                    over ``blockIdx.z = g + groups*split`` and the slices are summed with
+                    atomic adds into a zeroed ``dw`` (the summation order, hence the last bits,
+                    may vary run to run); ``db`` is a separate reduction kernel.
+
+Index decoding inside the K loop uses :func:`nbalex.cuda.gemm.fast_div` (multiply + shift)
+with divisors prepared on the host in the geometry tuple :func:`conv_geometry`.
+"""
+
+import numpy as np
+from numba import cuda, float32, uint64
+
+from nbalex.cuda import gemm
+from nbalex.cuda.gemm import K_FAST, fast_div, fetch_strided, inside
+from nbalex.cuda.launch import check_array, check_ndim, flat, stream_or_default
+
+# Geometry tuple layout (int64): see conv_geometry.
+(G_N, G_C, G_H, G_W, G_F, G_KH, G_KW, G_OH, G_OW, G_S, G_PAD, G_GROUPS, G_CG, G_FG, G_KK,
+ G_RELU, G_SPLITS, G_KSPLIT,
+ G_KK_MUL, G_KK_SH, G_KW_MUL, G_KW_SH, G_P_MUL, G_P_SH, G_OW_MUL, G_OW_SH,
+ G_S_MUL, G_S_SH, G_HW_MUL, G_HW_SH, G_W_MUL, G_W_SH) = range(32)
+GEO_LEN = 32
+GEO_SIG = f"UniTuple(int64, {GEO_LEN})"
+REDUCE_THREADS = 256
+ZERO_THREADS = 256
+TARGET_BLOCKS = 264      # split-K aims for this many blocks: 2 per SM on a 132-SM H100
+MIN_SPLIT_TILES = 16     # ...while giving every split at least this many K tiles
+
+
+def conv_geometry(x_shape, w_shape, stride, pad, groups, relu=False, splits=1, k_split=0):
+    """The int64 tuple every conv kernel reads its sizes (and fast divisors) from."""
+    n, c, h, w = (int(v) for v in x_shape)
+    f, cg, kh, kw = (int(v) for v in w_shape)
+    oh = (h + 2 * pad - kh) // stride + 1
+    ow = (w + 2 * pad - kw) // stride + 1
+    geo = [n, c, h, w, f, kh, kw, oh, ow, stride, pad, groups, cg, f // groups, cg * kh * kw,
+           int(bool(relu)), splits, k_split]
+    for d in (kh * kw, kw, oh * ow, ow, stride, h * w, w):
+        geo.extend(gemm.magic_divider(d))
+    assert len(geo) == GEO_LEN
+    return tuple(geo)
+
+
+# ---- forward -------------------------------------------------------------------------
+
+@cuda.jit(device=True, inline="always")
+def fwd_krange(geo, z):
+    return 0, geo[G_KK]
+
+
+@cuda.jit(device=True, inline="always")
+def fwd_setup_w(w, geo, z, m):
+    """Row m (filter m of group z) of A = w viewed as (F, Cg*KH*KW)."""
+    return ((z * geo[G_FG] + m) * geo[G_KK], m < geo[G_FG])
+
+
+@cuda.jit(device=True, inline="always")
+def fwd_fetch_w(w, geo, st, k, step, k_end, buf):
+    fetch_strided(w, st[0], 1, st[1], k, step, k_end, buf)
+
+
+@cuda.jit(device=True, inline="always")
+def fwd_setup_x(x, geo, z, n):
+    """Column n = (image, oh, ow) of the implicit im2col matrix of x, group z."""
+    p = geo[G_OH] * geo[G_OW]
+    valid = n < geo[G_N] * p
+    nn = n if valid else 0
+    img = fast_div(nn, geo[G_P_MUL], geo[G_P_SH])
+    r = nn - img * p
+    oh = fast_div(r, geo[G_OW_MUL], geo[G_OW_SH])
+    ih0 = oh * geo[G_S] - geo[G_PAD]
+    iw0 = (r - oh * geo[G_OW]) * geo[G_S] - geo[G_PAD]
+    base = (img * geo[G_C] + z * geo[G_CG]) * geo[G_H] * geo[G_W] + ih0 * geo[G_W] + iw0
+    return (base, ih0, iw0, valid)
+
+
+@cuda.jit(device=True, inline="always")
+def fwd_fetch_x(x, geo, st, k, step, k_end, buf):
+    """x at rows k, k+1, ... = (c, kh, kw) of column st, 0 in the padding (step is 1).
+
+    k is decoded once; each next row steps kw, carrying into kh and c.
+    """
+    hgt = geo[G_H]
+    wid = geo[G_W]
+    kwid = geo[G_KW]
+    c = fast_div(k, geo[G_KK_MUL], geo[G_KK_SH])
+    r = k - c * geo[G_KH] * kwid
+    kh = fast_div(r, geo[G_KW_MUL], geo[G_KW_SH])
+    kw = r - kh * kwid
+    off = st[0] + (c * hgt + kh) * wid + kw
+    for e in range(buf.shape[0]):
+        ih = st[1] + kh
+        iw = st[2] + kw
+        ok = st[3] & (k + e < k_end) & inside(ih, hgt) & inside(iw, wid)
+        v = x[uint64(off if ok else 0)]
+        buf[e] = v if ok else float32(0.0)
+        kw += 1
+        off += 1
+        wrap = kw == kwid
+        kw = 0 if wrap else kw
+        kh = kh + 1 if wrap else kh
+        off = off + wid - kwid if wrap else off
+        wrap = kh == geo[G_KH]
+        kh = 0 if wrap else kh
+        off = off + (hgt - geo[G_KH]) * wid if wrap else off
+
+
+@cuda.jit(device=True, inline="always")
+def fwd_store_y(y, b, geo, z, m, n, v):
+    """y[img, z*Fg+m, oh, ow] = v + b (ReLU'd when asked), n = (img, oh, ow)."""
+    p = geo[G_OH] * geo[G_OW]
+    if m < geo[G_FG] and n < geo[G_N] * p:
+        f = z * geo[G_FG] + m
+        img = fast_div(n, geo[G_P_MUL], geo[G_P_SH])
+        v += b[f]
+        if geo[G_RELU] != 0 and v < float32(0.0):
+            v = float32(0.0)
+        y[uint64((img * geo[G_F] + f) * p + n - img * p)] = v
+
+
+conv_forward_kernel, GEMM_THREADS = gemm.make_gemm_kernel(
+    fwd_setup_w, fwd_fetch_w, K_FAST, fwd_setup_x, fwd_fetch_x, K_FAST, fwd_krange,
+    fwd_store_y, name="conv_forward_kernel")
+conv_forward_kernel.__doc__ = """y = conv(x, w) + b (ReLU'd if geo[G_RELU]) as an implicit GEMM.
+
+    y (N*F*OH*OW,) written, w (F*Cg*KH*KW,), x (N*C*H*W,), b (F,): flat float32, geo from
+    conv_geometry.  Grid (ceil(N*OH*OW/128), ceil(Fg/128), groups), 256 threads; each
+    thread computes 8 filters x 8 output pixels of its group (see nbalex.cuda.gemm).
+    """
+
+
+# ---- backward data -----------------------------------------------------------------
+
+@cuda.jit(device=True, inline="always")
+def bwd_data_krange(geo, z):
+    return 0, geo[G_FG] * geo[G_KH] * geo[G_KW]
+
+
+@cuda.jit(device=True, inline="always")
+def bwd_data_setup_w(w, geo, z, m):
+    """Row m (input channel m of group z) of A[c, (f,kh,kw)] = w[z*Fg+f, c, kh, kw]."""
+    khkw = geo[G_KH] * geo[G_KW]
+    return ((z * geo[G_FG] * geo[G_CG] + m) * khkw, m < geo[G_CG])
+
+
+@cuda.jit(device=True, inline="always")
+def bwd_data_fetch_w(w, geo, st, k, step, k_end, buf):
+    """w at rows k, k+1, ... = (f, kh*KW+kw) of row st (step is 1): runs of KH*KW, then the
+    next filter, Cg*KH*KW further on."""
+    khkw = geo[G_KH] * geo[G_KW]
+    f = fast_div(k, geo[G_KK_MUL], geo[G_KK_SH])
+    r = k - f * khkw
+    off = st[0] + f * geo[G_CG] * khkw + r
+    for e in range(buf.shape[0]):
+        ok = st[1] & (k + e < k_end)
+        v = w[uint64(off if ok else 0)]
+        buf[e] = v if ok else float32(0.0)
+        r += 1
+        off += 1
+        wrap = r == khkw
+        r = 0 if wrap else r
+        off = off + (geo[G_CG] - 1) * khkw if wrap else off
+
+
+@cuda.jit(device=True, inline="always")
+def bwd_data_setup_dy(dy, geo, z, n):
+    """Column n = (image, h, w) of B[(f,kh,kw), (image,h,w)] = dy[image, z*Fg+f, oh, ow].
+
+    Keeps th = h+pad and tw = w+pad as quotient and remainder by the stride.
+    """
+    hw = geo[G_H] * geo[G_W]
+    s = geo[G_S]
+    valid = n < geo[G_N] * hw
+    nn = n if valid else 0
+    img = fast_div(nn, geo[G_HW_MUL], geo[G_HW_SH])
+    r = nn - img * hw
+    h = fast_div(r, geo[G_W_MUL], geo[G_W_SH])
+    th = h + geo[G_PAD]
+    tw = r - h * geo[G_W] + geo[G_PAD]
+    qh = fast_div(th, geo[G_S_MUL], geo[G_S_SH])
+    qw = fast_div(tw, geo[G_S_MUL], geo[G_S_SH])
+    base = (img * geo[G_F] + z * geo[G_FG]) * geo[G_OH] * geo[G_OW]
+    return (base, th, tw, qh, th - qh * s, qw, tw - qw * s, valid)
+
+
+@cuda.jit(device=True, inline="always")
+def bwd_data_fetch_dy(dy, geo, st, k, step, k_end, buf):
+    """dy[image, f, oh, ow] at rows k, k+1, ... = (f, kh, kw) (step is 1), where
+    (th - kh, tw - kw) = s*(oh, ow) exactly, inside dy; 0 elsewhere.
+
+    th - kh is tracked as oh*s + rh (likewise tw - kw): each step of kw lowers rw by one,
+    borrowing from ow, and a row wrap resets it, so no division runs per element.
+    """
+    s = geo[G_S]
+    kwid = geo[G_KW]
+    khgt = geo[G_KH]
+    ohgt = geo[G_OH]
+    owid = geo[G_OW]
+    f = fast_div(k, geo[G_KK_MUL], geo[G_KK_SH])
+    r = k - f * khgt * kwid
+    kh = fast_div(r, geo[G_KW_MUL], geo[G_KW_SH])
+    kw = r - kh * kwid
+    th = st[1] - kh
+    tw = st[2] - kw
+    oh = fast_div(th if th > 0 else 0, geo[G_S_MUL], geo[G_S_SH])
+    ow = fast_div(tw if tw > 0 else 0, geo[G_S_MUL], geo[G_S_SH])
+    rh = th - oh * s
+    rw = tw - ow * s
+    plane = st[0] + f * ohgt * owid
+    for e in range(buf.shape[0]):
+        ok = (st[7] & (k + e < k_end) & (rh == 0) & (rw == 0) & inside(oh, ohgt)
+              & inside(ow, owid))
+        v = dy[uint64(plane + oh * owid + ow if ok else 0)]
+        buf[e] = v if ok else float32(0.0)
+        # next kw: tw - kw drops by one
+        kw += 1
+        rw -= 1
+        borrow = rw < 0
+        rw = rw + s if borrow else rw
+        ow = ow - 1 if borrow else ow
+        wrap = kw == kwid                  # next kh: reset the w side, th - kh drops by one
+        kw = 0 if wrap else kw
+        ow = st[5] if wrap else ow
+        rw = st[6] if wrap else rw
+        kh = kh + 1 if wrap else kh
+        rh = rh - 1 if wrap else rh
+        borrow = rh < 0
+        rh = rh + s if borrow else rh
+        oh = oh - 1 if borrow else oh
+        wrap = kh == khgt                  # next filter: reset the h side
+        kh = 0 if wrap else kh
+        oh = st[3] if wrap else oh
+        rh = st[4] if wrap else rh
+        plane = plane + ohgt * owid if wrap else plane
+
+
+@cuda.jit(device=True, inline="always")
+def bwd_data_store_dx(dx, unused, geo, z, m, n, v):
+    """dx[image, z*Cg+m, h, w] = v, n = (image, h, w)."""
+    hw = geo[G_H] * geo[G_W]
+    if m < geo[G_CG] and n < geo[G_N] * hw:
+        img = fast_div(n, geo[G_HW_MUL], geo[G_HW_SH])
+        dx[uint64((img * geo[G_C] + z * geo[G_CG] + m) * hw + n - img * hw)] = v
+
+
+conv_backward_data_kernel, _ = gemm.make_gemm_kernel(
+    bwd_data_setup_w, bwd_data_fetch_w, K_FAST, bwd_data_setup_dy, bwd_data_fetch_dy, K_FAST,
+    bwd_data_krange, bwd_data_store_dx, name="conv_backward_data_kernel")
+conv_backward_data_kernel.__doc__ = """dx = conv_transpose(dy, w) as an implicit GEMM over dy.
+
+    dx (N*C*H*W,) written, w (F*Cg*KH*KW,), dy (N*F*OH*OW,), flat float32; the 4th argument
+    is unused (pass w).  Grid (ceil(N*H*W/128), ceil(Cg/128), groups), 256 threads; each
+    thread computes 8 input channels x 8 input pixels of its group.
+    """
+
+
+# ---- backward weights --------------------------------------------------------------
+
+@cuda.jit(device=True, inline="always")
+def bwd_w_krange(geo, z):
+    """Split z // groups of the K = N*OH*OW reduction: [s*k_split, min((s+1)*k_split, K))."""
+    split = z // geo[G_GROUPS]
+    total = geo[G_N] * geo[G_OH] * geo[G_OW]
+    begin = split * geo[G_KSPLIT]
+    end = begin + geo[G_KSPLIT]
+    return begin, (end if end < total else total)
+
+
+@cuda.jit(device=True, inline="always")
+def bwd_w_setup_dy(dy, geo, z, m):
+    """Row m (filter m of group z % groups) of A[f, (image,oh,ow)] = dy[image, g*Fg+f, oh, ow]."""
+    g = z % geo[G_GROUPS]
+    return ((g * geo[G_FG] + m) * geo[G_OH] * geo[G_OW], m < geo[G_FG])
+
+
+@cuda.jit(device=True, inline="always")
+def bwd_w_fetch_dy(dy, geo, st, k, step, k_end, buf):
+    """dy at rows k, k+1, ... = (image, oh*OW+ow) of row st (step is 1): runs of OH*OW, then
+    the next image, F*OH*OW further on."""
+    p = geo[G_OH] * geo[G_OW]
+    img = fast_div(k, geo[G_P_MUL], geo[G_P_SH])
+    r = k - img * p
+    off = st[0] + img * geo[G_F] * p + r
+    for e in range(buf.shape[0]):
+        ok = st[1] & (k + e < k_end)
+        v = dy[uint64(off if ok else 0)]
+        buf[e] = v if ok else float32(0.0)
+        r += 1
+        off += 1
+        wrap = r == p
+        r = 0 if wrap else r
+        off = off + (geo[G_F] - 1) * p if wrap else off
+
+
+@cuda.jit(device=True, inline="always")
+def bwd_w_setup_x(x, geo, z, n):
+    """Column n = (c, kh, kw) of B[(image,oh,ow), (c,kh,kw)] = x[image, g*Cg+c, ih, iw]."""
+    g = z % geo[G_GROUPS]
+    valid = n < geo[G_KK]
+    nn = n if valid else 0
+    c = fast_div(nn, geo[G_KK_MUL], geo[G_KK_SH])
+    r = nn - c * geo[G_KH] * geo[G_KW]
+    kh = fast_div(r, geo[G_KW_MUL], geo[G_KW_SH])
+    dh = kh - geo[G_PAD]
+    dw = r - kh * geo[G_KW] - geo[G_PAD]
+    base = (g * geo[G_CG] + c) * geo[G_H] * geo[G_W]
+    return (base, dh, dw, valid)
+
+
+@cuda.jit(device=True, inline="always")
+def bwd_w_fetch_x(x, geo, st, k, step, k_end, buf):
+    """x[image, c, oh*s+kh-pad, ow*s+kw-pad] at rows k, k+1, ... = (image, oh, ow) (step is
+    1), 0 in the padding; each next row steps ow, carrying into oh and the image."""
+    s = geo[G_S]
+    hgt = geo[G_H]
+    wid = geo[G_W]
+    owid = geo[G_OW]
+    p = geo[G_OH] * owid
+    img = fast_div(k, geo[G_P_MUL], geo[G_P_SH])
+    r = k - img * p
+    oh = fast_div(r, geo[G_OW_MUL], geo[G_OW_SH])
+    ow = r - oh * owid
+    ih = oh * s + st[1]
+    iw = ow * s + st[2]
+    plane = st[0] + img * geo[G_C] * hgt * wid
+    for e in range(buf.shape[0]):
+        ok = st[3] & (k + e < k_end) & inside(ih, hgt) & inside(iw, wid)
+        v = x[uint64(plane + ih * wid + iw if ok else 0)]
+        buf[e] = v if ok else float32(0.0)
+        ow += 1
+        iw += s
+        wrap = ow == owid
+        ow = 0 if wrap else ow
+        iw = st[2] if wrap else iw
+        oh = oh + 1 if wrap else oh
+        ih = ih + s if wrap else ih
+        wrap = oh == geo[G_OH]
+        oh = 0 if wrap else oh
+        ih = st[1] if wrap else ih
+        plane = plane + geo[G_C] * hgt * wid if wrap else plane
+
+
+@cuda.jit(device=True, inline="always")
+def bwd_w_store_dw(dw, unused, geo, z, m, n, v):
+    """dw[g*Fg+m, n] += v atomically: the K slices (split-K) meet in a zeroed dw."""
+    if m < geo[G_FG] and n < geo[G_KK]:
+        cuda.atomic.add(dw, uint64((z % geo[G_GROUPS] * geo[G_FG] + m) * geo[G_KK] + n), v)
+
+
+conv_backward_weights_kernel, _ = gemm.make_gemm_kernel(
+    bwd_w_setup_dy, bwd_w_fetch_dy, K_FAST, bwd_w_setup_x, bwd_w_fetch_x, K_FAST,
+    bwd_w_krange, bwd_w_store_dw, name="conv_backward_weights_kernel")
+conv_backward_weights_kernel.__doc__ = """dw = sum over (image, oh, ow) of dy (x) im2col(x).
+
+    dw (F*Cg*KH*KW,) accumulated atomically (the launcher zeroes it first; with one K slice
+    the result is the plain sum), dy (N*F*OH*OW,), x (N*C*H*W,), flat float32; the 4th argument is
+    unused (pass dy).  Grid (ceil(Cg*KH*KW/128), ceil(Fg/128), groups*splits), 256 threads;
+    each thread computes 8 filters x 8 (c, kh, kw) taps for its group and K slice.
+    """
+
+
+@cuda.jit
+def conv_bias_grad_kernel(db, dy, n_images, f_total, plane):
+    """db[f] = sum over images and pixels of dy[image, f, :, :]; block f writes db[f].
+
+    dy (N*F*P,) flat float32 with P = OH*OW; db (F,) written.  Each of the block's 256 threads
+    sums a strided share of the N*P values, then a shared-memory tree adds the 256 partials.
+    """
+    f = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    partial = cuda.shared.array(REDUCE_THREADS, float32)
+    total = float32(0.0)
+    for img in range(n_images):
+        base = (img * f_total + f) * plane
+        for i in range(tid, plane, REDUCE_THREADS):
+            total += dy[base + i]
+    partial[tid] = total
+    cuda.syncthreads()  # all partials are written before the tree reads them
+    width = REDUCE_THREADS // 2
+    while width > 0:
+        if tid < width:
+            partial[tid] += partial[tid + width]
+        cuda.syncthreads()  # this level's sums are complete before the next level reads them
+        width //= 2
+    if tid == 0:
+        db[f] = partial[0]
+
+
+@cuda.jit
+def zero_kernel(a):
+    """a[i] = 0 for every i of the flat float32 array a (grid-stride loop)."""
+    for i in range(cuda.grid(1), a.shape[0], cuda.gridsize(1)):
+        a[i] = float32(0.0)
+
+
+_GEMM_SIG = "void(float32[::1], float32[::1], float32[::1], float32[::1], " + GEO_SIG + ")"
+STATIC_SIGNATURES = [
+    (conv_forward_kernel, _GEMM_SIG, True, GEMM_THREADS),
+    (conv_backward_data_kernel, _GEMM_SIG, True, GEMM_THREADS),
+    (conv_backward_weights_kernel, _GEMM_SIG, True, GEMM_THREADS),
+    (conv_bias_grad_kernel, "void(float32[::1], float32[::1], int64, int64, int64)", False,
+     REDUCE_THREADS),
+    (zero_kernel, "void(float32[::1])", False, ZERO_THREADS),
+]
+
+
+# ---- launchers ---------------------------------------------------------------------
+
+def _check_conv(x_shape, w_shape, stride, pad, groups):
+    if len(x_shape) != 4 or len(w_shape) != 4:
+        raise ValueError(f"x and w must be 4-D, got {tuple(x_shape)} and {tuple(w_shape)}")
+    n, c, h, w = x_shape
+    f, cg, kh, kw = w_shape
+    if int(stride) < 1 or int(pad) < 0 or int(groups) < 1:
+        raise ValueError(f"need stride >= 1, pad >= 0, groups >= 1; got {stride}, {pad}, {groups}")
+    if c % groups or f % groups or c // groups != cg:
+        raise ValueError(f"x {tuple(x_shape)} and w {tuple(w_shape)} do not fit groups={groups}")
+    oh = (h + 2 * pad - kh) // stride + 1
+    ow = (w + 2 * pad - kw) // stride + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"kernel {kh}x{kw} larger than padded input {h}x{w} (pad {pad})")
+    if max(n * c * h * w, n * f * oh * ow, f * cg * kh * kw) >= 2 ** 31:
+        raise ValueError("conv2d tensors must have fewer than 2**31 elements")
+    return n, f, oh, ow
+
+
+def _grid(m, n, z):
+    bm, bn = gemm.TILES[0]
+    return (gemm.cdiv(n, bn), gemm.cdiv(m, bm), z)
+
+
+def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
+    """Implicit GEMM needs no workspace: 0."""
+    return 0
+
+
+def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, stream=None):
+    """y (N,F,OH,OW) = conv(x, w) + b, ReLU'd when ``relu``; float32, C-contiguous."""
+    check_array("x", x)
+    check_array("w", w)
+    check_ndim("x", x, 4)
+    check_ndim("w", w, 4)
+    n, f, oh, ow = _check_conv(x.shape, w.shape, stride, pad, groups)
+    check_array("b", b, shape=(f,))
+    check_array("y", y, shape=(n, f, oh, ow))
+    geo = conv_geometry(x.shape, w.shape, stride, pad, groups, relu=relu)
+    grid = _grid(geo[G_FG], n * oh * ow, groups)
+    conv_forward_kernel[grid, GEMM_THREADS, stream_or_default(stream)](
+        flat(y), flat(w), flat(x), b, geo)
+
+
+def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=None):
+    """dx (N,C,H,W) = gradient of the convolution w.r.t. x, given dy (N,F,OH,OW); overwritten."""
+    check_array("dx", dx)
+    check_array("w", w)
+    check_ndim("dx", dx, 4)
+    check_ndim("w", w, 4)
+    n, f, oh, ow = _check_conv(dx.shape, w.shape, stride, pad, groups)
+    check_array("dy", dy, shape=(n, f, oh, ow))
+    geo = conv_geometry(dx.shape, w.shape, stride, pad, groups)
+    grid = _grid(geo[G_CG], n * dx.shape[2] * dx.shape[3], groups)
+    conv_backward_data_kernel[grid, GEMM_THREADS, stream_or_default(stream)](
+        flat(dx), flat(w), flat(dy), flat(w), geo)
+
+
+def backward_weights_splits(x_shape, w_shape, stride, pad, groups):
+    """(splits, k_split): how the N*OH*OW reduction of backward-weights is cut.
+
+    Enough slices to give about TARGET_BLOCKS blocks, each slice a multiple of the K tile
+    and at least MIN_SPLIT_TILES tiles long.
+    """
+    geo = conv_geometry(x_shape, w_shape, stride, pad, groups)
+    total = geo[G_N] * geo[G_OH] * geo[G_OW]
+    bm, bn = gemm.TILES[0]
+    blocks = gemm.cdiv(geo[G_FG], bm) * gemm.cdiv(geo[G_KK], bn) * groups
+    tiles = gemm.cdiv(total, gemm.BK)
+    splits = max(1, min(gemm.cdiv(TARGET_BLOCKS, blocks), tiles // MIN_SPLIT_TILES))
+    k_split = gemm.cdiv(tiles, splits) * gemm.BK
+    return gemm.cdiv(total, k_split), k_split
+
+
+def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, stream=None):
+    """dw (F,C/G,KH,KW) and db (F,) = gradients w.r.t. w and b; both overwritten."""
+    check_array("x", x)
+    check_array("dw", dw)
+    check_ndim("x", x, 4)
+    check_ndim("dw", dw, 4)
+    n, f, oh, ow = _check_conv(x.shape, dw.shape, stride, pad, groups)
+    check_array("dy", dy, shape=(n, f, oh, ow))
+    check_array("db", db, shape=(f,))
+    stream = stream_or_default(stream)
+    splits, k_split = backward_weights_splits(x.shape, dw.shape, stride, pad, groups)
+    geo = conv_geometry(x.shape, dw.shape, stride, pad, groups, splits=splits, k_split=k_split)
+    dw_flat = flat(dw)
+    zero_kernel[min(gemm.cdiv(dw.size, ZERO_THREADS), 1024), ZERO_THREADS, stream](dw_flat)
+    grid = _grid(geo[G_FG], geo[G_KK], groups * splits)
+    conv_backward_weights_kernel[grid, GEMM_THREADS, stream](
+        dw_flat, flat(dy), flat(x), flat(dy), geo)
+    conv_bias_grad_kernel[f, REDUCE_THREADS, stream](db, flat(dy), n, f, oh * ow)

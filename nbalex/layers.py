@@ -1,0 +1,377 @@
+"""Per-layer bookkeeping of the network: which buffers each layer owns, which launchers run.
+
+The network is a list of *steps*.  A layer step holds one executor per tower (:class:`Conv`,
+:class:`Linear`, :class:`LRN`, :class:`MaxPool`, :class:`Dropout`); a :class:`Gather` step
+trades activation blocks between towers.  Executors allocate their buffers from their
+tower's arena when built and never again; ``forward`` returns the output view, ``backward``
+takes the gradient of the output and a free flat gradient buffer and returns
+``(dx, wrote_free)``: the gradient of the input and whether it landed in the free buffer
+(``False`` when it was computed in place or passed through).
+
+With T towers (:func:`plan_steps`), an activation is either *split* (each tower holds 1/T of
+its channels or features, the tower's block) or *full* (every tower holds all of it).  Conv
+layers with ``groups`` a multiple of T, pooling and grouped LRN work on split activations
+tower by tower; conv layers with groups = 1 and fc layers read the full input and compute
+their tower's block of the outputs; dropout works on full activations (its mask is indexed
+by the element's place in the full tensor).  A :class:`Gather` before a layer that needs a
+full input turns split into full.  In the backward pass, gradients of full activations are
+*partial* (each tower holds the part that flowed through its own block of the next layer),
+so the gather's backward sums the towers' parts of each block (a reduce-scatter) -- except
+after the logits, whose gradient every tower computes whole.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nbalex.backends import mix32
+
+
+def prod(shape):
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def view(flat, n, shape):
+    """The first n examples of a flat buffer, shaped (n, *shape)."""
+    return flat[:n * prod(shape)].reshape((n, *shape))
+
+
+def layer_seed(seed, index):
+    """A 32-bit dropout seed for layer ``index`` at step ``seed``: distinct layers, distinct masks."""
+    return mix32((int(seed) + 0x9E3779B9 * (index + 1)) & 0xFFFFFFFF)
+
+
+def split(shape, towers):
+    """A split activation's per-tower shape: the first axis (channels / features) divided."""
+    return (shape[0] // towers, *shape[1:])
+
+
+@dataclass
+class LayerStep:
+    spec: object          # config.LayerSpec
+    in_shape: tuple       # per-example shape this tower reads
+    out_shape: tuple      # per-example shape this tower writes
+    groups: int = 1       # conv / lrn groups within one tower
+    split_out: bool = False
+
+
+@dataclass
+class GatherStep:
+    shape: tuple          # per-example shape of the full activation
+    replicated: bool = False   # backward: every tower already holds the whole gradient
+
+
+def plan_steps(specs, towers):
+    """The steps of the network on ``towers`` towers (see the module docstring)."""
+    steps, is_split = [], False
+    shape = specs[0].in_shape
+
+    def gather(replicated=False):
+        steps.append(GatherStep(shape, replicated))
+
+    for spec in specs:
+        kind = spec.type
+        where = f"layer {spec.name!r}"
+        if towers == 1:
+            steps.append(LayerStep(spec, spec.in_shape, spec.out_shape, spec.fields.get("groups", 1)))
+            shape = spec.out_shape
+            continue
+        if kind in ("conv", "fc"):
+            if spec.out_shape[0] % towers:
+                raise ValueError(f"{where}: {spec.out_shape[0]} outputs do not split over {towers} towers")
+            groups = spec.fields.get("groups", 1)
+            if groups == 1:
+                if is_split:
+                    gather()
+                local = LayerStep(spec, spec.in_shape, split(spec.out_shape, towers), 1, True)
+            elif groups % towers == 0 and is_split:
+                local = LayerStep(spec, split(spec.in_shape, towers), split(spec.out_shape, towers),
+                                  groups // towers, True)
+            else:
+                raise ValueError(f"{where}: groups={groups} cannot be split over {towers} towers "
+                                 "(use groups = 1, or a multiple of the towers after a split layer)")
+            is_split = True
+        elif kind == "lrn":
+            groups = spec["groups"]
+            if is_split and groups % towers:
+                gather()
+                is_split = False
+            if is_split:
+                local = LayerStep(spec, split(shape, towers), split(shape, towers), groups // towers, True)
+            else:
+                local = LayerStep(spec, shape, shape, groups)
+        elif kind == "maxpool":
+            if is_split:
+                local = LayerStep(spec, split(shape, towers), split(spec.out_shape, towers), 1, True)
+            else:
+                local = LayerStep(spec, shape, spec.out_shape)
+        elif kind == "dropout":
+            if is_split:
+                gather()
+                is_split = False
+            local = LayerStep(spec, shape, shape)
+        else:
+            raise ValueError(f"{where}: unknown layer type {kind!r}")
+        steps.append(local)
+        shape = spec.out_shape
+    if is_split:
+        gather(replicated=True)
+    return steps
+
+
+class TowerContext:
+    """What every executor of one tower needs: backend, place, stream, arena, buffers."""
+
+    def __init__(self, backend, place, arena, batch, dtype, params, grads, workspace):
+        self.backend = backend
+        self.place = place
+        self.stream = place.compute_stream
+        self.arena = arena
+        self.batch = batch
+        self.dtype = dtype
+        self.params = params      # {name: view of the flat parameter buffer}
+        self.grads = grads        # {name: view of the flat gradient buffer}
+        self.workspace = workspace
+
+
+class Conv:
+    """Convolution (+ fused ReLU): y = relu(conv(x, w) + b).  Keeps x and y for backward."""
+
+    def __init__(self, step, ctx):
+        s = step.spec
+        self.ctx, self.step, self.spec = ctx, step, s
+        self.stride, self.pad, self.relu = s["stride"], s["pad"], s["relu"]
+        self.w, self.b = ctx.params[f"{s.name}.weight"], ctx.params[f"{s.name}.bias"]
+        self.dw, self.db = ctx.grads[f"{s.name}.weight"], ctx.grads[f"{s.name}.bias"]
+        self.out = ctx.arena.alloc((ctx.batch, *step.out_shape), ctx.dtype, f"{s.name}.out")
+
+    def forward(self, x, n, train, seed):
+        y = self.out[:n]
+        self.ctx.backend.conv2d_forward(y, x, self.w, self.b, self.stride, self.pad, self.step.groups,
+                                        relu=self.relu, workspace=self.ctx.workspace, stream=self.ctx.stream)
+        self.x, self.y = x, y
+        return y
+
+    def backward(self, dy, free, n, need_dx):
+        be, ctx = self.ctx.backend, self.ctx
+        if self.relu:
+            be.relu_backward(dy, dy, self.y, stream=ctx.stream)
+        be.conv2d_backward_weights(self.dw, self.db, dy, self.x, self.stride, self.pad, self.step.groups,
+                                   workspace=ctx.workspace, stream=ctx.stream)
+        if not need_dx:
+            return None, False
+        dx = view(free, n, self.step.in_shape)
+        be.conv2d_backward_data(dx, dy, self.w, self.stride, self.pad, self.step.groups,
+                                workspace=ctx.workspace, stream=ctx.stream)
+        return dx, True
+
+
+class Linear:
+    """Fully connected (+ fused ReLU): y = relu(x.reshape(n, K) @ w.T + b)."""
+
+    def __init__(self, step, ctx):
+        s = step.spec
+        self.ctx, self.step, self.spec, self.relu = ctx, step, s, s["relu"]
+        self.inputs = prod(step.in_shape)
+        self.w, self.b = ctx.params[f"{s.name}.weight"], ctx.params[f"{s.name}.bias"]
+        self.dw, self.db = ctx.grads[f"{s.name}.weight"], ctx.grads[f"{s.name}.bias"]
+        self.out = ctx.arena.alloc((ctx.batch, *step.out_shape), ctx.dtype, f"{s.name}.out")
+
+    def forward(self, x, n, train, seed):
+        y = self.out[:n]
+        self.x = x.reshape(n, self.inputs)
+        self.ctx.backend.linear_forward(y, self.x, self.w, self.b, relu=self.relu, stream=self.ctx.stream)
+        self.y = y
+        return y
+
+    def backward(self, dy, free, n, need_dx):
+        be, stream = self.ctx.backend, self.ctx.stream
+        if self.relu:
+            be.relu_backward(dy, dy, self.y, stream=stream)
+        be.linear_backward_weights(self.dw, self.db, dy, self.x, stream=stream)
+        if not need_dx:
+            return None, False
+        dx = view(free, n, (self.inputs,))
+        be.linear_backward_data(dx, dy, self.w, stream=stream)
+        return dx.reshape((n, *self.step.in_shape)), True
+
+
+class LRN:
+    """Local response normalisation over channels, within ``groups`` blocks of channels."""
+
+    def __init__(self, step, ctx):
+        s = step.spec
+        self.ctx, self.step, self.spec = ctx, step, s
+        self.args = (s["size"], s["alpha"], s["beta"], s["k"])
+        shape = (ctx.batch, *step.out_shape)
+        self.out = ctx.arena.alloc(shape, ctx.dtype, f"{s.name}.out")
+        self.scale = ctx.arena.alloc(shape, ctx.dtype, f"{s.name}.scale")
+
+    def _grouped(self, a, n):
+        """(n, C, ...) viewed as (n*groups, C/groups, ...): each group normalised on its own."""
+        c = self.step.in_shape[0]
+        g = self.step.groups
+        return a.reshape((n * g, c // g, *self.step.in_shape[1:]))
+
+    def forward(self, x, n, train, seed):
+        y, scale = self.out[:n], self.scale[:n]
+        self.ctx.backend.lrn_forward(self._grouped(y, n), self._grouped(scale, n), self._grouped(x, n),
+                                     *self.args, stream=self.ctx.stream)
+        self.x, self.y, self.s = x, y, scale
+        return y
+
+    def backward(self, dy, free, n, need_dx):
+        if not need_dx:
+            return None, False
+        dx = view(free, n, self.step.in_shape)
+        g = self._grouped
+        self.ctx.backend.lrn_backward(g(dx, n), g(dy, n), g(self.x, n), g(self.y, n), g(self.s, n),
+                                      *self.args, stream=self.ctx.stream)
+        return dx, True
+
+
+class MaxPool:
+    """Max-pooling; keeps only the argmax indices for backward (not the input)."""
+
+    def __init__(self, step, ctx):
+        s = step.spec
+        self.ctx, self.step, self.spec = ctx, step, s
+        self.size, self.stride = s["size"], s["stride"]
+        shape = (ctx.batch, *step.out_shape)
+        self.out = ctx.arena.alloc(shape, ctx.dtype, f"{s.name}.out")
+        self.idx = ctx.arena.alloc(shape, np.int32, f"{s.name}.argmax")
+
+    def forward(self, x, n, train, seed):
+        y = self.out[:n]
+        self.ctx.backend.maxpool_forward(y, self.idx[:n], x, self.size, self.stride, stream=self.ctx.stream)
+        return y
+
+    def backward(self, dy, free, n, need_dx):
+        if not need_dx:
+            return None, False
+        dx = view(free, n, self.step.in_shape)
+        self.ctx.backend.maxpool_backward(dx, dy, self.idx[:n], self.size, self.stride, stream=self.ctx.stream)
+        return dx, True
+
+
+class Dropout:
+    """Inverted dropout in training, the identity otherwise (no copy)."""
+
+    def __init__(self, step, ctx, index):
+        s = step.spec
+        self.ctx, self.step, self.spec, self.index, self.p = ctx, step, s, index, s["p"]
+        shape = (ctx.batch, *step.out_shape)
+        self.out = ctx.arena.alloc(shape, ctx.dtype, f"{s.name}.out")
+        self.mask = ctx.arena.alloc(shape, np.uint8, f"{s.name}.mask")
+        self.active = False
+
+    def forward(self, x, n, train, seed):
+        self.active = train and self.p > 0
+        if not self.active:
+            return x
+        y = self.out[:n]
+        self.ctx.backend.dropout_forward(y, self.mask[:n], x, self.p, layer_seed(seed, self.index),
+                                         stream=self.ctx.stream)
+        return y
+
+    def backward(self, dy, free, n, need_dx):
+        if not need_dx:
+            return None, False
+        if not self.active:
+            return dy, False
+        dx = view(free, n, self.step.in_shape)
+        self.ctx.backend.dropout_backward(dx, dy, self.mask[:n], self.p, stream=self.ctx.stream)
+        return dx, True
+
+
+EXECUTORS = {"conv": Conv, "fc": Linear, "lrn": LRN, "maxpool": MaxPool}
+
+
+def make_executor(step, ctx, index):
+    if step.spec.type == "dropout":
+        return Dropout(step, ctx, index)
+    return EXECUTORS[step.spec.type](step, ctx)
+
+
+class Gather:
+    """Split -> full across towers: each tower gets every tower's block (see module docstring).
+
+    Forward: tower t writes its own block into its full buffer, pulls each other tower's
+    block into ``recv`` and copies it into place.  Backward: tower t's gradient block is its
+    own part plus every other tower's part of block t (a reduce-scatter through ``send`` and
+    ``recv``); when ``replicated``, just its own part.
+    """
+
+    def __init__(self, step, ctxs, recv, send):
+        self.ctxs, self.recv, self.send, self.replicated = ctxs, recv, send, step.replicated
+        self.has_params = False
+        self.towers = len(ctxs)
+        self.row = prod(step.shape)                 # elements per example, full
+        self.block = self.row // self.towers        # elements per example, one tower's block
+        self.split_shape = split(step.shape, self.towers)
+        self.full = [c.arena.alloc((c.batch, *step.shape), c.dtype, "gather.full") for c in ctxs]
+
+    def forward(self, xs, n, train, seed):
+        row, block = self.row, self.block
+        fulls = [f[:n] for f in self.full]
+        for t, ctx in enumerate(self.ctxs):
+            with ctx.place.activate():
+                ctx.place.copy_rows(fulls[t].reshape(n * row), row, t * block,
+                                    xs[t].reshape(n * block), block, 0, n, block)
+        for t, ctx in enumerate(self.ctxs):
+            with ctx.place.activate():
+                recv = self.recv[t][:n * block]
+                for s, source in enumerate(self.ctxs):
+                    if s != t:
+                        ctx.place.pull(recv, xs[s].reshape(n * block), source.place)
+                        ctx.place.copy_rows(fulls[t].reshape(n * row), row, s * block, recv, block, 0, n, block)
+        return fulls
+
+    def backward(self, dys, frees, n, need_dx):
+        row, block = self.row, self.block
+        dxs = [view(free, n, self.split_shape) for free in frees]
+        for t, ctx in enumerate(self.ctxs):
+            with ctx.place.activate():
+                ctx.place.copy_rows(dxs[t].reshape(n * block), block, 0, dys[t].reshape(n * row), row,
+                                    t * block, n, block)
+        if self.replicated:
+            return dxs, True
+        for t, ctx in enumerate(self.ctxs):
+            for s, source in enumerate(self.ctxs):
+                if s == t:
+                    continue
+                send, recv = self.send[s][:n * block], self.recv[t][:n * block]
+                with source.place.activate():
+                    source.place.copy_rows(send, block, 0, dys[s].reshape(n * row), row, t * block, n, block)
+                with ctx.place.activate():
+                    ctx.place.pull(recv, send, source.place)
+                    ctx.place.accumulate(dxs[t].reshape(n * block), recv)
+        return dxs, True
+
+
+class LayerStage:
+    """One layer step: an executor per tower, run tower by tower."""
+
+    def __init__(self, step, ctxs, index):
+        self.step = step
+        self.ctxs = ctxs
+        self.executors = [make_executor(step, ctx, index) for ctx in ctxs]
+        self.has_params = step.spec.type in ("conv", "fc")
+
+    def forward(self, xs, n, train, seed):
+        ys = []
+        for ctx, ex, x in zip(self.ctxs, self.executors, xs):
+            with ctx.place.activate():
+                ys.append(ex.forward(x, n, train, seed))
+        return ys
+
+    def backward(self, dys, frees, n, need_dx):
+        dxs, wrote = [], False
+        for ctx, ex, dy, free in zip(self.ctxs, self.executors, dys, frees):
+            with ctx.place.activate():
+                dx, wrote = ex.backward(dy, free, n, need_dx)
+            dxs.append(dx)
+        return dxs, wrote

@@ -1,0 +1,227 @@
+"""The benchmarks: CPU tables with numbers and ratios, the reference check, the simulator refusal.
+
+Timings themselves are never asserted (they depend on the machine); what is asserted is that
+they exist, that the derived columns follow from them, and that a wrong kernel is stopped
+before it is timed.
+"""
+
+import importlib.util
+import json
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from nbalex import backends
+from nbalex.benchmarks import kernels, peers, sgemm, train
+from nbalex.benchmarks.layers import (ALEXNET_CONV_FC, ALEXNET_LAYERS, LayerSpec, make_inputs,
+                                      parameter_count, passes)
+from nbalex.benchmarks.profile import LaunchRecorder, LayerAttributor, instrument
+
+FAST = ["--backend", "cpu", "--batch-size", "2", "--repeats", "1", "--warmup", "0"]
+NUMBER = re.compile(r"^-?\d+(\.\d+)?(e[-+]\d+)?$")
+
+
+def run(command, args):
+    return CliRunner().invoke(command, args, catch_exceptions=False)
+
+
+def test_cpu_table_has_times_rates_and_ratios_for_every_pass():
+    result = run(kernels.command, FAST + ["--layer", "fc8", "--layer", "relu"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    header = lines[0].split()
+    assert header[:3] == ["layer", "pass", "ms"] and "torch/ours" in header and "numpy/ours" in header
+    rows = [ln.split() for ln in lines[2:] if ln.split()[:1] in (["fc8"], ["relu"])]
+    assert [r[:2] for r in rows] == [["fc8", "forward"], ["fc8", "backward-data"],
+                                     ["fc8", "backward-weights"], ["relu", "forward"],
+                                     ["relu", "backward-data"]]
+    ms, ratio = header.index("ms"), header.index("torch/ours")
+    for r in rows:
+        assert NUMBER.match(r[ms]) and float(r[ms]) > 0, r
+        assert NUMBER.match(r[ratio]) and float(r[ratio]) > 0, r
+    fc_rows = [r for r in rows if r[0] == "fc8"]
+    assert all(NUMBER.match(r[header.index("numpy/ours")]) for r in fc_rows)
+
+
+def test_json_rows_derive_rates_and_ratios_from_the_times():
+    result = run(kernels.command, FAST + ["--layer", "fc8,pool5", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert {(r["layer"], r["pass"]) for r in rows} >= {("fc8", "forward"), ("pool5", "backward-data")}
+    for r in rows:
+        assert r["ms"] > 0 and r["check_error"] <= kernels.TOLERANCE
+        assert math.isclose(r["torch_over_ours"], r["torch_ms"] / r["ms"], rel_tol=1e-9)
+        assert math.isclose(r["gbs"], r["bytes"] / (r["ms"] * 1e-3) / 1e9, rel_tol=1e-9)
+    fc8 = next(r for r in rows if (r["layer"], r["pass"]) == ("fc8", "forward"))
+    assert fc8["flops"] == 2 * 2 * 4096 * 1000
+    assert fc8["bytes"] == 4 * (2 * 4096 + 1000 * 4096 + 1000 + 2 * 1000)
+    assert all(r["gflops"] is None for r in rows if r["layer"] == "pool5")
+
+
+def _forgets_the_clamp(y, x, stream=None):
+    np.copyto(y, x)
+
+
+def _writes_half(y, x, stream=None):
+    half = y.shape[0] // 2
+    np.maximum(x[:half], 0, out=y[:half])
+
+
+@pytest.mark.parametrize("wrong", [_forgets_the_clamp, _writes_half])
+def test_a_wrong_kernel_is_stopped_before_it_is_timed(monkeypatch, wrong):
+    real = kernels.load_backend
+
+    def with_wrong_relu(name):
+        module = real(name)
+        if name != "cpu":
+            return module
+        launchers = {n: getattr(module, n) for n in backends.LAUNCHERS if hasattr(module, n)}
+        return SimpleNamespace(**{**launchers, "relu_forward": wrong})
+
+    monkeypatch.setattr(kernels, "load_backend", with_wrong_relu)
+    result = run(kernels.command, FAST + ["--layer", "relu", "--json"])
+    assert result.exit_code == 1
+    rows = {r["pass"]: r for r in json.loads(result.stdout)}
+    assert "does not match the reference" in rows["forward"]["error"] and "ms" not in rows["forward"]
+    assert rows["backward-data"]["ms"] > 0 and "error" not in rows["backward-data"]
+    assert "relu forward" in result.stderr
+
+
+def test_the_simulator_refuses_to_print_timings(monkeypatch):
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")
+    for command, args in ((kernels.command, ["--backend", "cuda", "--layer", "relu"]),
+                          (sgemm.command, []),
+                          (train.command, ["--backend", "cuda", "--model", "alexnet-mini"])):
+        result = run(command, args)
+        assert result.exit_code != 0
+        assert "simulator" in result.output and "ms" not in result.stdout
+
+
+def _reference_outputs(spec, n, host):
+    reference, arrays, out = kernels.load_backend("reference"), {k: v.copy() for k, v in host.items()}, {}
+    for pa in passes(spec, n):
+        for name, (shape, dtype) in pa.writes.items():
+            arrays[name] = np.zeros(shape, dtype)
+        pa.launch(reference, arrays, None)
+        out[pa.name] = {name: arrays[name].copy() for name in (*pa.writes, *pa.in_place)}
+    return out
+
+
+SMALL = [LayerSpec("c", "conv", (4, 9, 9), (6, 5, 5), 3, 2, 1, 2),
+         LayerSpec("f", "fc", (12,), (5,)),
+         LayerSpec("l", "lrn", (7, 3, 3), (7, 3, 3)),
+         LayerSpec("p", "pool", (3, 7, 7), (3, 3, 3)),
+         LayerSpec("r", "relu", (3, 4, 4), (3, 4, 4)),
+         LayerSpec("s", "softmax-xent", (10,), (10,)),
+         LayerSpec("g", "sgd", (), (), params=50)]
+
+
+@pytest.mark.parametrize("spec", SMALL, ids=[s.kind for s in SMALL])
+def test_peers_compute_what_the_reference_computes(spec, rng):
+    n = 3
+    host = make_inputs(spec, n, rng)
+    if spec.kind == "sgd":
+        host["v"][:] = 0      # PyTorch's first momentum step equals ours only from v = 0
+    expected = _reference_outputs(spec, n, host)
+    tensors = peers.to_torch(host, peers.torch_device("cpu"))
+    for pa in passes(spec, n):
+        got = {k: v.detach().numpy() for k, v in peers.torch_pass(spec, pa.name, tensors)().items()}
+        numpy_fn = peers.numpy_pass(spec, pa.name, host)
+        if numpy_fn is not None:
+            for name, value in numpy_fn().items():
+                np.testing.assert_allclose(value, expected[pa.name][name], rtol=1e-4, atol=1e-5)
+        for name, value in got.items():
+            np.testing.assert_allclose(value, expected[pa.name][name], rtol=1e-4, atol=1e-5,
+                                       err_msg=f"torch {spec.kind} {pa.name} {name}")
+
+
+def test_layer_table_agrees_with_the_alexnet_config():
+    from nbalex.model import describe
+
+    info = describe("alexnet")
+    assert parameter_count(ALEXNET_CONV_FC) == info["params"] == 60_965_224
+    by_name = {row["name"]: row for row in info["layers"]}
+    for spec in ALEXNET_CONV_FC:
+        assert tuple(by_name[spec.name]["output_shape"]) == spec.out_shape, spec.name
+        assert by_name[spec.name]["params"] == parameter_count([spec]), spec.name
+    pools = [s for s in ALEXNET_LAYERS if s.kind == "pool"]
+    assert [s.out_shape for s in pools] == [tuple(r["output_shape"]) for r in info["layers"]
+                                            if r["type"] == "maxpool"]
+    assert next(s for s in ALEXNET_LAYERS if s.kind == "sgd").params == info["params"]
+
+
+def test_sgemm_shapes_are_alexnets_implicit_gemms():
+    shapes = {name: (m, n, k) for name, m, n, k in sgemm.gemm_shapes(batch=128)}
+    assert shapes["conv1"] == (96, 128 * 55 * 55, 3 * 11 * 11)
+    assert shapes["conv2"] == (128, 128 * 27 * 27, 48 * 5 * 5)
+    assert shapes["fc6"] == (4096, 128, 9216) and shapes["square4096"] == (4096,) * 3
+
+
+def test_profiler_counts_and_attributes_launches_then_restores_them():
+    from nbalex.config import load_config
+
+    _, _, specs = load_config("alexnet-mini")
+    conv2 = next(s for s in specs if s.name == "conv2")
+    calls = []
+    module = SimpleNamespace(conv2d_forward=lambda y, x, w, b, *rest, **kw: calls.append("conv"),
+                             relu_forward=lambda y, x, stream=None: calls.append("relu"))
+    original = module.conv2d_forward
+    recorder = LaunchRecorder(LayerAttributor(specs, batch=4), sync=lambda: None)
+    with instrument([module], recorder):
+        recorder.recording = True
+        module.conv2d_forward(None, None, np.zeros(conv2.params[0].shape), None, 1, 2, 2)
+        module.relu_forward(None, None)
+    assert module.conv2d_forward is original and calls == ["conv", "relu"]
+    assert recorder.calls == 2 and set(recorder.seconds) == {"conv2", "relu"}
+
+
+def _cpu_backend_exported():
+    import nbalex.cpu
+    return all(callable(getattr(nbalex.cpu, n, None)) for n in backends.LAUNCHERS)
+
+
+@pytest.mark.skipif(not _cpu_backend_exported(), reason="nbalex.cpu does not export its launchers")
+def test_train_bench_reports_throughput_layer_shares_and_launches():
+    r = train.run_train("alexnet-mini", batch_size=2, backend="cpu", steps=1, warmup=0, peer=False)
+    assert not [k for k in r if k.endswith("_error")], r
+    assert r["ours_images_per_s"] > 0 and r["launches_per_step"] > 0
+    names = {row["layer"] for row in r["layers"]}
+    assert {"conv1", "conv5", "fc8", "sgd", "softmax-xent"} <= names
+    assert 0 < sum(row["share"] for row in r["layers"]) <= 1.0 + 1e-9
+    assert r["loader"].startswith("not measured")
+
+
+def _write_results_module():
+    path = Path(__file__).resolve().parents[1] / "bench" / "write_results.py"
+    spec = importlib.util.spec_from_file_location("write_results", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_write_results_turns_raw_outputs_into_a_markdown_file(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "gpu.csv").write_text("NVIDIA Test Card, 580.1, 81559 MiB, 345 MHz, 1980 MHz\n")
+    (raw / "nvidia-smi.txt").write_text("| Driver Version: 580.1     CUDA Version: 13.0 |\n")
+    (raw / "steps.tsv").write_text("step\tstatus\tseconds\ntests\tok\t100\nsgemm\tfailed (exit 1)\t3\n")
+    (raw / "sgemm.err").write_text("Traceback ...\nRuntimeError: planted\n")
+    (raw / "pytest.log").write_text("....\n120 passed, 3 skipped in 99.0s\n")
+    (raw / "kernels-conv.json").write_text(json.dumps([
+        {"layer": "conv1", "pass": "forward", "batch": 128, "backend": "cuda", "ms": 2.0,
+         "gflops": 9000.0, "gbs": 200.0, "torch_ms": 1.0, "torch_over_ours": 0.5, "check_error": 1e-7}]))
+    (raw / "train.json").write_text(json.dumps({"model": "alexnet", "batch": 128,
+                                                "ours_images_per_s": 1000.0, "layers": []}))
+    assert _write_results_module().main([str(raw), str(tmp_path)]) == 0
+    [md] = list(tmp_path.glob("gpu-nvidia-test-card-*.md"))
+    text = md.read_text()
+    assert "| NVIDIA Test Card | 580.1 | 13.0 |" in text
+    assert "| conv1 | forward | 2.000 |" in text and "RuntimeError: planted" in text
+    assert "sgemm.json missing" in text and "static.json missing" in text
+    summary = capsys.readouterr().out.strip().splitlines()
+    assert summary[-1] == "steps not ok: sgemm" and "120 passed" in "\n".join(summary)

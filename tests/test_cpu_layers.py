@@ -1,0 +1,222 @@
+"""The CPU backend (Numba + BLAS) against the NumPy reference, op by op, at awkward shapes.
+
+Every launcher is called on buffers pre-filled with garbage, so a test also fails when an
+output is accumulated into instead of overwritten, or when part of it is left unwritten.
+"""
+
+import numpy as np
+import pytest
+
+from nbalex import reference as ref
+from nbalex.backends import dropout_keep
+from nbalex.cpu import conv2d, dropout, linear, lrn, maxpool, relu, sgd, softmax_xent
+
+GARBAGE = 7.0
+
+
+def _randn(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _garbage_like(a, dtype=None):
+    return np.full(a.shape if hasattr(a, "shape") else a, GARBAGE, dtype or np.float32)
+
+
+def _close(got, want, rtol=1e-4, atol=1e-4):
+    """allclose relative to the size of ``want`` (GEMM sums reorder float32 additions)."""
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * scale)
+
+
+# (N, C, H, W, F, K, stride, pad, groups): odd sizes, 1x1, stride > kernel, groups 1/2/4
+CONV_CASES = [
+    (2, 3, 13, 11, 4, 3, 1, 1, 1),
+    (3, 4, 9, 7, 6, 3, 2, 2, 2),
+    (2, 8, 7, 7, 8, 1, 1, 0, 4),      # pointwise shortcut, groups 4
+    (2, 4, 10, 9, 6, 1, 3, 0, 2),     # 1x1 with stride 3 > kernel: general path
+    (3, 8, 11, 11, 8, 2, 3, 1, 4),    # stride > kernel, padded
+    (2, 6, 15, 15, 4, 5, 2, 2, 2),
+    (1, 3, 23, 23, 5, 11, 4, 0, 1),   # conv1-like
+]
+
+
+def _conv_arrays(rng, case):
+    n, c, h, w, f, k, stride, pad, groups = case
+    x = _randn(rng, n, c, h, w)
+    wt = _randn(rng, f, c // groups, k, k)
+    b = _randn(rng, f)
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    dy = _randn(rng, n, f, oh, ow)
+    return x, wt, b, dy, stride, pad, groups
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("relu_on", [False, True])
+def test_conv2d_forward_matches_reference(rng, case, relu_on):
+    x, wt, b, dy, stride, pad, groups = _conv_arrays(rng, case)
+    got, want = _garbage_like(dy), np.empty_like(dy)
+    conv2d.conv2d_forward(got, x, wt, b, stride, pad, groups, relu=relu_on)
+    ref.conv2d_forward(want, x, wt, b, stride, pad, groups, relu=relu_on)
+    _close(got, want)
+    if relu_on:
+        assert (got >= 0).all() and (got == 0).any()
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d_backward_matches_reference(rng, case):
+    x, wt, b, dy, stride, pad, groups = _conv_arrays(rng, case)
+    dx, dw, db = _garbage_like(x), _garbage_like(wt), _garbage_like(b)
+    ws = np.empty(conv2d.conv2d_workspace_size(x.shape, wt.shape, stride, pad, groups), np.float32)
+    conv2d.conv2d_backward_data(dx, dy, wt, stride, pad, groups, workspace=ws)
+    conv2d.conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=ws)
+    rdx, rdw, rdb = np.empty_like(x), np.empty_like(wt), np.empty_like(b)
+    ref.conv2d_backward_data(rdx, dy, wt, stride, pad, groups)
+    ref.conv2d_backward_weights(rdw, rdb, dy, x, stride, pad, groups)
+    _close(dx, rdx)
+    _close(dw, rdw)
+    _close(db, rdb)
+
+
+def test_conv2d_in_several_chunks_matches_one(rng, monkeypatch):
+    """A tiny column budget forces one image per chunk: dw is then summed over chunks."""
+    x, wt, b, dy, stride, pad, groups = _conv_arrays(rng, (5, 4, 9, 8, 6, 3, 1, 1, 2))
+    outs = []
+    for budget in (conv2d.COLS_BUDGET, 1):
+        monkeypatch.setattr(conv2d, "COLS_BUDGET", budget)
+        y, dx, dw, db = (_garbage_like(a) for a in (dy, x, wt, b))
+        conv2d.conv2d_forward(y, x, wt, b, stride, pad, groups, relu=True)
+        conv2d.conv2d_backward_data(dx, dy, wt, stride, pad, groups)
+        conv2d.conv2d_backward_weights(dw, db, dy, x, stride, pad, groups)
+        outs.append((y, dx, dw, db))
+    assert conv2d.conv2d_workspace_size(x.shape, wt.shape, 1, 1, 2) > 0
+    for one, many in zip(*outs):
+        _close(many, one)
+
+
+def test_conv2d_rejects_small_workspace(rng):
+    x, wt, b, dy, stride, pad, groups = _conv_arrays(rng, CONV_CASES[0])
+    size = conv2d.conv2d_workspace_size(x.shape, wt.shape, stride, pad, groups)
+    with pytest.raises(ValueError):
+        conv2d.conv2d_forward(np.empty_like(dy), x, wt, b, stride, pad, groups,
+                              workspace=np.empty(size - 1, np.float32))
+
+
+@pytest.mark.parametrize("relu_on", [False, True])
+def test_linear_matches_reference(rng, relu_on):
+    n, k, m = 5, 37, 19
+    x, w, b, dy = _randn(rng, n, k), _randn(rng, m, k), _randn(rng, m), _randn(rng, n, m)
+    y, want = _garbage_like((n, m)), np.empty((n, m), np.float32)
+    linear.linear_forward(y, x, w, b, relu=relu_on)
+    ref.linear_forward(want, x, w, b, relu=relu_on)
+    _close(y, want)
+    dx, dw, db = _garbage_like(x), _garbage_like(w), _garbage_like(b)
+    linear.linear_backward_data(dx, dy, w)
+    linear.linear_backward_weights(dw, db, dy, x)
+    rdx, rdw, rdb = np.empty_like(x), np.empty_like(w), np.empty_like(b)
+    ref.linear_backward_data(rdx, dy, w)
+    ref.linear_backward_weights(rdw, rdb, dy, x)
+    _close(dx, rdx)
+    _close(dw, rdw)
+    _close(db, rdb)
+
+
+def test_relu_matches_reference_and_works_in_place(rng):
+    x, dy = _randn(rng, 3, 5, 7, 9), _randn(rng, 3, 5, 7, 9)
+    y, want = _garbage_like(x), np.empty_like(x)
+    relu.relu_forward(y, x)
+    ref.relu_forward(want, x)
+    np.testing.assert_array_equal(y, want)
+    dx, rdx = _garbage_like(x), np.empty_like(x)
+    relu.relu_backward(dx, dy, y)
+    ref.relu_backward(rdx, dy, want)
+    np.testing.assert_array_equal(dx, rdx)
+    inplace = x.copy()
+    relu.relu_forward(inplace, inplace)
+    np.testing.assert_array_equal(inplace, want)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4, 5, 6, 11])
+@pytest.mark.parametrize("beta", [0.75, 0.6])
+def test_lrn_matches_reference(rng, channels, beta):
+    """C below, at and above the window of 5; beta 0.75 takes the pow-free path."""
+    size, alpha, k = 5, 1e-2, 2.0
+    x, dy = _randn(rng, 3, channels, 5, 7) * 3, _randn(rng, 3, channels, 5, 7)
+    y, scale = _garbage_like(x), _garbage_like(x)
+    lrn.lrn_forward(y, scale, x, size, alpha, beta, k)
+    ry, rscale = np.empty_like(x), np.empty_like(x)
+    ref.lrn_forward(ry, rscale, x, size, alpha, beta, k)
+    _close(y, ry, 1e-5, 1e-6)
+    _close(scale, rscale, 1e-5, 1e-6)
+    dx, rdx = _garbage_like(x), np.empty_like(x)
+    lrn.lrn_backward(dx, dy, x, y, scale, size, alpha, beta, k)
+    ref.lrn_backward(rdx, dy, x, ry, rscale, size, alpha, beta, k)
+    _close(dx, rdx, 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("size,stride,h,w", [(3, 2, 13, 11), (2, 2, 9, 8), (3, 1, 7, 10),
+                                              (3, 2, 27, 27)])
+def test_maxpool_matches_reference(rng, size, stride, h, w):
+    x = _randn(rng, 2, 3, h, w)
+    x[0, 0, :4, :4] = 1.5                                # ties: first in the window wins
+    oh, ow = (h - size) // stride + 1, (w - size) // stride + 1
+    y, idx = _garbage_like((2, 3, oh, ow)), np.full((2, 3, oh, ow), -1, np.int32)
+    maxpool.maxpool_forward(y, idx, x, size, stride)
+    ry, ridx = np.empty_like(y), np.empty_like(idx)
+    ref.maxpool_forward(ry, ridx, x, size, stride)
+    np.testing.assert_array_equal(y, ry)
+    np.testing.assert_array_equal(idx, ridx)
+    dy = _randn(rng, *y.shape)
+    dx, rdx = _garbage_like(x), np.empty_like(x)
+    maxpool.maxpool_backward(dx, dy, idx, size, stride)
+    ref.maxpool_backward(rdx, dy, ridx, size, stride)
+    _close(dx, rdx, 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("p,seed", [(0.5, 0), (0.5, 12345), (0.1, 7), (0.9, 2**32 + 3)])
+def test_dropout_masks_are_bit_identical(rng, p, seed):
+    x, dy = _randn(rng, 6, 33, 7), _randn(rng, 6, 33, 7)
+    y, mask = _garbage_like(x), np.full(x.shape, 9, np.uint8)
+    dropout.dropout_forward(y, mask, x, p, seed)
+    ry, rmask = np.empty_like(x), np.empty(x.shape, np.uint8)
+    ref.dropout_forward(ry, rmask, x, p, seed)
+    np.testing.assert_array_equal(mask, rmask)
+    for i in (0, 1, 500, x.size - 1):                    # the contract's scalar rule
+        assert mask.reshape(-1)[i] == dropout_keep(seed, i, p)
+    np.testing.assert_array_equal(y, ry)
+    dx, rdx = _garbage_like(x), np.empty_like(x)
+    dropout.dropout_backward(dx, dy, mask, p)
+    ref.dropout_backward(rdx, dy, rmask, p)
+    np.testing.assert_array_equal(dx, rdx)
+    assert abs(mask.mean() - (1 - p)) < 0.05
+
+
+def test_softmax_xent_matches_reference(rng):
+    n, k = 7, 13
+    logits, labels = _randn(rng, n, k) * 5, rng.integers(0, k, n).astype(np.int32)
+    losses, probs = _garbage_like((n,)), _garbage_like((n, k))
+    softmax_xent.softmax_xent_forward(losses, probs, logits, labels)
+    rlosses, rprobs = np.empty((n,), np.float32), np.empty((n, k), np.float32)
+    ref.softmax_xent_forward(rlosses, rprobs, logits, labels)
+    _close(losses, rlosses, 1e-5, 1e-6)
+    _close(probs, rprobs, 1e-5, 1e-6)
+    dlogits, rdlogits = _garbage_like(probs), np.empty_like(probs)
+    softmax_xent.softmax_xent_backward(dlogits, probs, labels)
+    ref.softmax_xent_backward(rdlogits, rprobs, labels)
+    _close(dlogits, rdlogits, 1e-5, 1e-7)
+
+
+@pytest.mark.parametrize("with_offsets", [False, True])
+def test_sgd_matches_reference(rng, with_offsets):
+    size = 1000
+    w, dw, v = _randn(rng, size), _randn(rng, size), _randn(rng, size)
+    kwargs = {}
+    if with_offsets:
+        kwargs = dict(offsets=np.array([0, 10, 400, 401, size], np.int64),
+                      lr_mults=np.array([1.0, 2.0, 0.5, 1.0]),
+                      decay_mults=np.array([1.0, 0.0, 3.0, 1.0]))
+    rw, rv = w.copy(), v.copy()
+    for _ in range(3):
+        sgd.sgd_update(w, dw, v, 0.05, 0.9, 0.01, **kwargs)
+        ref.sgd_update(rw, dw, rv, 0.05, 0.9, 0.01, **kwargs)
+    _close(w, rw, 1e-5, 1e-6)
+    _close(v, rv, 1e-5, 1e-6)

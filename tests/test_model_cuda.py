@@ -1,0 +1,149 @@
+"""The network on the CUDA backend (the simulator without a GPU): equal to the reference
+network, two towers equal to one, and a training step that allocates and copies nothing
+beyond the batch in and the loss out."""
+
+import importlib
+import pkgutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nbalex.backends import LAUNCHERS
+from nbalex.model import Net
+
+cuda = pytest.importorskip("numba.cuda")
+if not cuda.is_available():
+    pytest.skip("no CUDA GPU and no simulator", allow_module_level=True)
+
+TINY = str(Path(__file__).parent / "configs" / "tiny.toml")
+BATCH = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda_launchers():
+    """Make sure ``nbalex.cuda`` exports every launcher.
+
+    The package collects them from its layer modules; where a name is not exported yet, it
+    is taken from the module of ``nbalex.cuda`` that defines it.  A launcher that no module
+    defines skips these tests.
+    """
+    import nbalex.cuda as package
+    added = []
+    for name in LAUNCHERS:
+        if hasattr(package, name):
+            continue
+        for info in pkgutil.iter_modules(package.__path__):
+            module = importlib.import_module(f"nbalex.cuda.{info.name}")
+            if callable(getattr(module, name, None)):
+                setattr(package, name, getattr(module, name))
+                added.append(name)
+                break
+        else:
+            for added_name in added:
+                delattr(package, added_name)
+            pytest.skip(f"nbalex.cuda does not define {name} yet")
+    yield
+    for name in added:
+        delattr(package, name)
+
+
+def batch(seed, n=BATCH):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, 3, 12, 12)).astype(np.float32),
+            rng.integers(0, 4, size=n).astype(np.int32))
+
+
+def assert_close(got, want, what, tol=2e-4):
+    scale = float(np.max(np.abs(want))) + 1e-6
+    err = float(np.max(np.abs(np.asarray(got) - want)))
+    assert err <= tol * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+def train_side_by_side(a, b, steps):
+    """Train ``a`` and ``b`` side by side, comparing logits, loss, every gradient, parameters."""
+    x, _ = batch(0)
+    assert_close(b.forward(x), a.forward(x), "logits")
+    for step in range(steps):
+        x, labels = batch(step)
+        loss_a = a.forward_backward(x, labels, seed=step)
+        loss_b = b.forward_backward(x, labels, seed=step)
+        assert abs(loss_a - loss_b) <= 1e-4 * max(1.0, abs(loss_a)), (step, loss_a, loss_b)
+        grads_a, grads_b = a.grads(), b.grads()
+        for name in grads_a:
+            assert_close(grads_b[name], grads_a[name], f"step {step} gradient {name}")
+        a.sgd_step(0.05, momentum=0.9, weight_decay=5e-4)
+        b.sgd_step(0.05, momentum=0.9, weight_decay=5e-4)
+    params_a, params_b = a.params(), b.params()
+    for name in params_a:
+        assert_close(params_b[name], params_a[name], f"parameter {name} after {steps} steps")
+
+
+def test_cuda_network_equals_reference_network():
+    ref = Net(TINY, backend="reference", batch_size=BATCH, seed=3)
+    net = Net(TINY, backend="cuda", batch_size=BATCH, seed=3)
+    assert len(net.towers) == 1 and net.backend_name == "cuda"
+    train_side_by_side(ref, net, steps=3)
+
+
+def test_two_towers_equal_one_tower():
+    # one CUDA tower equals the reference network (above), so compare two towers with it
+    one = Net(TINY, backend="reference", batch_size=BATCH, seed=4)
+    two = Net(TINY, backend="cuda", batch_size=BATCH, seed=4, gpus=(0, 0))
+    assert [t.index for t in two.towers] == [0, 1]
+    tower = two.towers[1]
+    assert tower.compute_stream is not tower.copy_stream
+    assert two.param_names() == one.param_names()
+    assert {k: v.shape for k, v in two.params().items()} == {k: v.shape for k, v in one.params().items()}
+    train_side_by_side(one, two, steps=2)
+
+
+class AllocationSpy:
+    """Counts calls of numba.cuda's allocating functions while installed."""
+
+    NAMES = ("device_array", "device_array_like", "to_device", "pinned_array", "mapped_array",
+             "managed_array", "pinned_array_like")
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for name in self.NAMES:
+            original = getattr(cuda, name, None)
+            if original is not None:
+                monkeypatch.setattr(cuda, name, self._wrap(name, original))
+
+    def _wrap(self, name, original):
+        def spy(*args, **kwargs):
+            self.calls.append(name)
+            return original(*args, **kwargs)
+        return spy
+
+
+def test_a_training_step_allocates_nothing_and_copies_only_batch_and_loss(monkeypatch):
+    net = Net(TINY, backend="cuda", batch_size=BATCH, gpus=(0, 0))
+    x, labels = batch(0)
+    net.forward_backward(x, labels)             # first step: kernels compile
+    net.sgd_step(0.01)
+    allocations = [a.allocations for a in net.arenas]
+    spy = AllocationSpy(monkeypatch)
+    before = net.transfers.counts()
+    loss = net.forward_backward(x, labels, seed=1)
+    net.sgd_step(0.01)
+    h2d, d2h, h2d_bytes, d2h_bytes = np.subtract(net.transfers.counts(), before)
+    # in: the images once (tower 1 copies tower 0's, device to device), labels per tower
+    assert (h2d, h2d_bytes) == (1 + 2, x.nbytes + 2 * labels.nbytes)
+    assert (d2h, d2h_bytes) == (1, 4 * BATCH)          # out: the per-example losses
+    assert np.isfinite(loss)
+    assert spy.calls == []
+    assert [a.allocations for a in net.arenas] == allocations
+    assert all(a.used <= a.capacity for a in net.arenas)
+
+
+def test_a_device_batch_is_used_in_place():
+    net = Net(TINY, backend="cuda", batch_size=BATCH)
+    x, _ = batch(1)
+    expected = net.forward(x)
+    x_device = cuda.to_device(x)
+    before = net.transfers.counts()
+    np.testing.assert_allclose(net.forward(x_device), expected, rtol=1e-6, atol=1e-6)
+    h2d, d2h, _, _ = np.subtract(net.transfers.counts(), before)
+    assert (h2d, d2h) == (0, 1)                # only the logits come back
