@@ -35,7 +35,8 @@ def plain_pil(path, size):
         img = img.convert("RGB")
         w, h = img.size
         scale = size / min(w, h)
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.LANCZOS)
+        new_size = (max(size, round(w * scale)), max(size, round(h * scale)))
+        img = img.resize(new_size, Image.Resampling.LANCZOS)
         left, top = (img.width - size) // 2, (img.height - size) // 2
         return np.asarray(img.crop((left, top, left + size, top + size)))
 
@@ -57,7 +58,8 @@ def main(argv=None):
         t = time.perf_counter()
         synth(folder, classes=10, train_per_class=args.images // 10, val_per_class=0, seed=0,
               min_size=300, max_size=500)
-        print(f"wrote {args.images} JPEGs (300..500 px) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        print(f"wrote {args.images} JPEGs (300..500 px) in {time.perf_counter() - t:.1f} s",
+              file=sys.stderr)
     files = sorted(str(p) for p in (folder / "train").rglob("*.jpg"))
     rows = []
 
@@ -69,7 +71,7 @@ def main(argv=None):
 
     out = data / f"synth{args.images}_{args.size}.h5"
     summary = pack(folder / "train", out, size=args.size, workers=args.workers, progress=False)
-    rows.append(("pack (draft decode, stats, HDF5 write)", summary["workers"], summary["images_per_s"]))
+    rows.append(("pack (decode, stats, HDF5 write)", summary["workers"], summary["images_per_s"]))
 
     with H5Dataset(out) as ds:
         order = np.random.default_rng(0).permutation(ds.num_images)
@@ -85,9 +87,11 @@ def main(argv=None):
         t = time.perf_counter()
         count = sum(len(labels) for _, labels in loader.epoch(1))
         loader_rate = count / (time.perf_counter() - t)
-    rows.append((f"loader cpu, batch {args.batch}, crop {args.crop}", args.loader_workers, loader_rate))
+    rows.append((f"loader cpu, batch {args.batch}, crop {args.crop}", args.loader_workers,
+                 loader_rate))
 
-    print(f"data pipeline, {len(files)} JPEGs 300..500 px -> {args.size} px, {os.cpu_count()} cores")
+    print(f"data pipeline: {len(files)} JPEGs 300..500 px -> {args.size} px, "
+          f"{os.cpu_count()} cores")
     print(f"{'stage':44s} {'procs':>5s} {'images/s':>10s} {'x PIL loop':>10s}")
     for name, procs, rate in rows:
         print(f"{name:44s} {procs:5d} {rate:10.0f} {rate / pil_rate:10.2f}")

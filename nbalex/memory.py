@@ -56,7 +56,8 @@ class HostArena:
     def __init__(self, capacity, name="host"):
         self.name = name
         self.capacity = aligned(capacity)
-        raw = np.empty(self.capacity + ALIGNMENT, dtype=np.uint8)
+        raw = np.zeros(self.capacity + ALIGNMENT, dtype=np.uint8)   # pages zeroed lazily by the OS
+        self.zeroed = True    # fresh views read as zeros
         start = (-raw.ctypes.data) % ALIGNMENT
         self._buffer = raw[start:start + self.capacity]
         self.used = 0

@@ -38,7 +38,9 @@ def initial_params(specs, seed=0, dtype=np.float32):
     for layer in specs:
         for p in layer.params:
             if p.init_std > 0:
-                out[p.name] = rng.normal(0.0, p.init_std, p.shape).astype(dtype)
+                w = rng.standard_normal(p.shape, dtype=np.float32)
+                w *= np.float32(p.init_std)
+                out[p.name] = w.astype(dtype, copy=False)
             else:
                 out[p.name] = np.full(p.shape, p.init_value, dtype=dtype)
     return out
@@ -170,13 +172,14 @@ class Net:
         tables = {"offsets": np.array(self.layout.offsets, dtype=np.int64),
                   "lr_mults": np.array([p.lr_mult for p in specs], dtype=np.float32),
                   "decay_mults": np.array([p.decay_mult for p in specs], dtype=np.float32)}
-        zeros = np.zeros(self.layout.size, dtype=self.dtype)
+        zeros = np.zeros(self.layout.size, dtype=self.dtype)   # lazily zeroed pages: cheap unless copied
         for place, b in zip(self._places, self._buffers):
             with place.activate():
                 for key, table in tables.items():
                     place.to_device(b[key], table)
-                place.to_device(b["grads"], zeros)
-                place.to_device(b["momentum"], zeros)
+                if not place.arena.zeroed:
+                    place.to_device(b["grads"], zeros)
+                    place.to_device(b["momentum"], zeros)
         self.load_params(initial_params(self.layers, seed, self.dtype))
 
     # ---- parameters -------------------------------------------------------------------------

@@ -109,8 +109,9 @@ class Scores:
         rows = np.arange(len(labels))
         picked = probs[rows, labels]
         self.loss_sum += float(-np.log(np.maximum(picked, 1e-30)).sum())
-        # rank = how many classes score strictly higher than the true one (ties favour it)
-        rank = (probs > picked[:, None]).sum(axis=1)
+        # rank = how many other classes score at least as high as the true one (a tie is an
+        # error: a network whose outputs are all equal must not look perfect)
+        rank = (probs >= picked[:, None]).sum(axis=1) - 1
         self.top1_wrong += int((rank >= 1).sum())
         self.top5_wrong += int((rank >= 5).sum())
         self.images += len(labels)
@@ -349,6 +350,13 @@ def train(data, val, out, settings, epochs, *, backend="auto", gpus=(0,), resume
                 kept = (f"the last good checkpoint {run.path} is kept" if run.path.exists()
                         else "no checkpoint was written")
                 raise Diverged(f"{exc}; stopped, {kept}. Try a lower --lr.") from None
+            except Exception:
+                if not stop():
+                    raise
+                # Ctrl-C reaches the loader's reader processes too; when fetching the next
+                # batch fails after a stop request, the finished steps are still saved.
+                run.save()
+                raise Interrupted(run.path, run.epoch, run.step) from None
             run.totals["seconds"] += time.perf_counter() - started
             report(_epoch_line(run.finish_epoch(scores), epochs))
     return {"epochs": run.epoch, "history": run.history, "checkpoint": str(run.path)}

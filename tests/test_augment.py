@@ -1,4 +1,4 @@
-"""Augmentation: the host draws, and augment_batch on the cpu and cuda backends against the reference."""
+"""Augmentation: the host draws, and augment_batch of the cpu and cuda backends vs the reference."""
 
 import numpy as np
 import pytest
@@ -17,7 +17,8 @@ def loop_augment(images, crop_y, crop_x, flip, rgb_shift, mean, crop):
                 jj = crop - 1 - j if flip[b] else j
                 y, x = crop_y[b] + i, crop_x[b] + jj
                 for c in range(3):
-                    out[b, c, i, j] = np.float32(images[b, y, x, c]) - mean[y, x, c] + rgb_shift[b, c]
+                    pixel = np.float32(images[b, y, x, c])
+                    out[b, c, i, j] = pixel - mean[y, x, c] + rgb_shift[b, c]
     return out
 
 
@@ -34,7 +35,8 @@ def random_batch(rng, batch=3, size=12, crop=8):
     mean = rng.uniform(0, 255, (size, size, 3)).astype(np.float32)
     eigval = np.array([900.0, 100.0, 10.0])
     eigvec = np.linalg.qr(rng.normal(size=(3, 3)))[0]
-    crop_y, crop_x, flip, shift = train_draws(batch, size, crop, eigval, eigvec, seed=3, epoch=1, batch=2)
+    draws = train_draws(batch, size, crop, eigval, eigvec, seed=3, epoch=1, batch=2)
+    crop_y, crop_x, flip, shift = draws
     flip[:2] = (0, 1)        # both branches, whatever the draw
     return images, crop_y, crop_x, flip, shift, mean
 
@@ -57,7 +59,8 @@ def test_cpu_writes_a_strided_view(rng):
     images, crop_y, crop_x, flip, shift, mean = random_batch(rng, batch=2, size=10, crop=6)
     whole = np.zeros((2, 10, 3, 6, 6), np.float32)
     cpu_augment(whole[:, 7], images, crop_y, crop_x, flip, shift, mean)
-    np.testing.assert_allclose(whole[:, 7], loop_augment(images, crop_y, crop_x, flip, shift, mean, 6), atol=1e-4)
+    expected = loop_augment(images, crop_y, crop_x, flip, shift, mean, 6)
+    np.testing.assert_allclose(whole[:, 7], expected, atol=1e-4)
     assert not whole[:, 6].any() and not whole[:, 8].any()
 
 
@@ -102,7 +105,8 @@ def test_pca_shift_formula(rng):
     alpha = rng.normal(0, 0.1, (5, 3))
     eigval = np.array([2500.0, 100.0, 9.0])
     eigvec = np.linalg.qr(rng.normal(size=(3, 3)))[0]
-    expected = np.stack([sum(alpha[b, k] * np.sqrt(eigval[k]) * eigvec[:, k] for k in range(3)) for b in range(5)])
+    expected = np.stack([sum(alpha[b, k] * np.sqrt(eigval[k]) * eigvec[:, k] for k in range(3))
+                         for b in range(5)])
     np.testing.assert_allclose(pca_shift(alpha, eigval, eigvec), expected, rtol=1e-5, atol=1e-5)
 
 

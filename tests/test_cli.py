@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from nbalex import checkpoint
 from nbalex.cli import cli
 
 TINY = str(Path(__file__).parent / "configs" / "cli-tiny.toml")
@@ -34,7 +35,7 @@ def ok(*args):
 
 def train_args(data, out, *extra):
     return ("train", "--data", data["train"], "--val", data["val"], "--model", TINY,
-            "--batch-size", 4, "--lr", 0.02, "--seed", 3, "--backend", "reference",
+            "--batch-size", 4, "--lr", 0.005, "--seed", 3, "--backend", "reference",
             "--workers", 0, "--no-progress", "--out", out, *extra)
 
 
@@ -72,9 +73,13 @@ def test_train_writes_the_log_checkpoint_and_pictures(run):
         assert set(row) == LOG_KEYS
         assert all(np.isfinite(row[k]) for k in LOG_KEYS)
         assert 0 <= row["top1_error"] <= 1 and row["top5_error"] == 0   # 3 classes < 5
-        assert row["lr"] == 0.02
-    with h5py.File(run / "checkpoint.h5", "r") as f:
-        assert "conv1.weight" in f["params"]
+    assert rows[0]["lr"] == rows[1]["lr"] == 0.005
+    state = checkpoint.load(run / "checkpoint.h5")
+    assert (state["epoch"], state["step"]) == (2, 0)
+    improved = rows[1]["top1_error"] < rows[0]["top1_error"]
+    assert state["lr"] == pytest.approx(0.005 if improved else 0.0005)   # the plateau rule
+    assert state["extra"]["classes"] == sorted(p.name for p in (run.parent / "images" / "train")
+                                               .iterdir())
     with Image.open(run / "curves.png") as img:
         assert img.format == "PNG"
     with Image.open(run / "filters.png") as img:       # 4 filters of 5x5, 8x upscaled, 2x2 grid
@@ -119,6 +124,7 @@ def test_resume_after_interruptions_matches_the_uninterrupted_run(data, run, tmp
     out = tmp_path / "run"
     stopped = nbalex(*train_args(data, out, "--epochs", 2, "--stop-after-steps", 3))
     assert stopped.exit_code == 130 and "--resume" in stopped.stderr
+    at_stop = params_of(out / "checkpoint.h5")
     again = nbalex(*train_args(data, out, "--epochs", 2, "--resume", "--stop-after-steps", 4))
     assert again.exit_code == 130                      # epoch 1 done, then 1 step of epoch 2
     ok(*train_args(data, out, "--epochs", 2, "--resume"))
@@ -126,6 +132,7 @@ def test_resume_after_interruptions_matches_the_uninterrupted_run(data, run, tmp
     assert resumed.keys() == straight.keys()
     for name in straight:
         np.testing.assert_array_equal(resumed[name], straight[name], err_msg=name)
+        assert np.any(resumed[name] != at_stop[name]), f"{name} did not train after the stop"
     strip = lambda rows: [{k: v for k, v in json.loads(r).items()   # noqa: E731
                            if k not in ("seconds", "images_per_s")} for r in rows]
     assert strip((out / "log.jsonl").read_text().splitlines()) == \

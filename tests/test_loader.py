@@ -1,4 +1,4 @@
-"""The loader: seeded epoch order, resumption, augmentation equal to the reference, evaluation views."""
+"""The loader: seeded epoch order, resumption, augmentation as the reference, evaluation views."""
 
 import h5py
 import numpy as np
@@ -32,7 +32,8 @@ def numbered(tmp_path_factory):
     """24 flat images 6x6; image i has every pixel equal to i; no mean, no colour noise."""
     images = np.repeat(np.arange(24, dtype=np.uint8), 6 * 6 * 3).reshape(24, 6, 6, 3)
     labels = np.arange(24) % 3
-    return write_dataset(tmp_path_factory.mktemp("num") / "numbered.h5", images, labels, ["a", "b", "c"])
+    path = tmp_path_factory.mktemp("num") / "numbered.h5"
+    return write_dataset(path, images, labels, ["a", "b", "c"])
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,8 @@ def test_drop_last_and_eval_batches(numbered):
 
 
 def test_training_batches_equal_the_reference_augmentation(textured):
-    with H5Dataset(textured) as ds, Loader(textured, 3, 8, backend="reference", seed=4, workers=1) as loader:
+    loader = Loader(textured, 3, 8, backend="reference", seed=4, workers=1)
+    with H5Dataset(textured) as ds, loader:
         order = epoch_order(10, 4, 2)
         for b, (x, labels) in enumerate(loader.epoch(2)):
             idx = order[b * 3:(b + 1) * 3]
@@ -113,7 +115,8 @@ def expected_views(image, mean, crop):
     s = image.shape[0]
     far, mid = s - crop, (s - crop) // 2
     centred = image.astype(np.float32) - mean
-    views = [centred[y:y + crop, x:x + crop] for y, x in ((0, 0), (0, far), (far, 0), (far, far), (mid, mid))]
+    corners = ((0, 0), (0, far), (far, 0), (far, far), (mid, mid))
+    views = [centred[y:y + crop, x:x + crop] for y, x in corners]
     views += [v[:, ::-1] for v in views]
     return np.stack([v.transpose(2, 0, 1) for v in views])
 
@@ -126,10 +129,12 @@ def test_center_and_ten_crop_views(textured):
     assert [x.shape for x, _ in batches] == [(40, 3, 8, 8), (40, 3, 8, 8), (20, 3, 8, 8)]
     x = np.concatenate([b for b, _ in batches])
     for i in range(10):
-        np.testing.assert_allclose(x[i * 10:(i + 1) * 10], expected_views(images[i], mean, 8), atol=1e-4)
+        np.testing.assert_allclose(x[i * 10:(i + 1) * 10], expected_views(images[i], mean, 8),
+                                   atol=1e-4)
     with Loader(textured, 4, 8, backend="cpu", train=False, workers=0) as loader:
         x = np.concatenate([b for b, _ in run_epoch(loader, 0)])
-    np.testing.assert_allclose(x, np.stack([expected_views(im, mean, 8)[4] for im in images]), atol=1e-4)
+    centres = np.stack([expected_views(im, mean, 8)[4] for im in images])
+    np.testing.assert_allclose(x, centres, atol=1e-4)
 
 
 def test_cuda_loader_equals_the_cpu_loader(textured):

@@ -245,7 +245,7 @@ def test_training_lowers_the_loss():
     net = Net(TINY, backend="reference", batch_size=8, seed=0)
     x, labels = batch(net, 8)
     first = net.forward_backward(x, labels, train=False)
-    for _ in range(30):
+    for _ in range(40):
         net.forward_backward(x, labels, train=False)
-        net.sgd_step(0.05)
+        net.sgd_step(0.02)
     assert net.forward_backward(x, labels, train=False) < 0.5 * first

@@ -52,7 +52,8 @@ def mixed(tmp_path_factory):
     rgba = smooth_rgb(rng, 25, 20).convert("RGBA")
     rgba.putalpha(Image.fromarray(rng.integers(0, 256, (20, 25), dtype=np.uint8)))
     rgba.save(root / "cat" / "alpha.png")
-    smooth_rgb(rng, 33, 33).convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(root / "cat" / "palette.png")
+    palette = smooth_rgb(rng, 33, 33).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.save(root / "cat" / "palette.png")
     smooth_rgb(rng, 5, 3).save(root / "cat" / "tiny.png")
     smooth_rgb(rng, 50, 20).save(root / "cat" / "wide.bmp")
     good_jpeg = (root / "bird" / "big.jpg").read_bytes()
@@ -94,7 +95,8 @@ def test_good_images_are_exactly_as_pil_resizes_them(mixed):
 def test_draft_decoding_stays_close_to_a_full_decode(tmp_path):
     """Draft mode changes pixels a little, never the geometry: compare with a full-size decode."""
     yy, xx = np.mgrid[0:240, 0:320]
-    picture = np.stack([xx * 255 // 319, yy * 255 // 239, (xx + yy) % 256 // 2], -1).astype(np.uint8)
+    picture = np.stack([xx * 255 // 319, yy * 255 // 239, (xx + yy) % 256 // 2], -1)
+    picture = picture.astype(np.uint8)
     Image.fromarray(picture).save(tmp_path / "ramp.jpg", quality=95)
     full = np.asarray(Image.open(tmp_path / "ramp.jpg").convert("RGB").crop((40, 0, 280, 240))
                       .resize((32, 32), Image.Resampling.LANCZOS), np.float64)
@@ -112,9 +114,10 @@ def test_centre_crop_of_the_shorter_side(tmp_path):
     image = load_and_resize(tmp_path / "strip.png", 10)
     assert image.shape == (10, 10, 3)
     # Lanczos reaches a pixel or two past the box, as resizing first and cropping after would
-    np.testing.assert_array_equal(image[:, 3:-3], np.broadcast_to(np.array([0, 200, 0], np.uint8), (10, 4, 3)))
+    green = np.broadcast_to(np.array([0, 200, 0], np.uint8), (10, 4, 3))
+    np.testing.assert_array_equal(image[:, 3:-3], green)
     assert image[..., 0].max() < 30 and image[..., 2].max() < 30 and image[..., 1].min() > 170
-    np.testing.assert_array_equal(image, image[:, ::-1, ::-1])   # centred: red edge mirrors blue edge
+    np.testing.assert_array_equal(image, image[:, ::-1, ::-1])   # centred: red edge mirrors blue
 
 
 def test_mean_and_pca_match_numpy(mixed):
@@ -123,7 +126,8 @@ def test_mean_and_pca_match_numpy(mixed):
         images = ds.read(np.arange(ds.num_images)).astype(np.float64)
         np.testing.assert_allclose(ds.mean, images.mean(axis=0), rtol=1e-5, atol=1e-3)
         cov = np.cov(images.reshape(-1, 3).T, bias=True)
-        np.testing.assert_allclose(ds.eigvec @ np.diag(ds.eigval) @ ds.eigvec.T, cov, rtol=1e-9, atol=1e-6)
+        rebuilt = ds.eigvec @ np.diag(ds.eigval) @ ds.eigvec.T
+        np.testing.assert_allclose(rebuilt, cov, rtol=1e-9, atol=1e-6)
         np.testing.assert_allclose(ds.eigval, np.sort(np.linalg.eigvalsh(cov))[::-1], rtol=1e-9)
         np.testing.assert_allclose(ds.eigvec.T @ ds.eigvec, np.eye(3), atol=1e-9)
         assert (np.diff(ds.eigval) <= 0).all()
@@ -196,7 +200,8 @@ def _exit_on_third(real):
     return load
 
 
-@pytest.mark.parametrize("failure, error", [(_raise_on_third, MemoryError), (_exit_on_third, BrokenProcessPool)])
+@pytest.mark.parametrize("failure, error", [(_raise_on_third, MemoryError),
+                                            (_exit_on_third, BrokenProcessPool)])
 def test_interrupted_pack_leaves_nothing_behind(synthetic, tmp_path, monkeypatch, failure, error):
     monkeypatch.setattr(pack_module, "START_METHOD", "fork")      # workers see the patch
     monkeypatch.setattr(pack_module, "CHUNK", 2)

@@ -74,7 +74,7 @@ def time_numba_cuda(fn, warmup=2, repeats=5):
         fn()
         end.record()
         end.synchronize()
-        samples.append(cuda.event_elapsed_time(start, end) / 1e3)
+        samples.append(start.elapsed_time(end) / 1e3)     # milliseconds -> seconds
     return samples
 
 
@@ -95,6 +95,28 @@ def time_torch_cuda(fn, warmup=2, repeats=5):
         end.synchronize()
         samples.append(start.elapsed_time(end) / 1e3)
     return samples
+
+
+ROTATE_BYTES = 256 * 2**20
+"""Inputs smaller than this are copied several times and the timed calls cycle through the
+copies, so a repeated call does not find its inputs in the last-level cache (50 MB on an
+H100) when a real step would not."""
+
+
+def rotation_count(nbytes, limit=8):
+    """How many copies of a working set of ``nbytes`` to cycle through (1 .. limit)."""
+    return max(1, min(limit, math.ceil(ROTATE_BYTES / max(int(nbytes), 1))))
+
+
+def cycling(fns):
+    """One callable that calls ``fns[0]``, ``fns[1]``, ... in turn, round and round."""
+    state = {"i": 0}
+
+    def call():
+        fn = fns[state["i"] % len(fns)]
+        state["i"] += 1
+        return fn()
+    return call
 
 
 def median_seconds(samples):

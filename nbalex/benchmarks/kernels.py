@@ -14,6 +14,8 @@ Example::
     nbalex bench kernels --backend cuda --json > kernels.json
 """
 
+import dataclasses
+import functools
 import importlib
 import pkgutil
 import sys
@@ -24,15 +26,16 @@ import numpy as np
 
 from .. import backends
 from . import peers
-from .common import (CheckFailed, TimingRefused, compare_outputs, format_table, median_seconds,
-                     rate, ratio, refuse_under_simulator, time_host, time_numba_cuda,
-                     time_torch_cuda, to_json)
+from .common import (CheckFailed, TimingRefused, compare_outputs, cycling, format_table,
+                     median_seconds, rate, ratio, refuse_under_simulator, rotation_count, time_host,
+                     time_numba_cuda, time_torch_cuda, to_json)
 from .layers import ALEXNET_LAYERS, array_shapes, make_inputs, passes, workspace_size
 
 DEFAULT_BATCH = {"cuda": 128, "cpu": 16}
 DEFAULT_REPEATS = {"cuda": 10, "cpu": 3}
 DEFAULT_WARMUP = {"cuda": 2, "cpu": 1}
 CHECK_BATCH = 2
+CHECK_PARAMS = 1 << 20
 TOLERANCE = 1e-4
 POISON = {"f": np.nan, "i": -1, "u": 255}
 
@@ -122,8 +125,11 @@ def check_layer(spec, module, mem, reference, rng, n=CHECK_BATCH):
 
     Each pass runs on the reference and on ``module`` from the same inputs; the outputs of
     ``module`` are poisoned first (NaN, -1, 255) so an unwritten element fails. Later passes
-    get the reference's forward outputs, so each pass is judged on its own.
+    get the reference's forward outputs, so each pass is judged on its own. SGD, whose size
+    does not follow the batch, is checked on its first ``CHECK_PARAMS`` parameters.
     """
+    if spec.kind == "sgd":
+        spec = dataclasses.replace(spec, params=min(spec.params, CHECK_PARAMS))
     host = make_inputs(spec, n, rng)
     ref = {k: v.copy() for k, v in host.items()}
     ours = {k: mem.put(v) for k, v in host.items()}
@@ -147,17 +153,22 @@ def check_layer(spec, module, mem, reference, rng, n=CHECK_BATCH):
     return results
 
 
-def _peer_callables(spec, backend, host, n):
-    """({peer name: {pass name: callable}}, {peer name: why it is missing}) for one layer."""
+def _peer_callables(spec, backend, host_sets, n):
+    """({peer: {pass: callable}}, {peer: why it is missing}) for one layer.
+
+    Each callable cycles through the input sets ``host_sets`` (see :func:`cycling`).
+    """
     found, missing = {}, {}
     try:
         device = peers.torch_device(backend)
-        t = peers.to_torch(host, device)
-        found["torch"] = {pa.name: peers.torch_pass(spec, pa.name, t) for pa in passes(spec, n)}
+        sets = [peers.to_torch(host, device) for host in host_sets]
+        found["torch"] = {pa.name: cycling([peers.torch_pass(spec, pa.name, t) for t in sets])
+                          for pa in passes(spec, n)}
     except Exception as exc:  # noqa: BLE001 - no torch, or a torch without CUDA: time ours alone
         missing["torch"] = f"{type(exc).__name__}: {exc}"
     if backend == "cpu" and spec.kind in ("conv", "fc"):
-        found["numpy"] = {pa.name: peers.numpy_pass(spec, pa.name, host) for pa in passes(spec, n)}
+        found["numpy"] = {pa.name: cycling([peers.numpy_pass(spec, pa.name, host) for host in host_sets])
+                          for pa in passes(spec, n)}
     return found, missing
 
 
@@ -169,29 +180,38 @@ def _peer_timer(name, backend):
 def time_layer(spec, backend, module, mem, rng, n, warmup, repeats, skip=()):
     """{pass name: row dict} for one layer at batch ``n``: ours, then each peer.
 
-    Passes in ``skip`` (they failed their check) are run once, untimed, so that the passes
-    after them still get their inputs; an error there is ignored.
+    Working sets that would fit in the cache are copied (:func:`rotation_count`) and the
+    timed calls cycle through the copies, ours and the peer's alike. Passes in ``skip``
+    (they failed their check) are run once per copy, untimed, so that the passes after
+    them still get their inputs; an error there is ignored.
     """
     host = make_inputs(spec, n, rng)
-    arrays = {k: mem.put(v) for k, v in host.items()}
     shapes = array_shapes(spec, n, host)
+    set_bytes = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in shapes.values())
+    copies = rotation_count(set_bytes)
+    host_sets = [host] + [{k: v.copy() for k, v in host.items()} for _ in range(copies - 1)]
+    sets = [{k: mem.put(v) for k, v in h.items()} for h in host_sets]
     ws = _workspace(mem, module, spec, n)
-    peer_fns, peer_missing = _peer_callables(spec, backend, host, n)
+    peer_fns, peer_missing = _peer_callables(spec, backend, host_sets, n)
     rows = {}
     for pa in passes(spec, n):
-        for name, (shape, dtype) in pa.writes.items():
-            arrays[name] = mem.empty(shape, dtype)
+        for arrays in sets:
+            for name, (shape, dtype) in pa.writes.items():
+                arrays[name] = mem.empty(shape, dtype)
+        ours = cycling([functools.partial(pa.launch, module, arrays, ws) for arrays in sets])
         if pa.name in skip:
             try:
-                pa.launch(module, arrays, ws)
+                for _ in sets:
+                    ours()
             except Exception:  # noqa: BLE001 - already reported by the check
                 pass
             continue
-        seconds = median_seconds(mem.time(lambda: pa.launch(module, arrays, ws), warmup, repeats))
+        seconds = median_seconds(mem.time(ours, warmup, repeats))
         nbytes = pa.min_bytes(shapes)
         row = {"layer": spec.name, "pass": pa.name, "shape": spec.describe(), "batch": n,
                "backend": backend, "ms": seconds * 1e3, "gflops": rate(pa.flops, seconds),
-               "gbs": rate(nbytes, seconds), "flops": pa.flops, "bytes": nbytes}
+               "gbs": rate(nbytes, seconds), "flops": pa.flops, "bytes": nbytes,
+               "input_sets": copies}
         for peer, why in peer_missing.items():
             row[f"{peer}_error"] = why
         for peer, fns in peer_fns.items():

@@ -18,6 +18,7 @@ Example::
     nbalex bench train --model alexnet --batch-size 128 --steps 10 --json
 """
 
+import importlib
 import math
 import sys
 import time
@@ -78,8 +79,6 @@ def ours_throughput(model, backend, batch, x, labels, warmup, steps):
 
 def profile_layers(model, backend, batch, x, labels, layer_specs, steps):
     """({layer: ms per step}, launches per step, profiled ms per step) from one profiling pass."""
-    import importlib
-
     from nbalex.model import Net
 
     sync = device_sync(backend)

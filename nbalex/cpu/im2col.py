@@ -160,10 +160,3 @@ def add_bias_relu_nchw(y, b, relu):
         for t in range(p_out):
             v = plane[t] + bias
             plane[t] = v if (v > 0.0 or not relu) else 0.0
-
-
-@njit(parallel=True, cache=True)
-def add_into(acc, part):
-    """acc += part, elementwise over 1-D arrays of the same length."""
-    for i in prange(acc.shape[0]):
-        acc[i] += part[i]

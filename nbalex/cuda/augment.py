@@ -1,4 +1,4 @@
-"""Augmentation on the GPU: crop, flip, PCA colour shift, mean subtraction, uint8 HWC -> float32 NCHW.
+"""Augmentation on the GPU: crop, flip, PCA colour shift, mean, uint8 HWC -> float32 NCHW.
 
 The random draws are made on the host (:mod:`nbalex.io.augment`) and copied with the batch,
 so every backend applies the same numbers.
@@ -50,7 +50,8 @@ def augment_batch(out, images, crop_y, crop_x, flip, rgb_shift, mean, stream=Non
     if channels != 3 or crop != crop_w or images.shape[0] != batch or images.shape[3] != 3:
         raise ValueError(f"augment_batch: out {out.shape} and images {images.shape} do not match")
     if tuple(mean.shape) != (size, size, 3) or tuple(rgb_shift.shape) != (batch, 3) or crop > size:
-        raise ValueError(f"augment_batch: mean {mean.shape} or rgb_shift {rgb_shift.shape} has the wrong shape")
+        raise ValueError(f"augment_batch: mean {mean.shape} or rgb_shift {rgb_shift.shape} "
+                         "has the wrong shape")
     for name, arr, dtype in (("out", out, np.float32), ("images", images, np.uint8),
                              ("crop_y", crop_y, np.int32), ("crop_x", crop_x, np.int32),
                              ("flip", flip, np.uint8), ("rgb_shift", rgb_shift, np.float32),

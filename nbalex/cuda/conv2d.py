@@ -22,7 +22,7 @@ with divisors prepared on the host in the geometry tuple :func:`conv_geometry`.
 """
 
 import numpy as np
-from numba import cuda, float32, uint64
+from numba import cuda, float32, int32, uint64
 
 from nbalex.cuda import gemm
 from nbalex.cuda.gemm import K_FAST, fast_div, fetch_strided, inside
@@ -75,16 +75,17 @@ def fwd_fetch_w(w, geo, st, k, step, k_end, buf):
 
 @cuda.jit(device=True, inline="always")
 def fwd_setup_x(x, geo, z, n):
-    """Column n = (image, oh, ow) of the implicit im2col matrix of x, group z."""
+    """Column n = (image, oh, ow) of the implicit im2col matrix of x, group z:
+    (offset of x[image, z*Cg, 0, 0], ih0 = oh*s-pad, iw0 = ow*s-pad, valid), int32."""
     p = geo[G_OH] * geo[G_OW]
     valid = n < geo[G_N] * p
     nn = n if valid else 0
     img = fast_div(nn, geo[G_P_MUL], geo[G_P_SH])
     r = nn - img * p
     oh = fast_div(r, geo[G_OW_MUL], geo[G_OW_SH])
-    ih0 = oh * geo[G_S] - geo[G_PAD]
-    iw0 = (r - oh * geo[G_OW]) * geo[G_S] - geo[G_PAD]
-    base = (img * geo[G_C] + z * geo[G_CG]) * geo[G_H] * geo[G_W] + ih0 * geo[G_W] + iw0
+    ih0 = int32(oh * geo[G_S] - geo[G_PAD])
+    iw0 = int32((r - oh * geo[G_OW]) * geo[G_S] - geo[G_PAD])
+    base = int32((img * geo[G_C] + z * geo[G_CG]) * geo[G_H] * geo[G_W])
     return (base, ih0, iw0, valid)
 
 
@@ -92,44 +93,44 @@ def fwd_setup_x(x, geo, z, n):
 def fwd_fetch_x(x, geo, st, k, step, k_end, buf):
     """x at rows k, k+1, ... = (c, kh, kw) of column st, 0 in the padding (step is 1).
 
-    k is decoded once; each next row steps kw, carrying into kh and c.
+    k is decoded once; each next row steps iw, carrying into ih and the channel plane.
+    The carried indices are int32 (32-bit SASS arithmetic; tensors are < 2**31 elements).
     """
-    hgt = geo[G_H]
-    wid = geo[G_W]
-    kwid = geo[G_KW]
+    hgt = int32(geo[G_H])
+    wid = int32(geo[G_W])
     c = fast_div(k, geo[G_KK_MUL], geo[G_KK_SH])
-    r = k - c * geo[G_KH] * kwid
+    r = k - c * geo[G_KH] * geo[G_KW]
     kh = fast_div(r, geo[G_KW_MUL], geo[G_KW_SH])
-    kw = r - kh * kwid
-    off = st[0] + (c * hgt + kh) * wid + kw
+    ih = int32(st[1] + kh)
+    iw = int32(st[2] + r - kh * geo[G_KW])
+    ih_end = int32(st[1] + geo[G_KH])
+    iw_end = int32(st[2] + geo[G_KW])
+    plane = int32(st[0] + c * geo[G_H] * geo[G_W])
+    left = int32(k_end - k)
     for e in range(buf.shape[0]):
-        ih = st[1] + kh
-        iw = st[2] + kw
-        ok = st[3] & (k + e < k_end) & inside(ih, hgt) & inside(iw, wid)
-        v = x[uint64(off if ok else 0)]
+        ok = st[3] & (int32(e) < left) & inside(ih, hgt) & inside(iw, wid)
+        v = x[uint64(int32(plane + ih * wid + iw) if ok else int32(0))]
         buf[e] = v if ok else float32(0.0)
-        kw += 1
-        off += 1
-        wrap = kw == kwid
-        kw = 0 if wrap else kw
-        kh = kh + 1 if wrap else kh
-        off = off + wid - kwid if wrap else off
-        wrap = kh == geo[G_KH]
-        kh = 0 if wrap else kh
-        off = off + (hgt - geo[G_KH]) * wid if wrap else off
+        iw = int32(iw + int32(1))
+        wrap = iw == iw_end
+        iw = st[2] if wrap else iw
+        ih = int32(ih + int32(1)) if wrap else ih
+        wrap = ih == ih_end
+        ih = st[1] if wrap else ih
+        plane = int32(plane + hgt * wid) if wrap else plane
 
 
 @cuda.jit(device=True, inline="always")
 def fwd_store_y(y, b, geo, z, m, n, v):
     """y[img, z*Fg+m, oh, ow] = v + b (ReLU'd when asked), n = (img, oh, ow)."""
-    p = geo[G_OH] * geo[G_OW]
+    p = int32(geo[G_OH] * geo[G_OW])
     if m < geo[G_FG] and n < geo[G_N] * p:
-        f = z * geo[G_FG] + m
-        img = fast_div(n, geo[G_P_MUL], geo[G_P_SH])
-        v += b[f]
+        f = int32(z * geo[G_FG] + m)
+        img = int32(fast_div(n, geo[G_P_MUL], geo[G_P_SH]))
+        v += b[uint64(f)]
         if geo[G_RELU] != 0 and v < float32(0.0):
             v = float32(0.0)
-        y[uint64((img * geo[G_F] + f) * p + n - img * p)] = v
+        y[uint64(int32(img * int32(geo[G_F] - 1) * p + f * p + n))] = v
 
 
 conv_forward_kernel, GEMM_THREADS = gemm.make_gemm_kernel(
@@ -161,27 +162,28 @@ def bwd_data_setup_w(w, geo, z, m):
 def bwd_data_fetch_w(w, geo, st, k, step, k_end, buf):
     """w at rows k, k+1, ... = (f, kh*KW+kw) of row st (step is 1): runs of KH*KW, then the
     next filter, Cg*KH*KW further on."""
-    khkw = geo[G_KH] * geo[G_KW]
+    khkw = int32(geo[G_KH] * geo[G_KW])
     f = fast_div(k, geo[G_KK_MUL], geo[G_KK_SH])
-    r = k - f * khkw
-    off = st[0] + f * geo[G_CG] * khkw + r
+    r = int32(k - f * khkw)
+    off = int32(st[0] + f * geo[G_CG] * khkw + r)
+    jump = int32((geo[G_CG] - 1) * khkw)
+    left = int32(k_end - k)
     for e in range(buf.shape[0]):
-        ok = st[1] & (k + e < k_end)
-        v = w[uint64(off if ok else 0)]
+        ok = st[1] & (int32(e) < left)
+        v = w[uint64(off if ok else int32(0))]
         buf[e] = v if ok else float32(0.0)
-        r += 1
-        off += 1
+        r = int32(r + int32(1))
+        off = int32(off + int32(1))
         wrap = r == khkw
-        r = 0 if wrap else r
-        off = off + (geo[G_CG] - 1) * khkw if wrap else off
+        r = int32(0) if wrap else r
+        off = int32(off + jump) if wrap else off
 
 
 @cuda.jit(device=True, inline="always")
 def bwd_data_setup_dy(dy, geo, z, n):
-    """Column n = (image, h, w) of B[(f,kh,kw), (image,h,w)] = dy[image, z*Fg+f, oh, ow].
-
-    Keeps th = h+pad and tw = w+pad as quotient and remainder by the stride.
-    """
+    """Column n = (image, h, w) of B[(f,kh,kw), (image,h,w)] = dy[image, z*Fg+f, oh, ow]:
+    (offset of dy[image, z*Fg, 0, 0], th = h+pad, tw = w+pad, th // s, th % s, tw // s,
+    tw % s, valid), int32."""
     hw = geo[G_H] * geo[G_W]
     s = geo[G_S]
     valid = n < geo[G_N] * hw
@@ -193,8 +195,9 @@ def bwd_data_setup_dy(dy, geo, z, n):
     tw = r - h * geo[G_W] + geo[G_PAD]
     qh = fast_div(th, geo[G_S_MUL], geo[G_S_SH])
     qw = fast_div(tw, geo[G_S_MUL], geo[G_S_SH])
-    base = (img * geo[G_F] + z * geo[G_FG]) * geo[G_OH] * geo[G_OW]
-    return (base, th, tw, qh, th - qh * s, qw, tw - qw * s, valid)
+    base = int32((img * geo[G_F] + z * geo[G_FG]) * geo[G_OH] * geo[G_OW])
+    return (base, int32(th), int32(tw), int32(qh), int32(th - qh * s), int32(qw),
+            int32(tw - qw * s), valid)
 
 
 @cuda.jit(device=True, inline="always")
@@ -205,47 +208,49 @@ def bwd_data_fetch_dy(dy, geo, st, k, step, k_end, buf):
     th - kh is tracked as oh*s + rh (likewise tw - kw): each step of kw lowers rw by one,
     borrowing from ow, and a row wrap resets it, so no division runs per element.
     """
-    s = geo[G_S]
-    kwid = geo[G_KW]
-    khgt = geo[G_KH]
-    ohgt = geo[G_OH]
-    owid = geo[G_OW]
+    s = int32(geo[G_S])
+    kwid = int32(geo[G_KW])
+    khgt = int32(geo[G_KH])
+    ohgt = int32(geo[G_OH])
+    owid = int32(geo[G_OW])
     f = fast_div(k, geo[G_KK_MUL], geo[G_KK_SH])
-    r = k - f * khgt * kwid
-    kh = fast_div(r, geo[G_KW_MUL], geo[G_KW_SH])
-    kw = r - kh * kwid
+    r = k - f * geo[G_KH] * geo[G_KW]
+    kh64 = fast_div(r, geo[G_KW_MUL], geo[G_KW_SH])
+    kw = int32(r - kh64 * geo[G_KW])
+    kh = int32(kh64)
     th = st[1] - kh
     tw = st[2] - kw
-    oh = fast_div(th if th > 0 else 0, geo[G_S_MUL], geo[G_S_SH])
-    ow = fast_div(tw if tw > 0 else 0, geo[G_S_MUL], geo[G_S_SH])
-    rh = th - oh * s
-    rw = tw - ow * s
-    plane = st[0] + f * ohgt * owid
+    oh = int32(fast_div(th if th > 0 else 0, geo[G_S_MUL], geo[G_S_SH]))
+    ow = int32(fast_div(tw if tw > 0 else 0, geo[G_S_MUL], geo[G_S_SH]))
+    rh = int32(th - oh * s)
+    rw = int32(tw - ow * s)
+    plane = int32(st[0] + f * geo[G_OH] * geo[G_OW])
+    left = int32(k_end - k)
     for e in range(buf.shape[0]):
-        ok = (st[7] & (k + e < k_end) & (rh == 0) & (rw == 0) & inside(oh, ohgt)
+        ok = (st[7] & (int32(e) < left) & ((rh | rw) == 0) & inside(oh, ohgt)
               & inside(ow, owid))
-        v = dy[uint64(plane + oh * owid + ow if ok else 0)]
+        v = dy[uint64(int32(plane + oh * owid + ow) if ok else int32(0))]
         buf[e] = v if ok else float32(0.0)
         # next kw: tw - kw drops by one
-        kw += 1
-        rw -= 1
+        kw = int32(kw + int32(1))
+        rw = int32(rw - int32(1))
         borrow = rw < 0
-        rw = rw + s if borrow else rw
-        ow = ow - 1 if borrow else ow
+        rw = int32(rw + s) if borrow else rw
+        ow = int32(ow - int32(1)) if borrow else ow
         wrap = kw == kwid                  # next kh: reset the w side, th - kh drops by one
-        kw = 0 if wrap else kw
+        kw = int32(0) if wrap else kw
         ow = st[5] if wrap else ow
         rw = st[6] if wrap else rw
-        kh = kh + 1 if wrap else kh
-        rh = rh - 1 if wrap else rh
+        kh = int32(kh + int32(1)) if wrap else kh
+        rh = int32(rh - int32(1)) if wrap else rh
         borrow = rh < 0
-        rh = rh + s if borrow else rh
-        oh = oh - 1 if borrow else oh
+        rh = int32(rh + s) if borrow else rh
+        oh = int32(oh - int32(1)) if borrow else oh
         wrap = kh == khgt                  # next filter: reset the h side
-        kh = 0 if wrap else kh
+        kh = int32(0) if wrap else kh
         oh = st[3] if wrap else oh
         rh = st[4] if wrap else rh
-        plane = plane + ohgt * owid if wrap else plane
+        plane = int32(plane + ohgt * owid) if wrap else plane
 
 
 @cuda.jit(device=True, inline="always")
@@ -291,79 +296,80 @@ def bwd_w_setup_dy(dy, geo, z, m):
 def bwd_w_fetch_dy(dy, geo, st, k, step, k_end, buf):
     """dy at rows k, k+1, ... = (image, oh*OW+ow) of row st (step is 1): runs of OH*OW, then
     the next image, F*OH*OW further on."""
-    p = geo[G_OH] * geo[G_OW]
+    p = int32(geo[G_OH] * geo[G_OW])
     img = fast_div(k, geo[G_P_MUL], geo[G_P_SH])
-    r = k - img * p
-    off = st[0] + img * geo[G_F] * p + r
+    r = int32(k - img * p)
+    off = int32(st[0] + img * geo[G_F] * p + r)
+    jump = int32((geo[G_F] - 1) * p)
+    left = int32(k_end - k)
     for e in range(buf.shape[0]):
-        ok = st[1] & (k + e < k_end)
-        v = dy[uint64(off if ok else 0)]
+        ok = st[1] & (int32(e) < left)
+        v = dy[uint64(off if ok else int32(0))]
         buf[e] = v if ok else float32(0.0)
-        r += 1
-        off += 1
+        r = int32(r + int32(1))
+        off = int32(off + int32(1))
         wrap = r == p
-        r = 0 if wrap else r
-        off = off + (geo[G_F] - 1) * p if wrap else off
+        r = int32(0) if wrap else r
+        off = int32(off + jump) if wrap else off
 
 
 @cuda.jit(device=True, inline="always")
 def bwd_w_setup_x(x, geo, z, n):
-    """Column n = (c, kh, kw) of B[(image,oh,ow), (c,kh,kw)] = x[image, g*Cg+c, ih, iw]."""
+    """Column n = (c, kh, kw) of B[(image,oh,ow), (c,kh,kw)] = x[image, g*Cg+c, ih, iw]:
+    (offset of x[0, g*Cg+c, 0, 0], kh-pad, kw-pad, valid), int32."""
     g = z % geo[G_GROUPS]
     valid = n < geo[G_KK]
     nn = n if valid else 0
     c = fast_div(nn, geo[G_KK_MUL], geo[G_KK_SH])
     r = nn - c * geo[G_KH] * geo[G_KW]
     kh = fast_div(r, geo[G_KW_MUL], geo[G_KW_SH])
-    dh = kh - geo[G_PAD]
-    dw = r - kh * geo[G_KW] - geo[G_PAD]
-    base = (g * geo[G_CG] + c) * geo[G_H] * geo[G_W]
+    dh = int32(kh - geo[G_PAD])
+    dw = int32(r - kh * geo[G_KW] - geo[G_PAD])
+    base = int32((g * geo[G_CG] + c) * geo[G_H] * geo[G_W])
     return (base, dh, dw, valid)
 
 
 @cuda.jit(device=True, inline="always")
 def bwd_w_fetch_x(x, geo, st, k, step, k_end, buf):
     """x[image, c, oh*s+kh-pad, ow*s+kw-pad] at rows k, k+1, ... = (image, oh, ow) (step is
-    1), 0 in the padding; each next row steps ow, carrying into oh and the image."""
-    s = geo[G_S]
-    hgt = geo[G_H]
-    wid = geo[G_W]
-    owid = geo[G_OW]
-    p = geo[G_OH] * owid
+    1), 0 in the padding; each next row steps iw by s, carrying into ih and the image."""
+    s = int32(geo[G_S])
+    hgt = int32(geo[G_H])
+    wid = int32(geo[G_W])
     img = fast_div(k, geo[G_P_MUL], geo[G_P_SH])
-    r = k - img * p
+    r = k - img * geo[G_OH] * geo[G_OW]
     oh = fast_div(r, geo[G_OW_MUL], geo[G_OW_SH])
-    ow = r - oh * owid
-    ih = oh * s + st[1]
-    iw = ow * s + st[2]
-    plane = st[0] + img * geo[G_C] * hgt * wid
+    ih = int32(oh * s + st[1])
+    iw = int32((r - oh * geo[G_OW]) * s + st[2])
+    ih_end = int32(geo[G_OH] * s + st[1])
+    iw_end = int32(geo[G_OW] * s + st[2])
+    plane = int32(st[0] + img * geo[G_C] * geo[G_H] * geo[G_W])
+    image = int32(geo[G_C] * geo[G_H] * geo[G_W])
+    left = int32(k_end - k)
     for e in range(buf.shape[0]):
-        ok = st[3] & (k + e < k_end) & inside(ih, hgt) & inside(iw, wid)
-        v = x[uint64(plane + ih * wid + iw if ok else 0)]
+        ok = st[3] & (int32(e) < left) & inside(ih, hgt) & inside(iw, wid)
+        v = x[uint64(int32(plane + ih * wid + iw) if ok else int32(0))]
         buf[e] = v if ok else float32(0.0)
-        ow += 1
-        iw += s
-        wrap = ow == owid
-        ow = 0 if wrap else ow
+        iw = int32(iw + s)
+        wrap = iw == iw_end
         iw = st[2] if wrap else iw
-        oh = oh + 1 if wrap else oh
-        ih = ih + s if wrap else ih
-        wrap = oh == geo[G_OH]
-        oh = 0 if wrap else oh
+        ih = int32(ih + s) if wrap else ih
+        wrap = ih == ih_end
         ih = st[1] if wrap else ih
-        plane = plane + geo[G_C] * hgt * wid if wrap else plane
+        plane = int32(plane + image) if wrap else plane
 
 
 @cuda.jit(device=True, inline="always")
 def bwd_w_store_dw(dw, unused, geo, z, m, n, v):
     """dw[g*Fg+m, n] += v atomically: the K slices (split-K) meet in a zeroed dw."""
     if m < geo[G_FG] and n < geo[G_KK]:
-        cuda.atomic.add(dw, uint64((z % geo[G_GROUPS] * geo[G_FG] + m) * geo[G_KK] + n), v)
+        row = int32(z % geo[G_GROUPS] * geo[G_FG] + m)
+        cuda.atomic.add(dw, uint64(int32(row * int32(geo[G_KK]) + n)), v)
 
 
 conv_backward_weights_kernel, _ = gemm.make_gemm_kernel(
     bwd_w_setup_dy, bwd_w_fetch_dy, K_FAST, bwd_w_setup_x, bwd_w_fetch_x, K_FAST,
-    bwd_w_krange, bwd_w_store_dw, name="conv_backward_weights_kernel")
+    bwd_w_krange, bwd_w_store_dw, name="conv_backward_weights_kernel", min_blocks=2)
 conv_backward_weights_kernel.__doc__ = """dw = sum over (image, oh, ow) of dy (x) im2col(x).
 
     dw (F*Cg*KH*KW,) accumulated atomically (the launcher zeroes it first; with one K slice

@@ -156,6 +156,10 @@ class Tower:
 def make_towers(gpus, transfers=None):
     """One :class:`Tower` per entry of ``gpus`` (device ids; repeats share a GPU)."""
     transfers = transfers if transfers is not None else TransferCounter()
+    available = len(cuda.gpus)
+    for device_id in gpus:
+        if not 0 <= int(device_id) < available:
+            raise ValueError(f"no GPU {device_id}: this machine has {available} (ids 0..{available - 1})")
     return [Tower(device_id, index, transfers) for index, device_id in enumerate(gpus)]
 
 

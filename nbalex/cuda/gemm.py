@@ -46,7 +46,7 @@ one C element, checking ``m < M`` and ``n < N`` itself.  ``geo`` is a tuple of i
 geometry the launcher builds.
 """
 
-from numba import config, cuda, float32, uint64
+from numba import config, cuda, float32, int32, int64, uint32, uint64
 
 BK = 8            # K depth of one shared-memory tile
 TM = 8            # rows of C per thread
@@ -57,7 +57,6 @@ ROW_FAST = 1      # loader layout: the row index (m or n) is the contiguous one
 # 16-byte aligned shared tiles let NVVM fuse the fragment reads into LDS.128; the simulator
 # rejects any alignment request (and needs none).
 SMEM_ALIGN = None if config.ENABLE_CUDASIM else 16
-MIN_BLOCKS_PER_SM = 1   # launch bound: 2 blocks x 256 threads -> at most 128 registers
 
 #: Block tiles a launcher may pick from: (BM, BN).  128x128 uses 256 threads, 64x64 uses 64.
 TILES = ((128, 128), (64, 64))
@@ -66,7 +65,7 @@ TILES = ((128, 128), (64, 64))
 @cuda.jit(device=True, inline="always")
 def fast_div(n, magic, shift):
     """floor(n / d) for 0 <= n < 2**31, with (magic, shift) = :func:`magic_divider` (d)."""
-    return (n * magic) >> shift
+    return (int64(n) * magic) >> shift
 
 
 if config.ENABLE_CUDASIM:
@@ -79,7 +78,7 @@ else:
     def inside(i, n):
         """0 <= i < n (for n >= 0), as one unsigned comparison (the simulator cannot cast
         negative Python ints to unsigned, so it gets the two-sided test above)."""
-        return uint64(i) < uint64(n)
+        return uint32(i) < uint32(n)
 
 
 def magic_divider(d):
@@ -102,13 +101,17 @@ def magic_divider(d):
 def fetch_strided(src, base, stride, valid, k, step, k_end, buf):
     """buf[e] = src[base + (k + e*step)*stride] where valid and k + e*step < k_end, else 0.
 
-    The loader of a plain row-major operand (a row of A or B at a fixed stride in k).
+    The loader of a plain row-major operand (a row of A or B at a fixed stride in k); the
+    index is carried in int32 (operands have fewer than 2**31 elements).
     """
+    idx = int32(base + k * stride)
+    delta = int32(step * stride)
+    left = int32(k_end - k)
     for e in range(buf.shape[0]):
-        kk = k + e * step
-        ok = valid & (kk < k_end)
-        v = src[uint64(base + kk * stride if ok else 0)]
+        ok = valid & (int32(e * step) < left)
+        v = src[uint64(idx if ok else int32(0))]
         buf[e] = v if ok else float32(0.0)
+        idx = int32(idx + delta)
 
 
 def cdiv(a, b):
@@ -117,8 +120,11 @@ def cdiv(a, b):
 
 
 def make_gemm_kernel(setup_a, fetch_a, layout_a, setup_b, fetch_b, layout_b, krange, store,
-                     bm=128, bn=128, name="gemm_kernel"):
+                     bm=128, bn=128, name="gemm_kernel", min_blocks=2):
     """A CUDA kernel ``kernel(out, src_a, src_b, bias, geo)`` computing one GEMM use.
+
+    ``min_blocks`` is the launch bound's resident blocks per SM: 2 caps registers at 128
+    (65536 / 512 threads); a loader whose state does not fit that without spilling uses 1.
 
     Launch with grid ``(ceil(N/bn), ceil(M/bm), Z)`` and ``(bm//8)*(bn//8)`` threads per
     block; ``blockIdx.z`` (0..Z-1) is handed to the loaders, ``krange`` and ``store`` (conv
@@ -172,6 +178,14 @@ def make_gemm_kernel(setup_a, fetch_a, layout_a, setup_b, fetch_b, layout_b, kra
         for i in range(TM):
             for j in range(TN):
                 acc[i * TN + j] += a_frag[i] * b_frag[j]
+
+    @cuda.jit(device=True, inline="always")
+    def store_column(out, bias, geo, z, mrow, n, acc, j):
+        """Store column j of this thread's tile (C column n; rows mrow + {0..3} and
+        mrow + bm/2 + {0..3})."""
+        for i in range(4):
+            store(out, bias, geo, z, mrow + i, n, acc[i * TN + j])
+            store(out, bias, geo, z, mrow + half_m + i, n, acc[(4 + i) * TN + j])
 
     def gemm_kernel(out, src_a, src_b, bias, geo):
         tid = cuda.threadIdx.x
@@ -234,15 +248,22 @@ def make_gemm_kernel(setup_a, fetch_a, layout_a, setup_b, fetch_b, layout_b, kra
             # tile t's buffer, which the next iteration overwrites.
             cuda.syncthreads()
 
-        for i in range(TM):
-            m = m0 + (i // 4) * half_m + ty * 4 + i % 4
-            for j in range(TN):
-                n = n0 + (j // 4) * half_n + tx * 4 + j % 4
-                store(out, bias, geo, z, m, n, acc[i * TN + j])
+        # Epilogue, column by column (written out so that every accumulator index is a
+        # constant and acc stays in registers): a column's index decoding is shared by its
+        # 8 rows, and each stored column frees 8 accumulator registers.
+        mrow = m0 + ty * 4
+        ncol = n0 + tx * 4
+        store_column(out, bias, geo, z, mrow, ncol, acc, 0)
+        store_column(out, bias, geo, z, mrow, ncol + 1, acc, 1)
+        store_column(out, bias, geo, z, mrow, ncol + 2, acc, 2)
+        store_column(out, bias, geo, z, mrow, ncol + 3, acc, 3)
+        store_column(out, bias, geo, z, mrow, ncol + half_n, acc, 4)
+        store_column(out, bias, geo, z, mrow, ncol + half_n + 1, acc, 5)
+        store_column(out, bias, geo, z, mrow, ncol + half_n + 2, acc, 6)
+        store_column(out, bias, geo, z, mrow, ncol + half_n + 3, acc, 7)
 
     gemm_kernel.__name__ = gemm_kernel.__qualname__ = name
     if config.ENABLE_CUDASIM:              # the simulator's jit takes no launch bounds
         return cuda.jit(gemm_kernel), threads
-    # Promise ptxas at most `threads` per block and ask for 2 resident blocks per SM: it
-    # then keeps to 128 registers (65536 / 512 threads), which this tile fits without spills.
-    return cuda.jit(gemm_kernel, launch_bounds=(threads, MIN_BLOCKS_PER_SM)), threads
+    # Promise ptxas at most `threads` per block and ask for `min_blocks` resident blocks.
+    return cuda.jit(gemm_kernel, launch_bounds=(threads, min_blocks)), threads

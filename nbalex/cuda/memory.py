@@ -27,6 +27,7 @@ class Arena:
         self._buffer = cuda.device_array(self.capacity, dtype=np.uint8)  # the one allocation
         self.used = 0
         self.allocations = 0
+        self.zeroed = False   # device memory starts undefined
 
     def alloc(self, shape, dtype=np.float32, name=None):
         shape = tuple(int(s) for s in shape)

@@ -26,11 +26,13 @@ def epoch_order(num_images, seed, epoch):
 
 def pca_shift(alpha, eigval, eigvec):
     """rgb_shift (B,3) float32 = eigvec @ (alpha * sqrt(eigval)) for each row of alpha (B,3)."""
-    scaled = np.asarray(alpha, np.float64) * np.sqrt(np.clip(np.asarray(eigval, np.float64), 0, None))
+    sigma = np.sqrt(np.clip(np.asarray(eigval, np.float64), 0, None))
+    scaled = np.asarray(alpha, np.float64) * sigma
     return (scaled @ np.asarray(eigvec, np.float64).T).astype(np.float32)
 
 
-def train_draws(count, image_size, crop_size, eigval, eigvec, seed, epoch, batch, pca_sigma=PCA_SIGMA):
+def train_draws(count, image_size, crop_size, eigval, eigvec, seed, epoch, batch,
+                pca_sigma=PCA_SIGMA):
     """Random crop, flip and colour shift for ``count`` images of one training batch.
 
     Returns (crop_y int32 (B,), crop_x int32 (B,), flip uint8 (B,), rgb_shift float32 (B,3)),

@@ -1,4 +1,4 @@
-"""Read access to a packed HDF5 dataset (layout in DESIGN.md §3, written by :mod:`nbalex.io.pack`)."""
+"""Read access to a packed HDF5 dataset (DESIGN.md §3), as written by :mod:`nbalex.io.pack`."""
 
 import h5py
 import numpy as np
@@ -42,7 +42,8 @@ class H5Dataset:
         images = f["images"]
         if images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2] \
                 or images.dtype != np.uint8:
-            raise DataError(f"{self.path}: 'images' must be uint8 (N,S,S,3), found {images.dtype} {images.shape}")
+            raise DataError(f"{self.path}: 'images' must be uint8 (N,S,S,3), "
+                            f"found {images.dtype} {images.shape}")
         n, s = images.shape[0], images.shape[1]
         labels = f["labels"][()]
         if labels.shape != (n,):
@@ -86,7 +87,7 @@ class H5Dataset:
         return out
 
     def read_into(self, out, indices):
-        """Read images ``indices`` into ``out[:len(indices)]`` (uint8, C-contiguous), one chunk each."""
+        """Read images ``indices`` into ``out[:len(indices)]`` (uint8, C-contiguous)."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if indices.size and (indices.min() < 0 or indices.max() >= self.num_images):
             raise IndexError(f"image index out of range 0..{self.num_images - 1}")
@@ -110,4 +111,5 @@ class H5Dataset:
         self.close()
 
     def __repr__(self):
-        return f"H5Dataset({self.path!r}, images={self.num_images}, size={self.image_size}, classes={len(self.classes)})"
+        return (f"H5Dataset({self.path!r}, images={self.num_images}, size={self.image_size}, "
+                f"classes={len(self.classes)})")

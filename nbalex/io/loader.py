@@ -60,7 +60,7 @@ def _reader_main(path, buffer, slot_shape, tasks, results):
 
 
 def _views(x, count, views):
-    """The per-view (count,3,C,C) slices of a (count*views,3,C,C) batch: rows i*views+k are view k."""
+    """The per-view (count,3,C,C) slices of a (count*views,3,C,C) batch (row i*views+k: view k)."""
     if views == 1:
         return [x]
     shape = (count, views) + tuple(x.shape[1:])
@@ -68,7 +68,7 @@ def _views(x, count, views):
 
 
 class _Readers:
-    """``workers`` reader processes filling slots of a shared host buffer (0 workers: in-process)."""
+    """``workers`` reader processes filling slots of a shared host buffer (0: read in-process)."""
 
     def __init__(self, path, dataset, slot_shape, num_slots, workers):
         self.path, self.dataset, self.workers = path, dataset, workers
@@ -84,8 +84,8 @@ class _Readers:
         self.slots = self.buffer.reshape((num_slots,) + tuple(slot_shape))
         self.tasks, self.results = ctx.Queue(), ctx.Queue()
         for _ in range(workers):
-            proc = ctx.Process(target=_reader_main, daemon=True,
-                               args=(path, self._shared, tuple(slot_shape), self.tasks, self.results))
+            args = (path, self._shared, tuple(slot_shape), self.tasks, self.results)
+            proc = ctx.Process(target=_reader_main, args=args, daemon=True)
             proc.start()
             self.procs.append(proc)
 
@@ -157,7 +157,7 @@ class Loader:
         ds = self.dataset
         if not 0 < self.crop_size <= ds.image_size:
             self.close()
-            raise ValueError(f"crop size {crop_size} must be in 1..{ds.image_size} (the packed size)")
+            raise ValueError(f"crop size {crop_size} must be in 1..{ds.image_size} (packed size)")
         n, b = ds.num_images, self.batch_size
         self.batches_per_epoch = n // b if self.drop_last else -(-n // b)
         if self.batches_per_epoch == 0:
@@ -169,7 +169,8 @@ class Loader:
         self._num_slots = max(workers, 1) + EXTRA_SLOTS
         self._free = deque(range(self._num_slots))
         self._slot_ready = [None] * self._num_slots   # cuda: event "slot's copy done"
-        self._readers = _Readers(self.path, ds, (b, ds.image_size, ds.image_size, 3), self._num_slots, workers)
+        slot_shape = (b, ds.image_size, ds.image_size, 3)
+        self._readers = _Readers(self.path, ds, slot_shape, self._num_slots, workers)
         if self.backend == "cuda":
             self._setup_device(tower)
 
@@ -189,13 +190,13 @@ class Loader:
             pass
         self._dev_images = [alloc((b, s, s, 3), np.uint8) for _ in range(2)]
         self._dev_out = [alloc((b * v, 3, c, c), np.float32) for _ in range(2)]
-        self._dev_draws = [(alloc((v, b), np.int32), alloc((v, b), np.int32), alloc((v, b), np.uint8),
-                            alloc((v, b, 3), np.float32)) for _ in range(2)]
-        self._host_draws = [(cuda.pinned_array((v, b), np.int32), cuda.pinned_array((v, b), np.int32),
-                             cuda.pinned_array((v, b), np.uint8), cuda.pinned_array((v, b, 3), np.float32))
-                            for _ in range(2)]
+        specs = (((v, b), np.int32), ((v, b), np.int32), ((v, b), np.uint8),
+                 ((v, b, 3), np.float32))           # crop_y, crop_x, flip, rgb_shift
+        self._dev_draws = [tuple(alloc(*spec) for spec in specs) for _ in range(2)]
+        self._host_draws = [tuple(cuda.pinned_array(*spec) for spec in specs) for _ in range(2)]
         self._dev_mean = alloc((s, s, 3), np.float32)
-        self._dev_mean.copy_to_device(np.ascontiguousarray(self.dataset.mean), stream=self.copy_stream)
+        mean = np.ascontiguousarray(self.dataset.mean)
+        self._dev_mean.copy_to_device(mean, stream=self.copy_stream)
         self.copy_stream.synchronize()
         self._copy_done = [cuda.event() for _ in range(2)]
         self._augment_done = [cuda.event() for _ in range(2)]
@@ -205,14 +206,17 @@ class Loader:
 
     # ---------------------------------------------------------------- epochs
     def epoch(self, epoch, start_batch=0):
-        """The batches of ``epoch`` from ``start_batch`` on, as (x, labels) pairs (see class doc)."""
+        """The batches of ``epoch`` from ``start_batch`` on, as (x, labels) pairs (class doc)."""
         if not 0 <= start_batch <= self.batches_per_epoch:
             raise ValueError(f"start_batch {start_batch} outside 0..{self.batches_per_epoch}")
         if self._readers is None:
             raise RuntimeError("the loader is closed")
         if self._active is not None:     # only one epoch may own the slots at a time
             self._active.close()
-        order = epoch_order(self.num_images, self.seed, epoch) if self.train else np.arange(self.num_images)
+        if self.train:
+            order = epoch_order(self.num_images, self.seed, epoch)
+        else:
+            order = np.arange(self.num_images)
         run = self._device_batches if self.backend == "cuda" else self._host_batches
         self._active = run(order, int(epoch), int(start_batch))
         return self._active
@@ -285,8 +289,9 @@ class Loader:
         self._copy_done[buf].synchronize()          # host draw buffers of buf are free again
         for host, draw in zip(self._host_draws[buf], self._draws(n, epoch, batch)):
             host[:, :n] = draw
-        self._augment_done[buf].wait(self.copy_stream)   # the kernel that last read buffer buf is done
-        self._dev_images[buf][:n].copy_to_device(self._readers.slots[slot][:n], stream=self.copy_stream)
+        self._augment_done[buf].wait(self.copy_stream)   # the kernel that last read buf is done
+        host_images = self._readers.slots[slot][:n]
+        self._dev_images[buf][:n].copy_to_device(host_images, stream=self.copy_stream)
         for dev, host in zip(self._dev_draws[buf], self._host_draws[buf]):
             dev.copy_to_device(host, stream=self.copy_stream)
         self._copy_done[buf].record(self.copy_stream)
@@ -324,10 +329,10 @@ class Loader:
         if self._active is not None:
             self._active.close()
             self._active = None
+        self._pins.close()                # unpin before the shared buffer can go away
         if self._readers is not None:
             self._readers.close()
             self._readers = None
-        self._pins.close()
         if getattr(self, "dataset", None) is not None:
             self.dataset.close()
             self.dataset = None

@@ -3,11 +3,11 @@
 Every image is decoded (JPEG draft mode when it helps), converted to RGB, its shorter side
 resized to ``size`` with a Lanczos filter and the centre square kept, all in one
 ``Image.resize(..., box=...)`` call: :func:`load_and_resize` is that per-image pipeline.
-Decoding runs in worker processes; the main process writes the images in order, adds them to
-the per-pixel mean and merges each worker's pixel statistics into the RGB covariance
-(Chan et al.'s pairwise update, float64), then takes its PCA.  Files that cannot be decoded
-are skipped, counted and listed.  The output is written to a temporary file beside ``out``
-and renamed at the end, so an interrupted pack leaves nothing behind.
+Decoding runs in worker processes, which also sum each chunk's pixels and pixel products
+(exact integers); the main process writes the images in order, adds them to the per-pixel
+mean (float64) and the sums, and at the end takes the PCA of the RGB covariance.  Files that
+cannot be decoded are skipped, counted and listed.  The output is written to a temporary file
+beside ``out`` and renamed at the end, so an interrupted pack leaves nothing behind.
 """
 
 import multiprocessing
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from numba import njit
 from PIL import Image
 from tqdm import tqdm
 
@@ -55,7 +56,7 @@ def centre_square(width, height):
 
 
 def load_and_resize(path, size):
-    """Decode ``path`` and return its centre square, shorter side resized to ``size``: uint8 (size, size, 3).
+    """Decode ``path``; its centre square, shorter side resized to ``size``: uint8 (size, size, 3).
 
     JPEGs are decoded in draft mode (DCT scaling by 1/2, 1/4 or 1/8) when the scaled image
     keeps both sides >= ``size``; Pillow picks the largest such scale.  Raises whatever PIL
@@ -74,29 +75,53 @@ def load_and_resize(path, size):
         return np.asarray(out, dtype=np.uint8)
 
 
-def pixel_stats(pixels):
-    """(count, mean (3,), M2 (3,3)) of an (n, 3) array of pixels, in float64."""
-    x = pixels.astype(np.float64)
-    mean = x.mean(axis=0)
-    centred = x - mean
-    return x.shape[0], mean, centred.T @ centred
+@njit(cache=True)
+def _add_pixel_sums(image, sums, gram):
+    """sums[c] += sum of channel c; gram[c, d] += sum of channel c * channel d, over an
+    (H, W, 3) uint8 image.  Integer arithmetic: exact for any number of images."""
+    for y in range(image.shape[0]):
+        for x in range(image.shape[1]):
+            r, g, b = np.int64(image[y, x, 0]), np.int64(image[y, x, 1]), np.int64(image[y, x, 2])
+            sums[0] += r
+            sums[1] += g
+            sums[2] += b
+            gram[0, 0] += r * r
+            gram[0, 1] += r * g
+            gram[0, 2] += r * b
+            gram[1, 1] += g * g
+            gram[1, 2] += g * b
+            gram[2, 2] += b * b
+
+
+def pixel_stats(images):
+    """(pixel count, channel sums int64 (3,), gram matrix int64 (3,3)) of uint8 (..., H, W, 3)."""
+    images = np.ascontiguousarray(images, dtype=np.uint8).reshape((-1,) + images.shape[-3:])
+    sums, gram = np.zeros(3, np.int64), np.zeros((3, 3), np.int64)
+    for image in images:
+        _add_pixel_sums(image, sums, gram)
+    gram = np.triu(gram) + np.triu(gram, 1).T
+    return images.shape[0] * images.shape[1] * images.shape[2], sums, gram
 
 
 def merge_stats(a, b):
-    """Merge two (count, mean, M2) triples (Chan, Golub & LeVeque's pairwise update)."""
-    na, ma, m2a = a
-    nb, mb, m2b = b
-    if na == 0:
-        return b
-    n = na + nb
-    delta = mb - ma
-    return n, ma + delta * (nb / n), m2a + m2b + np.outer(delta, delta) * (na * nb / n)
+    """Sum two pixel_stats triples."""
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2]
+
+
+def covariance(stats):
+    """The 3x3 covariance (float64, population) of the pixels summarised by ``stats``.
+
+    n*gram - sums*sums^T is formed exactly in Python integers, then divided by n^2 once.
+    """
+    n, sums, gram = stats
+    s = [int(v) for v in sums]
+    exact = [[n * int(gram[i][j]) - s[i] * s[j] for j in range(3)] for i in range(3)]
+    return np.array(exact, dtype=np.float64) / (float(n) * float(n))
 
 
 def decode_chunk(paths, size):
-    """Worker task: decode ``paths``; returns (images (k,S,S,3), ok (len(paths),) bool, errors, stats)."""
+    """Worker task: decode ``paths``; (images (k,S,S,3), ok bool (len(paths),), errors, stats)."""
     images, ok, errors = [], [], []
-    stats = (0, np.zeros(3), np.zeros((3, 3)))
     for path in paths:
         try:
             image = load_and_resize(path, size)
@@ -108,9 +133,8 @@ def decode_chunk(paths, size):
             continue
         ok.append(True)
         images.append(image)
-        stats = merge_stats(stats, pixel_stats(image.reshape(-1, 3)))
     stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
-    return stacked, np.array(ok, dtype=bool), errors, stats
+    return stacked, np.array(ok, dtype=bool), errors, pixel_stats(stacked)
 
 
 def read_classes(h5_path):
@@ -123,7 +147,7 @@ def read_classes(h5_path):
 
 
 def list_source(src, classes_from=None):
-    """(classes, [(path, label), ...]) for an ImageNet-style folder; raises DataError when unusable."""
+    """(classes, [(path, label), ...]) of an ImageNet-style folder; DataError when unusable."""
     src = Path(src)
     if not src.is_dir():
         raise DataError(f"source folder {src} does not exist or is not a folder")
@@ -134,7 +158,8 @@ def list_source(src, classes_from=None):
     label_of = {name: k for k, name in enumerate(classes)}
     unknown = [name for name in folders if name not in label_of]
     if unknown:
-        raise DataError(f"{len(unknown)} class folder(s) of {src} are not in {classes_from}: {unknown[:5]}")
+        raise DataError(f"{len(unknown)} class folder(s) of {src} are not in {classes_from}: "
+                        f"{unknown[:5]}")
     items = []
     for name in folders:
         for path in sorted((src / name).iterdir()):
@@ -156,7 +181,8 @@ def _pca(cov):
 
 
 def _executor(workers):
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(START_METHOD))
+    context = multiprocessing.get_context(START_METHOD)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
 
 
 def _decoded_chunks(items, size, workers):
@@ -191,13 +217,15 @@ def pack(src, out, size=256, workers=None, classes_from=None, progress=True):
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    pixel_stats(np.zeros((1, 1, 1, 3), np.uint8))   # compile once here; forked workers inherit it
     good_files, good_labels, skipped = [], [], []
-    stats = (0, np.zeros(3), np.zeros((3, 3)))
+    stats = (0, np.zeros(3, np.int64), np.zeros((3, 3), np.int64))
     mean_sum = np.zeros((size, size, 3), np.float64)
     try:
         with h5py.File(tmp, "w") as f:
-            images = f.create_dataset("images", shape=(len(items), size, size, 3), dtype=np.uint8,
-                                      maxshape=(len(items), size, size, 3), chunks=(1, size, size, 3))
+            shape = (len(items), size, size, 3)
+            images = f.create_dataset("images", shape=shape, maxshape=shape, dtype=np.uint8,
+                                      chunks=(1, size, size, 3))
             bar = tqdm(total=len(items), desc=f"pack {Path(src).name}", unit="img",
                        file=sys.stderr, disable=not progress)
             start = 0
@@ -219,10 +247,9 @@ def pack(src, out, size=256, workers=None, classes_from=None, progress=True):
                     bar.update(len(ok))
             count = len(good_files)
             if count == 0:
-                raise DataError(f"none of the {len(items)} files in {src} could be read as an image")
+                raise DataError(f"none of the {len(items)} files in {src} could be read")
             images.resize((count, size, size, 3))
-            cov = stats[2] / stats[0]
-            eigval, eigvec = _pca(cov)
+            eigval, eigvec = _pca(covariance(stats))
             strings = h5py.string_dtype()
             f.create_dataset("labels", data=np.array(good_labels, dtype=np.int32))
             f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=strings)

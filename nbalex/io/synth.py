@@ -42,8 +42,9 @@ def _shape_colour(rng, background_colour):
 
 
 def _polygon(cx, cy, radius, angle, points):
-    """Vertices of a polygon given by ``points`` = [(r_fraction, theta), ...] rotated by ``angle``."""
-    return [(cx + radius * r * np.cos(t + angle), cy + radius * r * np.sin(t + angle)) for r, t in points]
+    """Vertices of the polygon ``points`` = [(r_fraction, theta), ...], rotated by ``angle``."""
+    return [(cx + radius * r * np.cos(t + angle), cy + radius * r * np.sin(t + angle))
+            for r, t in points]
 
 
 def _mask(shape, rng, width, height, cx, cy, radius):
@@ -58,13 +59,14 @@ def _mask(shape, rng, width, height, cx, cy, radius):
         draw.ellipse(box, fill=255)
         r = radius * 0.55
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=0)
-    elif shape == "square":
-        draw.polygon(_polygon(cx, cy, radius, angle + np.pi / 4, [(1, k * np.pi / 2) for k in range(4)]), fill=255)
-    elif shape == "frame":
-        draw.polygon(_polygon(cx, cy, radius, angle + np.pi / 4, [(1, k * np.pi / 2) for k in range(4)]), fill=255)
-        draw.polygon(_polygon(cx, cy, radius * 0.55, angle + np.pi / 4, [(1, k * np.pi / 2) for k in range(4)]), fill=0)
+    elif shape in ("square", "frame"):
+        corners = [(1, k * np.pi / 2) for k in range(4)]
+        draw.polygon(_polygon(cx, cy, radius, angle + np.pi / 4, corners), fill=255)
+        if shape == "frame":
+            draw.polygon(_polygon(cx, cy, radius * 0.55, angle + np.pi / 4, corners), fill=0)
     elif shape == "triangle":
-        draw.polygon(_polygon(cx, cy, radius, angle - np.pi / 2, [(1, k * 2 * np.pi / 3) for k in range(3)]), fill=255)
+        corners = [(1, k * 2 * np.pi / 3) for k in range(3)]
+        draw.polygon(_polygon(cx, cy, radius, angle - np.pi / 2, corners), fill=255)
     elif shape == "star":
         pts = [(1.0 if k % 2 == 0 else 0.45, k * np.pi / 5) for k in range(10)]
         draw.polygon(_polygon(cx, cy, radius, angle - np.pi / 2, pts), fill=255)
@@ -117,7 +119,7 @@ def class_names(classes):
 
 def synth(out_dir, classes=10, train_per_class=100, val_per_class=20, seed=0,
           min_size=48, max_size=96, quality=(75, 95)):
-    """Write ``out_dir/train/<class>/*.jpg`` and ``out_dir/val/<class>/*.jpg``; returns a summary dict."""
+    """Write ``out_dir/{train,val}/<class>/*.jpg``; returns a summary dict."""
     if not 8 <= min_size <= max_size:
         raise ValueError(f"need 8 <= min_size <= max_size, got {min_size}, {max_size}")
     names = class_names(classes)
