@@ -11,7 +11,7 @@
 #      sgemm --json, train --json,
 #   3. python bench/write_results.py: bench/results/gpu-<card>-<date>.md and a short summary.
 # Each step has a time limit and its exit status is recorded; a failing step never stops
-# the others. Everything fits in NBALEX_SUITE_BUDGET seconds (default 530). Raw outputs go
+# the others. Everything fits in NBALEX_SUITE_BUDGET seconds (default 535). Raw outputs go
 # to bench/results/raw/; with COPY_TO_DIR they and the markdown file are copied there too.
 # NBALEX_SUITE_SKIP="tests,train" skips the steps named (tests, static, kernels-conv,
 # kernels-rest, sgemm, train).
@@ -19,7 +19,7 @@
 set -u
 cd "$(dirname "$0")/.."
 START=$(date +%s)
-BUDGET=${NBALEX_SUITE_BUDGET:-530}
+BUDGET=${NBALEX_SUITE_BUDGET:-535}
 RESERVE=15                       # seconds always kept for write_results.py
 RAW=bench/results/raw
 mkdir -p "$RAW"
@@ -110,15 +110,15 @@ except Exception:
 EOF
 
 # ---------------------------------------------------------------- the steps
-run_step tests 170 "$RAW/pytest.log" "$PY" -m pytest -q -p no:cacheprovider tests
-run_step static 50 "$RAW/static.json" "${NBALEX[@]}" bench static --json
-run_step kernels-conv 80 "$RAW/kernels-conv.json" \
+run_step tests 150 "$RAW/pytest.log" "$PY" -m pytest -q -p no:cacheprovider tests
+run_step static 45 "$RAW/static.json" "${NBALEX[@]}" bench static --json
+run_step kernels-conv 90 "$RAW/kernels-conv.json" \
     "${NBALEX[@]}" bench kernels --backend cuda --repeats 5 --layer conv1,conv2,conv3,conv4,conv5 --json
-run_step kernels-rest 70 "$RAW/kernels-rest.json" \
+run_step kernels-rest 90 "$RAW/kernels-rest.json" \
     "${NBALEX[@]}" bench kernels --backend cuda --repeats 5 \
     --layer lrn1,lrn2,pool1,pool2,pool5,fc6,fc7,fc8,relu,dropout,softmax-xent,sgd --json
 run_step sgemm 45 "$RAW/sgemm.json" "${NBALEX[@]}" bench sgemm --repeats 5 --json
-run_step train 100 "$RAW/train.json" "${NBALEX[@]}" bench train --steps 5 --warmup 1 --json
+run_step train 90 "$RAW/train.json" "${NBALEX[@]}" bench train --steps 5 --warmup 1 --json
 
 # ---------------------------------------------------------------- the results file
 "$PY" bench/write_results.py "$RAW"

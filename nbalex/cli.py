@@ -235,10 +235,8 @@ def train(ctx, data, val, model, epochs, batch_size, lr, momentum, weight_decay,
     except training.Interrupted as stop:
         click.echo(f"Stopped: {stop}", err=True)
         ctx.exit(130)
-    last = summary["history"][-1] if summary["history"] else None
-    if last is None:
-        click.echo(f"{out_dir}: nothing to do", err=True)
-    else:
+    if summary["history"]:
+        last = summary["history"][-1]
         click.echo(f"done: {summary['epochs']} epochs, top-1 error "
                    f"{100 * last['top1_error']:.2f}%, top-5 error {100 * last['top5_error']:.2f}%;"
                    f" checkpoint {summary['checkpoint']}")

@@ -96,7 +96,7 @@ def _build(specs, steps, layout, backend, places, arenas, batch, dtype, towers):
         b["momentum_views"] = layout.views(flats["momentum"])
         buffers.append(b)
     stages = []
-    for index, step in enumerate(steps):
+    for step in steps:
         if isinstance(step, GatherStep):
             stages.append(Gather(step, ctxs, [b["recv"] for b in buffers], [b["send"] for b in buffers]))
         else:

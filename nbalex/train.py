@@ -269,9 +269,28 @@ def _check_same_model(model, config_text, path):
 
 
 def _tower(net):
-    """The first tower to load batches onto (CUDA backend), else None."""
+    """Where the loader puts batches for ``net``: None on the host backends; on CUDA the
+    first tower's streams (so augmentation is ordered before the network's kernels) with
+    buffers of the loader's own, since the network's arena is sized for the network alone."""
     towers = getattr(net, "towers", None)
-    return towers[0] if towers else None
+    return _LoaderTower(towers[0]) if towers else None
+
+
+class _LoaderTower:
+    """A tower's compute and copy streams plus an ``arena.alloc`` that allocates on its GPU.
+
+    The loader allocates its few device buffers once, when it is built, never per batch.
+    """
+
+    def __init__(self, tower):
+        self.tower = tower
+        self.compute_stream, self.copy_stream = tower.compute_stream, tower.copy_stream
+        self.arena = self
+
+    def alloc(self, shape, dtype=np.float32, name=None):
+        from numba import cuda
+        with self.tower.activate():
+            return cuda.device_array(shape, dtype)
 
 
 # ------------------------------------------------------------------------------ training
@@ -320,6 +339,9 @@ def train(data, val, out, settings, epochs, *, backend="auto", gpus=(0,), resume
     backend = resolve(backend)
     run = _Run.start(data, val, Path(out), settings, epochs, given, resume, backend, gpus)
     net, settings = run.net, run.settings
+    if run.epoch >= epochs:
+        report(f"nothing to do: {out} already holds {run.epoch} epochs (--epochs {epochs})")
+        return {"epochs": run.epoch, "history": run.history, "checkpoint": str(run.path)}
     loader_args = dict(backend=backend, seed=settings.seed, workers=workers, tower=_tower(net))
     with Loader(data, settings.batch_size, net.input_size, train=True, **loader_args) as train_loader, \
             Loader(val, settings.batch_size, net.input_size, train=False, view="center",
@@ -330,6 +352,8 @@ def train(data, val, out, settings, epochs, *, backend="auto", gpus=(0,), resume
                f"parameters, backend {backend}) at epoch {run.epoch + 1}, step {run.step} of "
                f"{steps}; batch {settings.batch_size}, lr {run.lr:g}; run folder {out}")
         while run.epoch < epochs:
+            if stop():   # Ctrl-C while the last epoch was being saved: that is the position
+                raise Interrupted(run.path, run.epoch, run.step)
             started = time.perf_counter()
             try:
                 _train_epoch(net, train_loader, run, steps, stop, progress,
@@ -511,14 +535,12 @@ def evaluate_checkpoint(checkpoint_path, data, *, ten_crop=False, batch_size=128
     views = 10 if ten_crop else 1
     net, state = load_checkpoint(checkpoint_path, backend, batch_size * views, gpus)
     classes = (state.get("extra") or {}).get("classes")
-    _check_data(net, H5Dataset(data), data, classes=_extra_list(classes))
-    loader = Loader(data, batch_size, net.input_size, backend=backend, train=False,
-                    seed=0, workers=workers, tower=_tower(net),
-                    view="ten" if ten_crop else "center", drop_last=False)
-    try:
+    with H5Dataset(data) as dataset:
+        _check_data(net, dataset, data, classes=_extra_list(classes))
+    with Loader(data, batch_size, net.input_size, backend=backend, train=False, seed=0,
+                workers=workers, tower=_tower(net), view="ten" if ten_crop else "center",
+                drop_last=False) as loader:
         return evaluate(net, loader, ten_crop=ten_crop, progress=progress)
-    finally:
-        loader.close()
 
 
 def predict(checkpoint_path, images, *, top=5, backend="auto", batch_size=16):

@@ -210,3 +210,17 @@ def test_interrupted_pack_leaves_nothing_behind(synthetic, tmp_path, monkeypatch
     with pytest.raises(error):
         pack(synthetic / "train", out, size=SIZE, workers=2, progress=False)
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_synth_is_deterministic_and_varied(tmp_path):
+    a = synth(tmp_path / "a", classes=4, train_per_class=3, val_per_class=1, seed=2)
+    synth(tmp_path / "b", classes=4, train_per_class=3, val_per_class=1, seed=2)
+    synth(tmp_path / "c", classes=4, train_per_class=3, val_per_class=1, seed=3)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.jpg"))
+    assert len(files) == 16 and a["classes"] == sorted(a["classes"])
+    assert sorted(os.listdir(tmp_path / "a" / "train")) == a["classes"]
+    same = [(tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files]
+    other = [(tmp_path / "a" / f).read_bytes() == (tmp_path / "c" / f).read_bytes() for f in files]
+    assert all(same) and not any(other)
+    sizes = {Image.open(tmp_path / "a" / f).size for f in files}
+    assert len(sizes) > 8 and all(48 <= w <= 96 and 48 <= h <= 96 for w, h in sizes)

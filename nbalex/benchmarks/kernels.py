@@ -52,18 +52,29 @@ def load_backend(name):
     package = importlib.import_module(f"nbalex.{name}")
     if all(callable(getattr(package, n, None)) for n in backends.LAUNCHERS):
         return package
-    found = {}
+    found, errors = {}, []
     for info in pkgutil.iter_modules(package.__path__):
         if info.name in ("static",):
             continue
         try:
             sub = importlib.import_module(f"nbalex.{name}.{info.name}")
-        except Exception:                      # a layer file that does not import yet
+        except Exception as exc:  # noqa: BLE001 - a layer file that does not import
+            errors.append(f"nbalex.{name}.{info.name}: {type(exc).__name__}: {exc}")
             continue
         for launcher in backends.LAUNCHERS:
             if launcher not in found and callable(getattr(sub, launcher, None)):
                 found[launcher] = getattr(sub, launcher)
+    for launcher in backends.LAUNCHERS:
+        found.setdefault(launcher, _unavailable(f"nbalex.{name}", launcher, errors))
     return SimpleNamespace(__name__=f"nbalex.{name}", **found)
+
+
+def _unavailable(package, launcher, errors):
+    """A launcher that says why the backend does not have it, when called."""
+    def launch(*args, **kwargs):
+        why = "; ".join(errors) if errors else "no module defines it"
+        raise NotImplementedError(f"{package} has no {launcher} ({why})")
+    return launch
 
 
 class HostMemory:
@@ -284,7 +295,12 @@ def run_kernels(backend="auto", layers=None, batch_size=None, repeats=None, warm
     rng = np.random.default_rng(seed)
     rows = []
     for spec in select_layers(layers):
-        rows += bench_layer(spec, backend, module, mem, reference, rng, n, warmup, repeats, log)
+        done = bench_layer(spec, backend, module, mem, reference, rng, n, warmup, repeats, log)
+        for r in done:                  # progress on stderr, in case the run is cut short
+            if log is not None and "ms" in r:
+                peer = f", torch {r['torch_ms']:.3f} ms" if r.get("torch_ms") is not None else ""
+                log(f"{r['layer']} {r['pass']}: {r['ms']:.3f} ms{peer}")
+        rows += done
     return rows
 
 
@@ -318,10 +334,10 @@ def format_rows(rows, backend):
               show_default=True, help="Whose launchers to time; auto = cuda on a GPU, else cpu.")
 @click.option("--layer", "layers", multiple=True,
               help="Layer(s) to run (repeatable or comma-separated); default every layer.")
-@click.option("--batch-size", type=int, default=None,
+@click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Batch for timing (default 128 on a GPU, 16 on the CPU).")
-@click.option("--repeats", type=int, default=None, help="Timed calls per pass (median reported).")
-@click.option("--warmup", type=int, default=None, help="Untimed calls before timing.")
+@click.option("--repeats", type=click.IntRange(1), default=None, help="Timed calls per pass (median reported).")
+@click.option("--warmup", type=click.IntRange(0), default=None, help="Untimed calls before timing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of row objects.")
 def command(backend, layers, batch_size, repeats, warmup, as_json):
     """Time every AlexNet layer's kernels beside PyTorch (and NumPy on the CPU).

@@ -112,7 +112,10 @@ class Pass:
 def make_inputs(spec, n, rng):
     """The random inputs of every pass of ``spec`` at batch ``n`` (host, C-contiguous)."""
     def normal(*shape, scale=1.0):
-        return (rng.standard_normal(shape) * scale).astype(FLOAT)
+        a = rng.standard_normal(shape, dtype=FLOAT)
+        if scale != 1.0:
+            a *= FLOAT(scale)
+        return a
 
     if spec.kind == "conv":
         c, f, k, g = spec.in_shape[0], spec.out_shape[0], spec.kernel, spec.groups

@@ -200,11 +200,11 @@ COLUMNS = [("shape", "shape"), ("M", "M"), ("N", "N"), ("K", "K"), ("ours_ms", "
 
 
 @click.command("sgemm")
-@click.option("--batch-size", type=int, default=128, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True,
               help="Batch that sets N of the fc and conv GEMMs.")
-@click.option("--square", type=int, default=4096, show_default=True, help="Size of the square product.")
-@click.option("--repeats", type=int, default=10, show_default=True, help="Timed calls (median reported).")
-@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed calls before timing.")
+@click.option("--square", type=click.IntRange(1), default=4096, show_default=True, help="Size of the square product.")
+@click.option("--repeats", type=click.IntRange(1), default=10, show_default=True, help="Timed calls (median reported).")
+@click.option("--warmup", type=click.IntRange(0), default=2, show_default=True, help="Untimed calls before timing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of row objects.")
 def command(batch_size, square, repeats, warmup, as_json):
     """Our SGEMM (linear_forward) against cuBLAS with TF32 off, as TFLOP/s and a percentage.

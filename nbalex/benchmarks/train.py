@@ -268,11 +268,11 @@ def format_result(r):
 
 @click.command("train")
 @click.option("--model", default="alexnet", show_default=True, help="Config name or .toml path.")
-@click.option("--batch-size", type=int, default=128, show_default=True, help="Images per step.")
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per step.")
 @click.option("--backend", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
               show_default=True, help="auto = cuda on a GPU, else cpu.")
-@click.option("--steps", type=int, default=5, show_default=True, help="Timed steps (median reported).")
-@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed steps first.")
+@click.option("--steps", type=click.IntRange(1), default=5, show_default=True, help="Timed steps (median reported).")
+@click.option("--warmup", type=click.IntRange(0), default=2, show_default=True, help="Untimed steps first.")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A packed HDF5 file to time the loader on (else the loader is not measured).")
 @click.option("--no-peer", is_flag=True, help="Skip PyTorch's network.")
