@@ -39,6 +39,7 @@ def im2col(cols, x, n0, nb, kh, kw, stride, pad, oh, ow):
 
     One parallel task per (row k, image j): it writes the P columns of image j in row k,
     zeros where the tap falls into the padding.  Every element of cols[:, :nb*P] is written.
+    Each output row is a slice copy (unit stride when stride == 1), which Numba vectorises.
     """
     c_in, h, w = x.shape[1], x.shape[2], x.shape[3]
     p_out = oh * ow
@@ -53,20 +54,18 @@ def im2col(cols, x, n0, nb, kh, kw, stride, pad, oh, ow):
         img = x[n0 + j, c]
         lo_i, hi_i = _valid_range(oh, h, p, stride, pad)
         lo_j, hi_j = _valid_range(ow, w, q, stride, pad)
-        for i in range(oh):
+        row[:lo_i * ow] = 0.0
+        row[hi_i * ow:] = 0.0
+        off = q - pad
+        for i in range(lo_i, hi_i):
             base = i * ow
-            if i < lo_i or i >= hi_i:
-                for jj in range(ow):
-                    row[base + jj] = 0.0
-                continue
             src = img[i * stride - pad + p]
-            for jj in range(lo_j):
-                row[base + jj] = 0.0
-            off = q - pad
-            for jj in range(lo_j, hi_j):
-                row[base + jj] = src[jj * stride + off]
-            for jj in range(hi_j, ow):
-                row[base + jj] = 0.0
+            row[base:base + lo_j] = 0.0
+            if stride == 1:
+                row[base + lo_j:base + hi_j] = src[lo_j + off:hi_j + off]
+            else:
+                row[base + lo_j:base + hi_j] = src[lo_j * stride + off:(hi_j - 1) * stride + off + 1:stride]
+            row[base + hi_j:base + ow] = 0.0
 
 
 @njit(parallel=True, cache=True)
@@ -87,13 +86,19 @@ def col2im(dx, cols, n0, nb, kh, kw, stride, pad, oh, ow):
             lo_i, hi_i = _valid_range(oh, h, p, stride, pad)
             for q in range(kw):
                 lo_j, hi_j = _valid_range(ow, w, q, stride, pad)
+                if hi_j <= lo_j:
+                    continue
                 row = cols[(c * kh + p) * kw + q, j * p_out:(j + 1) * p_out]
                 off = q - pad
                 for i in range(lo_i, hi_i):
-                    dst = plane[i * stride - pad + p]
-                    base = i * ow
-                    for jj in range(lo_j, hi_j):
-                        dst[jj * stride + off] += row[base + jj]
+                    src = row[i * ow + lo_j:i * ow + hi_j]
+                    if stride == 1:
+                        dst = plane[i - pad + p, lo_j + off:hi_j + off]
+                    else:
+                        dst = plane[i * stride - pad + p,
+                                    lo_j * stride + off:(hi_j - 1) * stride + off + 1:stride]
+                    for t in range(src.shape[0]):
+                        dst[t] += src[t]
 
 
 @njit(parallel=True, cache=True)

@@ -446,7 +446,7 @@ def _check_conv(x_shape, w_shape, stride, pad, groups):
 
 
 def _grid(m, n, z):
-    bm, bn = gemm.TILES[0]
+    bm, bn = gemm.BM, gemm.BN
     return (gemm.cdiv(n, bn), gemm.cdiv(m, bm), z)
 
 
@@ -492,7 +492,7 @@ def backward_weights_splits(x_shape, w_shape, stride, pad, groups):
     """
     geo = conv_geometry(x_shape, w_shape, stride, pad, groups)
     total = geo[G_N] * geo[G_OH] * geo[G_OW]
-    bm, bn = gemm.TILES[0]
+    bm, bn = gemm.BM, gemm.BN
     blocks = gemm.cdiv(geo[G_FG], bm) * gemm.cdiv(geo[G_KK], bn) * groups
     tiles = gemm.cdiv(total, gemm.BK)
     splits = max(1, min(gemm.cdiv(TARGET_BLOCKS, blocks), tiles // MIN_SPLIT_TILES))

@@ -58,8 +58,8 @@ ROW_FAST = 1      # loader layout: the row index (m or n) is the contiguous one
 # rejects any alignment request (and needs none).
 SMEM_ALIGN = None if config.ENABLE_CUDASIM else 16
 
-#: Block tiles a launcher may pick from: (BM, BN).  128x128 uses 256 threads, 64x64 uses 64.
-TILES = ((128, 128), (64, 64))
+BM = 128          # rows of C per block (the default tile; 256 threads at 8x8 each)
+BN = 128          # columns of C per block
 
 
 @cuda.jit(device=True, inline="always")
@@ -120,7 +120,7 @@ def cdiv(a, b):
 
 
 def make_gemm_kernel(setup_a, fetch_a, layout_a, setup_b, fetch_b, layout_b, krange, store,
-                     bm=128, bn=128, name="gemm_kernel", min_blocks=2):
+                     bm=BM, bn=BN, name="gemm_kernel", min_blocks=2):
     """A CUDA kernel ``kernel(out, src_a, src_b, bias, geo)`` computing one GEMM use.
 
     ``min_blocks`` is the launch bound's resident blocks per SM: 2 caps registers at 128

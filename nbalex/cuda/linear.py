@@ -180,7 +180,7 @@ STATIC_SIGNATURES = [
 # ---- launchers ----------------------------------------------------------------------------
 
 def _grid(rows, cols):
-    bm, bn = gemm.TILES[0]
+    bm, bn = gemm.BM, gemm.BN
     return (gemm.cdiv(cols, bn), gemm.cdiv(rows, bm), 1)
 
 

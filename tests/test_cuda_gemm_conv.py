@@ -1,0 +1,190 @@
+"""The GEMM-based CUDA kernels (convolution, linear) against the NumPy reference.
+
+Under the simulator every launch runs its blocks' 256 threads as Python threads, so the
+shapes here are tiny (1-9 blocks per launch) but chosen to hit every edge of the tiling:
+sizes that are not multiples of the 128x128 block tile or of the K tile of 8, more than one
+block along M and along N, odd sizes, 1x1 and non-square kernels, stride larger than the
+kernel, padding 0/1/2, groups 1/2/4, batch 1 and 3, the fused ReLU, and split-K in the
+weight gradient.  The AlexNet-shaped cases need a real GPU.
+"""
+
+import numpy as np
+import pytest
+from conftest import requires_gpu
+
+from nbalex.cuda import conv2d as cuda_conv
+from nbalex.cuda import gemm
+from nbalex.cuda import linear as cuda_linear
+from nbalex.reference import conv2d as ref_conv
+from nbalex.reference import linear as ref_linear
+
+
+def assert_close(got, want, rtol=1e-4):
+    """float32 kernel result vs float64 reference, error scaled to the result's size."""
+    scale = max(float(np.abs(want).max()), 1e-6)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)
+
+
+def conv_case(rng, n, c, h, w, f, kh, kw, stride, pad, groups, relu):
+    """Run the three CUDA conv launchers and compare with the reference in float64."""
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((f, c // groups, kh, kw)).astype(np.float32)
+    b = rng.standard_normal(f).astype(np.float32)
+    oh = (h + 2 * pad - kh) // stride + 1
+    ow = (w + 2 * pad - kw) // stride + 1
+    dy = rng.standard_normal((n, f, oh, ow)).astype(np.float32)
+    x64, w64, b64, dy64 = (a.astype(np.float64) for a in (x, wt, b, dy))
+
+    y = np.full((n, f, oh, ow), np.nan, np.float32)
+    cuda_conv.conv2d_forward(y, x, wt, b, stride, pad, groups, relu=relu)
+    y_ref = np.empty(y.shape)
+    ref_conv.conv2d_forward(y_ref, x64, w64, b64, stride, pad, groups, relu=relu)
+    assert_close(y, y_ref)
+
+    dx = np.full(x.shape, np.nan, np.float32)
+    cuda_conv.conv2d_backward_data(dx, dy, wt, stride, pad, groups)
+    dx_ref = np.empty(x.shape)
+    ref_conv.conv2d_backward_data(dx_ref, dy64, w64, stride, pad, groups)
+    assert_close(dx, dx_ref)
+
+    dw = np.full(wt.shape, np.nan, np.float32)
+    db = np.full(b.shape, np.nan, np.float32)
+    cuda_conv.conv2d_backward_weights(dw, db, dy, x, stride, pad, groups)
+    dw_ref, db_ref = np.empty(wt.shape), np.empty(b.shape)
+    ref_conv.conv2d_backward_weights(dw_ref, db_ref, dy64, x64, stride, pad, groups)
+    assert_close(dw, dw_ref)
+    assert_close(db, db_ref)
+
+
+CONV_CASES = [
+    # n, c, h, w, f, kh, kw, stride, pad, groups, relu
+    pytest.param(1, 2, 5, 5, 3, 3, 3, 1, 1, 1, True, id="3x3-pad1-relu"),
+    pytest.param(3, 4, 7, 6, 4, 3, 2, 2, 2, 2, False, id="odd-batch3-stride2-pad2-groups2"),
+    pytest.param(1, 4, 6, 5, 8, 1, 1, 3, 0, 4, True, id="1x1-stride3-groups4"),
+    pytest.param(3, 3, 7, 7, 2, 3, 3, 1, 1, 1, False, id="two-blocks-along-n-k-tail"),
+    pytest.param(1, 1, 3, 2, 130, 1, 1, 1, 0, 1, True, id="two-blocks-along-m"),
+]
+
+
+@pytest.mark.parametrize("n, c, h, w, f, kh, kw, stride, pad, groups, relu", CONV_CASES)
+def test_conv2d_matches_reference(rng, n, c, h, w, f, kh, kw, stride, pad, groups, relu):
+    conv_case(rng, n, c, h, w, f, kh, kw, stride, pad, groups, relu)
+
+
+def test_conv2d_backward_weights_split_k(rng, monkeypatch):
+    """Several K slices meeting through atomic adds give the same gradient as one."""
+    monkeypatch.setattr(cuda_conv, "MIN_SPLIT_TILES", 1)
+    splits, k_split = cuda_conv.backward_weights_splits((2, 2, 6, 6), (3, 2, 3, 3), 1, 1, 1)
+    assert splits > 1 and k_split % gemm.BK == 0
+    conv_case(rng, 2, 2, 6, 6, 3, 3, 3, 1, 1, 1, False)
+
+
+def test_conv2d_workspace_is_zero():
+    assert cuda_conv.conv2d_workspace_size((128, 3, 227, 227), (96, 3, 11, 11), 4, 0, 1) == 0
+
+
+def test_conv2d_launchers_check_preconditions():
+    x = np.zeros((1, 4, 5, 5), np.float32)
+    w = np.zeros((2, 2, 3, 3), np.float32)
+    b = np.zeros(2, np.float32)
+    y = np.zeros((1, 2, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="float32"):
+        cuda_conv.conv2d_forward(y, x.astype(np.float64), w, b, 1, 0, 2)
+    with pytest.raises(ValueError, match="shape"):
+        cuda_conv.conv2d_forward(np.zeros((1, 2, 4, 4), np.float32), x, w, b, 1, 0, 2)
+    with pytest.raises(ValueError, match="groups"):
+        cuda_conv.conv2d_forward(y, x, w, b, 1, 0, 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        cuda_conv.conv2d_backward_data(np.zeros((1, 5, 5, 4), np.float32).transpose(0, 3, 1, 2),
+                                       y, w, 1, 0, 2)
+    with pytest.raises(ValueError, match="larger than"):
+        cuda_conv.conv2d_backward_weights(np.zeros((2, 2, 7, 7), np.float32), b, y, x, 1, 0, 2)
+
+
+def linear_case(rng, n, m, k, relu):
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    w = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal(m).astype(np.float32)
+    dy = rng.standard_normal((n, m)).astype(np.float32)
+    x64, w64, b64, dy64 = (a.astype(np.float64) for a in (x, w, b, dy))
+
+    y = np.full((n, m), np.nan, np.float32)
+    cuda_linear.linear_forward(y, x, w, b, relu=relu)
+    y_ref = np.empty((n, m))
+    ref_linear.linear_forward(y_ref, x64, w64, b64, relu=relu)
+    assert_close(y, y_ref)
+
+    dx = np.full((n, k), np.nan, np.float32)
+    cuda_linear.linear_backward_data(dx, dy, w)
+    dx_ref = np.empty((n, k))
+    ref_linear.linear_backward_data(dx_ref, dy64, w64)
+    assert_close(dx, dx_ref)
+
+    dw = np.full((m, k), np.nan, np.float32)
+    db = np.full(m, np.nan, np.float32)
+    cuda_linear.linear_backward_weights(dw, db, dy, x)
+    dw_ref, db_ref = np.empty((m, k)), np.empty(m)
+    ref_linear.linear_backward_weights(dw_ref, db_ref, dy64, x64)
+    assert_close(dw, dw_ref)
+    assert_close(db, db_ref)
+
+
+@pytest.mark.parametrize("n, m, k, relu", [
+    pytest.param(3, 5, 7, True, id="tiny-relu"),
+    pytest.param(5, 130, 17, False, id="two-blocks-k-tail"),
+])
+def test_linear_matches_reference(rng, n, m, k, relu):
+    linear_case(rng, n, m, k, relu)
+
+
+def test_linear_launchers_check_preconditions():
+    x = np.zeros((2, 3), np.float32)
+    w = np.zeros((4, 3), np.float32)
+    b = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="shape"):
+        cuda_linear.linear_forward(np.zeros((2, 3), np.float32), x, w, b)
+    with pytest.raises(ValueError, match="shape"):
+        cuda_linear.linear_forward(np.zeros((2, 4), np.float32), x, np.zeros((4, 5), np.float32), b)
+    with pytest.raises(ValueError, match="float32"):
+        cuda_linear.linear_backward_data(x, np.zeros((2, 4), np.float64), w)
+    with pytest.raises(ValueError, match="contiguous"):
+        cuda_linear.linear_backward_weights(np.zeros((3, 4), np.float32).T, b,
+                                            np.zeros((2, 4), np.float32), x)
+
+
+def test_magic_divider_is_exact():
+    """(n * magic) >> shift == n // d over the whole int32 range's awkward corners."""
+    rng = np.random.default_rng(7)
+    big = 2 ** 31 - 1
+    n = np.concatenate([np.arange(0, 5000), rng.integers(0, big, 20000), big - np.arange(100)])
+    for d in list(range(1, 300)) + [387200, 3025, 46225, 2 ** 20 + 7, big]:
+        magic, shift = gemm.magic_divider(d)
+        assert magic < 2 ** 32
+        got = (n.astype(object) * magic) >> shift
+        assert np.array_equal(got.astype(np.int64), n // d), d
+
+
+# ---- AlexNet's shapes, on a real GPU ------------------------------------------------------
+
+ALEXNET_CONVS = [
+    # name, (C, H), (F, K, stride, pad, groups)
+    pytest.param(3, 227, 96, 11, 4, 0, 1, id="conv1"),
+    pytest.param(96, 27, 256, 5, 1, 2, 2, id="conv2"),
+    pytest.param(256, 13, 384, 3, 1, 1, 1, id="conv3"),
+    pytest.param(384, 13, 384, 3, 1, 1, 2, id="conv4"),
+    pytest.param(384, 13, 256, 3, 1, 1, 2, id="conv5"),
+]
+
+
+@requires_gpu
+@pytest.mark.parametrize("c, size, f, k, stride, pad, groups", ALEXNET_CONVS)
+def test_conv2d_alexnet_layer(rng, c, size, f, k, stride, pad, groups):
+    conv_case(rng, 128, c, size, size, f, k, k, stride, pad, groups, True)
+
+
+@requires_gpu
+@pytest.mark.parametrize("k, m", [pytest.param(9216, 4096, id="fc6"),
+                                  pytest.param(4096, 4096, id="fc7"),
+                                  pytest.param(4096, 1000, id="fc8")])
+def test_linear_alexnet_layer(rng, k, m):
+    linear_case(rng, 128, m, k, True)
