@@ -210,7 +210,7 @@ TRAIN_EPILOG = _examples(
               help="Run folder (RUN_DIR).")
 @click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR where it stopped.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
-              help="Loader threads.")
+              help="Processes reading the packed file (0: the main process).")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar per epoch on stderr.")
 @click.option("--stop-after-steps", type=click.IntRange(1), hidden=True,
@@ -224,9 +224,7 @@ def train(ctx, data, val, model, epochs, batch_size, lr, momentum, weight_decay,
     given = dict(model=model, batch_size=batch_size, lr=lr, momentum=momentum,
                  weight_decay=weight_decay, schedule=schedule, step_epochs=step_epochs,
                  seed=seed)
-    defaults = training.Settings()
-    settings = training.Settings(**{k: defaults.__dict__[k] if v is None else v
-                                    for k, v in given.items()})
+    settings = training.Settings(**{k: v for k, v in given.items() if v is not None})
     try:
         summary = training.train(data, val, out_dir, settings, epochs, backend=backend,
                                  gpus=gpus, resume=resume, given=given, workers=workers,
@@ -257,7 +255,7 @@ def train(ctx, data, val, model, epochs, batch_size, lr, momentum, weight_decay,
 @click.option("--backend", type=BACKENDS, default="auto", show_default=True,
               help="auto = cuda when a GPU is present, else cpu.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
-              help="Loader threads.")
+              help="Processes reading the packed file (0: the main process).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print one JSON object {"top1_error", "top5_error", "loss", "images"}.')
 def evaluate(checkpoint, data, ten_crop, batch_size, backend, workers, as_json):

@@ -227,21 +227,23 @@ def build_net(config, backend="auto", batch_size=128, gpus=(0,), seed=0):
 
 
 def _check_fits_on_gpu(config, batch_size, gpus):
-    """Raise ValueError when one tower's arena for ``batch_size`` exceeds a GPU's free memory."""
+    """Raise ValueError when a tower's arena for ``batch_size`` exceeds its GPU's free memory."""
     from numba import config as numba_config
     if numba_config.ENABLE_CUDASIM:
         return
     from numba import cuda
     from nbalex import model
-    need = model.describe(config, batch_size=batch_size).get("arena_bytes")
-    if not need:
-        return
-    for gpu in gpus:
+    from nbalex.config import load_config
+    specs = load_config(config)[2]
+    need = model.arena_bytes(specs, batch_size, "cuda", towers=len(gpus))[0]
+    for gpu in sorted(set(gpus)):
         with cuda.gpus[gpu]:
             free, _total = cuda.current_context().get_memory_info()
-        if need > free:
-            raise ValueError(f"batch size {batch_size} needs {need / 2**30:.1f} GiB on GPU {gpu}, "
-                             f"which has {free / 2**30:.1f} GiB free; try a smaller --batch-size")
+        towers_here = list(gpus).count(gpu)
+        if need * towers_here > free:
+            raise ValueError(f"batch size {batch_size} needs {need * towers_here / 2**30:.2f} GiB "
+                             f"on GPU {gpu}, which has {free / 2**30:.2f} GiB free; try a "
+                             f"smaller --batch-size")
 
 
 def _check_data(net, dataset, path, classes=None):

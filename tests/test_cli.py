@@ -7,7 +7,6 @@ tests/configs/cli-tiny.toml (24x24 packed images, 20x20 crops, 3 classes).
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -39,9 +38,8 @@ def train_args(data, out, *extra):
             "--workers", 0, "--no-progress", "--out", out, *extra)
 
 
-def params_of(checkpoint):
-    with h5py.File(checkpoint, "r") as f:
-        return {name: f["params"][name][()] for name in f["params"]}
+def params_of(path):
+    return checkpoint.load_params(path)
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +149,22 @@ def test_info_prints_the_layer_table_and_totals():
         assert name in table
 
 
-def test_bench_lists_static():
+def test_bench_static_runs_the_analysis_in_a_process_without_the_simulator(monkeypatch):
+    import subprocess
+    calls = []
+
+    def fake_run(argv, env):
+        calls.append((argv, env))
+        return subprocess.CompletedProcess(argv, 3)
+
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")
+    monkeypatch.setattr(subprocess, "run", fake_run)
     assert "static" in ok("bench", "--help").stdout
+    result = nbalex("bench", "static", "--kernel", "relu")
+    assert result.exit_code == 3                       # the analysis' own exit status
+    (argv, env), = calls
+    assert "NUMBA_ENABLE_CUDASIM" not in env and "nbalex.cuda.static" in argv[2]
+    assert argv[-2:] == ["--kernel", "relu"]
 
 
 @pytest.mark.parametrize("case", ["missing-data", "png-as-data", "png-as-checkpoint",

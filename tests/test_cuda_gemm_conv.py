@@ -62,7 +62,7 @@ CONV_CASES = [
     pytest.param(3, 4, 7, 6, 4, 3, 2, 2, 2, 2, False, id="odd-batch3-stride2-pad2-groups2"),
     pytest.param(1, 4, 6, 5, 8, 1, 1, 3, 0, 4, True, id="1x1-stride3-groups4"),
     pytest.param(3, 3, 7, 7, 2, 3, 3, 1, 1, 1, False, id="two-blocks-along-n-k-tail"),
-    pytest.param(1, 1, 3, 2, 130, 1, 1, 1, 0, 1, True, id="two-blocks-along-m"),
+    pytest.param(1, 130, 3, 2, 2, 1, 1, 1, 0, 1, True, id="two-blocks-along-m-and-n"),
 ]
 
 

@@ -16,7 +16,7 @@ cuda = pytest.importorskip("numba.cuda")
 if not cuda.is_available():
     pytest.skip("no CUDA GPU and no simulator", allow_module_level=True)
 
-TINY = str(Path(__file__).parent / "configs" / "tiny.toml")
+MICRO = str(Path(__file__).parent / "configs" / "micro.toml")
 BATCH = 2
 
 
@@ -50,7 +50,7 @@ def cuda_launchers():
 
 def batch(seed, n=BATCH):
     rng = np.random.default_rng(seed)
-    return (rng.normal(size=(n, 3, 12, 12)).astype(np.float32),
+    return (rng.normal(size=(n, 3, 8, 8)).astype(np.float32),
             rng.integers(0, 4, size=n).astype(np.int32))
 
 
@@ -80,22 +80,29 @@ def train_side_by_side(a, b, steps):
 
 
 def test_cuda_network_equals_reference_network():
-    ref = Net(TINY, backend="reference", batch_size=BATCH, seed=3)
-    net = Net(TINY, backend="cuda", batch_size=BATCH, seed=3)
+    ref = Net(MICRO, backend="reference", batch_size=BATCH, seed=3)
+    net = Net(MICRO, backend="cuda", batch_size=BATCH, seed=3)
     assert len(net.towers) == 1 and net.backend_name == "cuda"
     train_side_by_side(ref, net, steps=3)
 
 
-def test_two_towers_equal_one_tower():
+@pytest.fixture(scope="module")
+def two_towers():
+    """A two-tower network on one GPU, shared by the tests below (kernels compile once)."""
+    return {"net": Net(MICRO, backend="cuda", batch_size=BATCH, seed=4, gpus=(0, 0)), "trained": False}
+
+
+def test_two_towers_equal_one_tower(two_towers):
     # one CUDA tower equals the reference network (above), so compare two towers with it
-    one = Net(TINY, backend="reference", batch_size=BATCH, seed=4)
-    two = Net(TINY, backend="cuda", batch_size=BATCH, seed=4, gpus=(0, 0))
+    one = Net(MICRO, backend="reference", batch_size=BATCH, seed=4)
+    two = two_towers["net"]
     assert [t.index for t in two.towers] == [0, 1]
     tower = two.towers[1]
     assert tower.compute_stream is not tower.copy_stream
     assert two.param_names() == one.param_names()
     assert {k: v.shape for k, v in two.params().items()} == {k: v.shape for k, v in one.params().items()}
     train_side_by_side(one, two, steps=2)
+    two_towers["trained"] = True
 
 
 class AllocationSpy:
@@ -118,11 +125,12 @@ class AllocationSpy:
         return spy
 
 
-def test_a_training_step_allocates_nothing_and_copies_only_batch_and_loss(monkeypatch):
-    net = Net(TINY, backend="cuda", batch_size=BATCH, gpus=(0, 0))
+def test_a_training_step_allocates_nothing_and_copies_only_batch_and_loss(two_towers, monkeypatch):
+    net = two_towers["net"]
     x, labels = batch(0)
-    net.forward_backward(x, labels)             # first step: kernels compile
-    net.sgd_step(0.01)
+    if not two_towers["trained"]:               # measure a step after the first one
+        net.forward_backward(x, labels)
+        net.sgd_step(0.01)
     allocations = [a.allocations for a in net.arenas]
     spy = AllocationSpy(monkeypatch)
     before = net.transfers.counts()
@@ -139,7 +147,7 @@ def test_a_training_step_allocates_nothing_and_copies_only_batch_and_loss(monkey
 
 
 def test_a_device_batch_is_used_in_place():
-    net = Net(TINY, backend="cuda", batch_size=BATCH)
+    net = Net(MICRO, backend="cuda", batch_size=BATCH)
     x, _ = batch(1)
     expected = net.forward(x)
     x_device = cuda.to_device(x)

@@ -77,6 +77,14 @@ def _buffers(workspace, x_shape, w_shape, stride, pad, groups):
     return cols, yt, scratch, nb
 
 
+def _filter_major(dyt, dy, n0, m):
+    """dy's chunk as (F, m*P): a view of dy itself for one image, else gathered into dyt."""
+    if m == 1:
+        return dy[n0].reshape(dy.shape[1], -1)
+    k.gather_filter_major(dyt, dy, n0, m)
+    return dyt
+
+
 def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, stream=None):
     """y (N,F,OH,OW) <- conv(x, w) + b, then max(y, 0) if ``relu``.  y is overwritten."""
     n, c, f, cg, kh, kw, oh, ow = _geometry(x.shape, w.shape, stride, pad, groups)
@@ -93,10 +101,14 @@ def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, 
         m = min(nb, n - n0)
         width = m * oh * ow
         k.im2col(cols, x, n0, m, kh, kw, stride, pad, oh, ow)
+        out = y[n0].reshape(f, width) if m == 1 else yt     # one image: GEMM straight into y
         for g in range(groups):
             np.matmul(w2[g * fg:(g + 1) * fg], cols[g * kg:(g + 1) * kg, :width],
-                      out=yt[g * fg:(g + 1) * fg, :width])
-        k.scatter_bias_relu(y, yt, b, n0, m, relu)
+                      out=out[g * fg:(g + 1) * fg, :width])
+        if m == 1:
+            k.add_bias_relu_nchw(y[n0:n0 + 1], b, relu)
+        else:
+            k.scatter_bias_relu(y, yt, b, n0, m, relu)
 
 
 def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=None):
@@ -113,9 +125,9 @@ def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=
     for n0 in range(0, n, nb):
         m = min(nb, n - n0)
         width = m * oh * ow
-        k.gather_filter_major(dyt, dy, n0, m)
+        src = _filter_major(dyt, dy, n0, m)
         for g in range(groups):
-            np.matmul(w2[g * fg:(g + 1) * fg].T, dyt[g * fg:(g + 1) * fg, :width],
+            np.matmul(w2[g * fg:(g + 1) * fg].T, src[g * fg:(g + 1) * fg, :width],
                       out=cols[g * kg:(g + 1) * kg, :width])
         k.col2im(dx, cols, n0, m, kh, kw, stride, pad, oh, ow)
 
@@ -136,10 +148,10 @@ def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, 
         m = min(nb, n - n0)
         width = m * oh * ow
         k.im2col(cols, x, n0, m, kh, kw, stride, pad, oh, ow)
-        k.gather_filter_major(dyt, dy, n0, m)
+        src = _filter_major(dyt, dy, n0, m)
         for g in range(groups):
             part = scratch[g * kg * fg:(g + 1) * kg * fg].reshape(kg, fg)
-            np.matmul(cols[g * kg:(g + 1) * kg, :width], dyt[g * fg:(g + 1) * fg, :width].T, out=part)
+            np.matmul(cols[g * kg:(g + 1) * kg, :width], src[g * fg:(g + 1) * fg, :width].T, out=part)
             if n0 == 0:
                 dw2[g * fg:(g + 1) * fg] = part.T
             else:

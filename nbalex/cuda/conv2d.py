@@ -15,7 +15,8 @@ No im2col matrix is ever written: the operand loaders below gather each K tile s
                     M = Fg, N = Cg*KH*KW, K = batch*P.  K is huge and M*N small, so K is split
                     over ``blockIdx.z = g + groups*split`` and the slices are summed with
                     atomic adds into a zeroed ``dw`` (the summation order, hence the last bits,
-                    may vary run to run); ``db`` is a separate reduction kernel.
+                    may vary run to run).  ``db`` comes out of the same GEMM: im2col(x) gets
+                    an extra column of ones, whose column of C is sum(dy) = db.
 
 Index decoding inside the K loop uses :func:`nbalex.cuda.gemm.fast_div` (multiply + shift)
 with divisors prepared on the host in the geometry tuple :func:`conv_geometry`.
@@ -35,7 +36,6 @@ from nbalex.cuda.launch import check_array, check_ndim, flat, stream_or_default
  G_S_MUL, G_S_SH, G_HW_MUL, G_HW_SH, G_W_MUL, G_W_SH) = range(32)
 GEO_LEN = 32
 GEO_SIG = f"UniTuple(int64, {GEO_LEN})"
-REDUCE_THREADS = 256
 ZERO_THREADS = 256
 TARGET_BLOCKS = 264      # split-K aims for this many blocks: 2 per SM on a 132-SM H100
 MIN_SPLIT_TILES = 16     # ...while giving every split at least this many K tiles
@@ -316,7 +316,8 @@ def bwd_w_fetch_dy(dy, geo, st, k, step, k_end, buf):
 @cuda.jit(device=True, inline="always")
 def bwd_w_setup_x(x, geo, z, n):
     """Column n = (c, kh, kw) of B[(image,oh,ow), (c,kh,kw)] = x[image, g*Cg+c, ih, iw]:
-    (offset of x[0, g*Cg+c, 0, 0], kh-pad, kw-pad, valid), int32."""
+    (offset of x[0, g*Cg+c, 0, 0], kh-pad, kw-pad, n is a tap, n is the ones column), with
+    the offsets int32.  Column Cg*KH*KW is all ones, so that C's last column is db."""
     g = z % geo[G_GROUPS]
     valid = n < geo[G_KK]
     nn = n if valid else 0
@@ -326,7 +327,7 @@ def bwd_w_setup_x(x, geo, z, n):
     dh = int32(kh - geo[G_PAD])
     dw = int32(r - kh * geo[G_KW] - geo[G_PAD])
     base = int32((g * geo[G_CG] + c) * geo[G_H] * geo[G_W])
-    return (base, dh, dw, valid)
+    return (base, dh, dw, valid, n == geo[G_KK])
 
 
 @cuda.jit(device=True, inline="always")
@@ -349,7 +350,8 @@ def bwd_w_fetch_x(x, geo, st, k, step, k_end, buf):
     for e in range(buf.shape[0]):
         ok = st[3] & (int32(e) < left) & inside(ih, hgt) & inside(iw, wid)
         v = x[uint64(int32(plane + ih * wid + iw) if ok else int32(0))]
-        buf[e] = v if ok else float32(0.0)
+        v = v if ok else float32(0.0)
+        buf[e] = float32(1.0) if st[4] & (int32(e) < left) else v
         iw = int32(iw + s)
         wrap = iw == iw_end
         iw = st[2] if wrap else iw
@@ -360,51 +362,29 @@ def bwd_w_fetch_x(x, geo, st, k, step, k_end, buf):
 
 
 @cuda.jit(device=True, inline="always")
-def bwd_w_store_dw(dw, unused, geo, z, m, n, v):
-    """dw[g*Fg+m, n] += v atomically: the K slices (split-K) meet in a zeroed dw."""
-    if m < geo[G_FG] and n < geo[G_KK]:
+def bwd_w_store_dw(dw, db, geo, z, m, n, v):
+    """dw[g*Fg+m, n] += v, or db[g*Fg+m] += v for the ones column n = Cg*KH*KW, atomically:
+    the K slices (split-K) meet in a zeroed dw and db."""
+    if m < geo[G_FG] and n <= geo[G_KK]:
         row = int32(z % geo[G_GROUPS] * geo[G_FG] + m)
-        cuda.atomic.add(dw, uint64(int32(row * int32(geo[G_KK]) + n)), v)
+        if n < geo[G_KK]:
+            cuda.atomic.add(dw, uint64(int32(row * int32(geo[G_KK]) + n)), v)
+        else:
+            cuda.atomic.add(db, uint64(row), v)
 
 
 conv_backward_weights_kernel, _ = gemm.make_gemm_kernel(
     bwd_w_setup_dy, bwd_w_fetch_dy, K_FAST, bwd_w_setup_x, bwd_w_fetch_x, K_FAST,
     bwd_w_krange, bwd_w_store_dw, name="conv_backward_weights_kernel",
     min_blocks=1)  # its loader state does not fit 128 registers (2 blocks/SM) without spills
-conv_backward_weights_kernel.__doc__ = """dw = sum over (image, oh, ow) of dy (x) im2col(x).
+conv_backward_weights_kernel.__doc__ = """dw = sum over (image, oh, ow) of dy (x) im2col(x),
+    and db = the sum of dy, as the GEMM's extra all-ones column of im2col(x).
 
-    dw (F*Cg*KH*KW,) accumulated atomically (the launcher zeroes it first; with one K slice
-    the result is the plain sum), dy (N*F*OH*OW,), x (N*C*H*W,), flat float32; the 4th argument is
-    unused (pass dy).  Grid (ceil(Cg*KH*KW/128), ceil(Fg/128), groups*splits), 256 threads;
-    each thread computes 8 filters x 8 (c, kh, kw) taps for its group and K slice.
+    dw (F*Cg*KH*KW,) and db (F,) accumulated atomically (the launcher zeroes both first; with
+    one K slice the result is the plain sum), dy (N*F*OH*OW,), x (N*C*H*W,), flat float32.
+    Grid (ceil((Cg*KH*KW+1)/128), ceil(Fg/128), groups*splits), 256 threads; each thread
+    computes 8 filters x 8 (c, kh, kw) taps for its group and K slice.
     """
-
-
-@cuda.jit
-def conv_bias_grad_kernel(db, dy, n_images, f_total, plane):
-    """db[f] = sum over images and pixels of dy[image, f, :, :]; block f writes db[f].
-
-    dy (N*F*P,) flat float32 with P = OH*OW; db (F,) written.  Each of the block's 256 threads
-    sums a strided share of the N*P values, then a shared-memory tree adds the 256 partials.
-    """
-    f = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    partial = cuda.shared.array(REDUCE_THREADS, float32)
-    total = float32(0.0)
-    for img in range(n_images):
-        base = (img * f_total + f) * plane
-        for i in range(tid, plane, REDUCE_THREADS):
-            total += dy[base + i]
-    partial[tid] = total
-    cuda.syncthreads()  # all partials are written before the tree reads them
-    width = REDUCE_THREADS // 2
-    while width > 0:
-        if tid < width:
-            partial[tid] += partial[tid + width]
-        cuda.syncthreads()  # this level's sums are complete before the next level reads them
-        width //= 2
-    if tid == 0:
-        db[f] = partial[0]
 
 
 @cuda.jit
@@ -419,8 +399,6 @@ STATIC_SIGNATURES = [
     (conv_forward_kernel, _GEMM_SIG, True, GEMM_THREADS),
     (conv_backward_data_kernel, _GEMM_SIG, True, GEMM_THREADS),
     (conv_backward_weights_kernel, _GEMM_SIG, True, GEMM_THREADS),
-    (conv_bias_grad_kernel, "void(float32[::1], float32[::1], int64, int64, int64)", False,
-     REDUCE_THREADS),
     (zero_kernel, "void(float32[::1])", False, ZERO_THREADS),
 ]
 
@@ -493,7 +471,7 @@ def backward_weights_splits(x_shape, w_shape, stride, pad, groups):
     geo = conv_geometry(x_shape, w_shape, stride, pad, groups)
     total = geo[G_N] * geo[G_OH] * geo[G_OW]
     bm, bn = gemm.BM, gemm.BN
-    blocks = gemm.cdiv(geo[G_FG], bm) * gemm.cdiv(geo[G_KK], bn) * groups
+    blocks = gemm.cdiv(geo[G_FG], bm) * gemm.cdiv(geo[G_KK] + 1, bn) * groups
     tiles = gemm.cdiv(total, gemm.BK)
     splits = max(1, min(gemm.cdiv(TARGET_BLOCKS, blocks), tiles // MIN_SPLIT_TILES))
     k_split = gemm.cdiv(tiles, splits) * gemm.BK
@@ -514,7 +492,6 @@ def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, 
     geo = conv_geometry(x.shape, dw.shape, stride, pad, groups, splits=splits, k_split=k_split)
     dw_flat = flat(dw)
     zero_kernel[min(gemm.cdiv(dw.size, ZERO_THREADS), 1024), ZERO_THREADS, stream](dw_flat)
-    grid = _grid(geo[G_FG], geo[G_KK], groups * splits)
-    conv_backward_weights_kernel[grid, GEMM_THREADS, stream](
-        dw_flat, flat(dy), flat(x), flat(dy), geo)
-    conv_bias_grad_kernel[f, REDUCE_THREADS, stream](db, flat(dy), n, f, oh * ow)
+    zero_kernel[gemm.cdiv(f, ZERO_THREADS), ZERO_THREADS, stream](db)
+    grid = _grid(geo[G_FG], geo[G_KK] + 1, groups * splits)
+    conv_backward_weights_kernel[grid, GEMM_THREADS, stream](dw_flat, flat(dy), flat(x), db, geo)

@@ -28,10 +28,12 @@ the tile.  The *layout* of a loader says which index is contiguous in memory, so
 reads consecutive addresses:
 
 * ``K_FAST``: threads of a row split the k range (``r = tid // (BK/E)``, k = ``(tid %
-  (BK/E))*E + e``), for operands stored with k contiguous (``w`` in conv forward, ``x`` in
-  linear forward);
+  (BK/E))*E + e``), for operands stored with k contiguous or nearly so (``w`` in conv
+  forward, ``x`` and ``w`` in linear forward, and the im2col gathers, whose consecutive k
+  are neighbouring taps or pixels);
 * ``ROW_FAST``: consecutive threads take consecutive rows (``r = tid % R``, k = ``tid // R +
-  e*(threads/R)``), for operands stored with m or n contiguous (im2col of ``x``, ``dy``).
+  e*(threads/R)``), for operands stored with m or n contiguous (``w`` in linear
+  backward-data, ``dy`` and ``x`` in linear backward-weights).
 
 A loader is a pair of device functions: ``setup(src, geo, z, row) -> state`` runs once per
 thread before the K loop (decoding the row index, e.g. n -> (image, oh, ow)), and
@@ -188,6 +190,9 @@ def make_gemm_kernel(setup_a, fetch_a, layout_a, setup_b, fetch_b, layout_b, kra
             store(out, bias, geo, z, mrow + half_m + i, n, acc[(4 + i) * TN + j])
 
     def gemm_kernel(out, src_a, src_b, bias, geo):
+        """C = A @ B for one (bm x bn) block tile; thread (ty, tx) = divmod(tid, bn/8) owns
+        C rows m0 + ty*4 + {0..3, bm/2..bm/2+3}, columns n0 + tx*4 + {0..3, bn/2..bn/2+3}
+        and hands each to ``store`` (which writes or accumulates ``out``)."""
         tid = cuda.threadIdx.x
         tx = tid % threads_x
         ty = tid // threads_x
@@ -195,8 +200,9 @@ def make_gemm_kernel(setup_a, fetch_a, layout_a, setup_b, fetch_b, layout_b, kra
         m0 = cuda.blockIdx.y * bm
         n0 = cuda.blockIdx.x * bn
 
-        a_s = cuda.shared.array(a_smem, float32, alignment=SMEM_ALIGN)   # [buffer][k][m], row stride sa
-        b_s = cuda.shared.array(b_smem, float32, alignment=SMEM_ALIGN)   # [buffer][k][n], row stride sb
+        # Double-buffered tiles, laid out [buffer][k][m] (row stride sa) and [buffer][k][n].
+        a_s = cuda.shared.array(a_smem, float32, alignment=SMEM_ALIGN)
+        b_s = cuda.shared.array(b_smem, float32, alignment=SMEM_ALIGN)
         acc = cuda.local.array(acc_len, float32)
         a_next = cuda.local.array(ea, float32)
         b_next = cuda.local.array(eb, float32)
