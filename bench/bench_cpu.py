@@ -88,6 +88,64 @@ def blas_info():
     return text
 
 
+# --------------------------------------------------------------------------- compile cache
+
+FIRST_CALLS = r"""
+import time
+t0 = time.perf_counter()
+import numpy as np
+from nbalex.cpu import conv2d, dropout, linear, lrn, maxpool, relu, sgd, softmax_xent
+t1 = time.perf_counter()
+r = np.random.default_rng(0)
+x = r.standard_normal((2, 4, 9, 9)).astype(np.float32)
+w = r.standard_normal((6, 2, 3, 3)).astype(np.float32)
+b = np.zeros(6, np.float32)
+y = np.empty((2, 6, 9, 9), np.float32)
+for chunks in (conv2d.COLS_BUDGET, 1):                 # several images per chunk, then one
+    conv2d.COLS_BUDGET = chunks
+    conv2d.conv2d_forward(y, x, w, b, 1, 1, 2, relu=True)
+    conv2d.conv2d_backward_data(np.empty_like(x), y, w, 1, 1, 2)
+    conv2d.conv2d_backward_weights(np.empty_like(w), np.empty_like(b), y, x, 1, 1, 2)
+h, m = r.standard_normal((4, 10)).astype(np.float32), r.standard_normal((3, 10)).astype(np.float32)
+o = np.empty((4, 3), np.float32)
+linear.linear_forward(o, h, m, b[:3], relu=True)
+linear.linear_backward_data(np.empty_like(h), o, m)
+linear.linear_backward_weights(np.empty_like(m), np.empty(3, np.float32), o, h)
+relu.relu_forward(y, y); relu.relu_backward(y, y, y)
+s, z = np.empty_like(y), np.empty_like(y)
+lrn.lrn_forward(z, s, y, 5, 1e-4, 0.75, 2.0); lrn.lrn_backward(np.empty_like(y), y, y, z, s, 5, 1e-4, 0.75, 2.0)
+p, i = np.empty((2, 6, 4, 4), np.float32), np.empty((2, 6, 4, 4), np.int32)
+maxpool.maxpool_forward(p, i, y, 3, 2); maxpool.maxpool_backward(np.empty_like(y), p, i, 3, 2)
+k = np.empty(y.shape, np.uint8)
+dropout.dropout_forward(z, k, y, 0.5, 1); dropout.dropout_backward(z, z, k, 0.5)
+lab = np.array([0, 2, 1, 0], np.int32)
+softmax_xent.softmax_xent_forward(np.empty(4, np.float32), o, o.copy(), lab)
+softmax_xent.softmax_xent_backward(np.empty_like(o), o, lab)
+v = np.zeros(20, np.float32)
+sgd.sgd_update(v.copy(), v.copy(), v, 0.1, 0.9, 5e-4)
+t2 = time.perf_counter()
+print(f"{t1 - t0:.3f} {t2 - t1:.3f}")
+"""
+
+
+def compile_cache_timing():
+    """Seconds to import nbalex.cpu and make the first call of every launcher, in fresh
+    processes sharing a new, empty NUMBA_CACHE_DIR: first cold (compiles), then warm (loads)."""
+    import tempfile
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, PYTHONPATH=root)
+        for label in ("cold", "warm"):
+            res = subprocess.run([sys.executable, "-c", FIRST_CALLS], env=env, cwd=root,
+                                 capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(res.stderr[-2000:])
+            imp, calls = map(float, res.stdout.split())
+            out[label] = dict(import_s=imp, first_calls_s=calls)
+    return out
+
+
 # --------------------------------------------------------------------------- timing
 
 def median_ms(fn, repeats, warmup=1):
@@ -445,6 +503,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     ap.add_argument("--skip-layers", action="store_true")
     ap.add_argument("--skip-end-to-end", action="store_true")
+    ap.add_argument("--skip-cache", action="store_true", help="skip the cold/warm compile timing")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = ap.parse_args()
 
@@ -462,6 +521,12 @@ def main():
     if info["unset_env"]:
         print(f"(re-executed without {info['unset_env']} for this benchmark process)")
     result = dict(info=info)
+    if not args.skip_cache:
+        cache = compile_cache_timing()
+        print("\nFirst use of every CPU launcher in a fresh process (import + first calls, seconds):")
+        for label, t in cache.items():
+            print(f"  {label:<5} numba cache: import {t['import_s']:.2f} s, first calls {t['first_calls_s']:.2f} s")
+        result["compile_cache"] = cache
     if not args.skip_layers:
         rows = layer_table(args.layers_model, args.batch, args.repeats, rng)
         print(f"numba threading layer: {numba.threading_layer()}")

@@ -90,6 +90,10 @@ class LayerSpec:
 
 def resolve_source(source):
     """(text, origin) for a config name (``alexnet``), a path to a TOML file, or TOML text."""
+    if isinstance(source, Path):
+        source = str(source)
+    if not isinstance(source, str):
+        raise ConfigError(f"a config is a model name, a .toml path or TOML text, not {type(source).__name__}")
     if "\n" in source:
         return source, "<config text>"
     path = Path(source)

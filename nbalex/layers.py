@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nbalex.backends import mix32
+from nbalex.config import ConfigError
 
 
 def prod(shape):
@@ -81,7 +82,8 @@ def plan_steps(specs, towers):
             continue
         if kind in ("conv", "fc"):
             if spec.out_shape[0] % towers:
-                raise ValueError(f"{where}: {spec.out_shape[0]} outputs do not split over {towers} towers")
+                raise ConfigError(f"{where}: {spec.out_shape[0]} outputs (field 'filters'/'outputs') "
+                                  f"do not split over {towers} towers")
             groups = spec.fields.get("groups", 1)
             if groups == 1:
                 if is_split:
@@ -91,7 +93,7 @@ def plan_steps(specs, towers):
                 local = LayerStep(spec, split(spec.in_shape, towers), split(spec.out_shape, towers),
                                   groups // towers, True)
             else:
-                raise ValueError(f"{where}: groups={groups} cannot be split over {towers} towers "
+                raise ConfigError(f"{where}: field 'groups' ({groups}) cannot be split over {towers} towers "
                                  "(use groups = 1, or a multiple of the towers after a split layer)")
             is_split = True
         elif kind == "lrn":

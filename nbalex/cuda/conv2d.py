@@ -22,7 +22,6 @@ Index decoding inside the K loop uses :func:`nbalex.cuda.gemm.fast_div` (multipl
 with divisors prepared on the host in the geometry tuple :func:`conv_geometry`.
 """
 
-import numpy as np
 from numba import cuda, float32, int32, uint64
 
 from nbalex.cuda import gemm
@@ -45,6 +44,7 @@ def conv_geometry(x_shape, w_shape, stride, pad, groups, relu=False, splits=1, k
     """The int64 tuple every conv kernel reads its sizes (and fast divisors) from."""
     n, c, h, w = (int(v) for v in x_shape)
     f, cg, kh, kw = (int(v) for v in w_shape)
+    stride, pad, groups = int(stride), int(pad), int(groups)
     oh = (h + 2 * pad - kh) // stride + 1
     ow = (w + 2 * pad - kw) // stride + 1
     geo = [n, c, h, w, f, kh, kw, oh, ow, stride, pad, groups, cg, f // groups, cg * kh * kw,
@@ -254,6 +254,40 @@ def bwd_data_fetch_dy(dy, geo, st, k, step, k_end, buf):
 
 
 @cuda.jit(device=True, inline="always")
+def bwd_data_fetch_dy_unit_stride(dy, geo, st, k, step, k_end, buf):
+    """:func:`bwd_data_fetch_dy` for stride 1, where (oh, ow) = (th - kh, tw - kw) and every
+    step of kw just lowers ow by one."""
+    kwid = int32(geo[G_KW])
+    khgt = int32(geo[G_KH])
+    ohgt = int32(geo[G_OH])
+    owid = int32(geo[G_OW])
+    f = fast_div(k, geo[G_KK_MUL], geo[G_KK_SH])
+    r = k - f * geo[G_KH] * geo[G_KW]
+    kh64 = fast_div(r, geo[G_KW_MUL], geo[G_KW_SH])
+    kw = int32(r - kh64 * geo[G_KW])
+    kh = int32(kh64)
+    oh = int32(st[1] - kh)
+    ow = int32(st[2] - kw)
+    plane = int32(st[0] + f * geo[G_OH] * geo[G_OW])
+    left = int32(k_end - k)
+    for e in range(buf.shape[0]):
+        ok = st[7] & (int32(e) < left) & inside(oh, ohgt) & inside(ow, owid)
+        v = dy[uint64(int32(plane + oh * owid + ow) if ok else int32(0))]
+        buf[e] = v if ok else float32(0.0)
+        kw = int32(kw + int32(1))
+        ow = int32(ow - int32(1))
+        wrap = kw == kwid                  # next kh: reset ow, oh drops by one
+        kw = int32(0) if wrap else kw
+        ow = st[2] if wrap else ow
+        kh = int32(kh + int32(1)) if wrap else kh
+        oh = int32(oh - int32(1)) if wrap else oh
+        wrap = kh == khgt                  # next filter: reset oh
+        kh = int32(0) if wrap else kh
+        oh = st[1] if wrap else oh
+        plane = int32(plane + ohgt * owid) if wrap else plane
+
+
+@cuda.jit(device=True, inline="always")
 def bwd_data_store_dx(dx, unused, geo, z, m, n, v):
     """dx[image, z*Cg+m, h, w] = v, n = (image, h, w)."""
     hw = geo[G_H] * geo[G_W]
@@ -265,12 +299,18 @@ def bwd_data_store_dx(dx, unused, geo, z, m, n, v):
 conv_backward_data_kernel, _ = gemm.make_gemm_kernel(
     bwd_data_setup_w, bwd_data_fetch_w, K_FAST, bwd_data_setup_dy, bwd_data_fetch_dy, K_FAST,
     bwd_data_krange, bwd_data_store_dx, name="conv_backward_data_kernel")
+conv_backward_data_unit_stride_kernel, _ = gemm.make_gemm_kernel(
+    bwd_data_setup_w, bwd_data_fetch_w, K_FAST, bwd_data_setup_dy,
+    bwd_data_fetch_dy_unit_stride, K_FAST, bwd_data_krange, bwd_data_store_dx,
+    name="conv_backward_data_unit_stride_kernel")
 conv_backward_data_kernel.__doc__ = """dx = conv_transpose(dy, w) as an implicit GEMM over dy.
 
     dx (N*C*H*W,) written, w (F*Cg*KH*KW,), dy (N*F*OH*OW,), flat float32; the 4th argument
     is unused (pass w).  Grid (ceil(N*H*W/128), ceil(Cg/128), groups), 256 threads; each
-    thread computes 8 input channels x 8 input pixels of its group.
+    thread computes 8 input channels x 8 input pixels of its group.  Any stride.
     """
+conv_backward_data_unit_stride_kernel.__doc__ = (
+    conv_backward_data_kernel.__doc__.replace("Any stride.", "Stride 1 only (conv2-conv5)."))
 
 
 # ---- backward weights --------------------------------------------------------------
@@ -398,6 +438,7 @@ _GEMM_SIG = "void(float32[::1], float32[::1], float32[::1], float32[::1], " + GE
 STATIC_SIGNATURES = [
     (conv_forward_kernel, _GEMM_SIG, True, GEMM_THREADS),
     (conv_backward_data_kernel, _GEMM_SIG, True, GEMM_THREADS),
+    (conv_backward_data_unit_stride_kernel, _GEMM_SIG, True, GEMM_THREADS),
     (conv_backward_weights_kernel, _GEMM_SIG, True, GEMM_THREADS),
     (zero_kernel, "void(float32[::1])", False, ZERO_THREADS),
 ]
@@ -410,6 +451,8 @@ def _check_conv(x_shape, w_shape, stride, pad, groups):
         raise ValueError(f"x and w must be 4-D, got {tuple(x_shape)} and {tuple(w_shape)}")
     n, c, h, w = x_shape
     f, cg, kh, kw = w_shape
+    if min(x_shape) < 1 or min(w_shape) < 1:
+        raise ValueError(f"empty tensors are not supported: x {tuple(x_shape)}, w {tuple(w_shape)}")
     if int(stride) < 1 or int(pad) < 0 or int(groups) < 1:
         raise ValueError(f"need stride >= 1, pad >= 0, groups >= 1; got {stride}, {pad}, {groups}")
     if c % groups or f % groups or c // groups != cg:
@@ -426,6 +469,12 @@ def _check_conv(x_shape, w_shape, stride, pad, groups):
 def _grid(m, n, z):
     bm, bn = gemm.BM, gemm.BN
     return (gemm.cdiv(n, bn), gemm.cdiv(m, bm), z)
+
+
+def _zero(a, stream):
+    """Launch zero_kernel over the flat array a (a small array gets a small block)."""
+    threads = min(ZERO_THREADS, 32 * gemm.cdiv(a.size, 32))
+    zero_kernel[min(gemm.cdiv(a.size, threads), 1024), threads, stream](a)
 
 
 def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
@@ -458,7 +507,8 @@ def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=
     check_array("dy", dy, shape=(n, f, oh, ow))
     geo = conv_geometry(dx.shape, w.shape, stride, pad, groups)
     grid = _grid(geo[G_CG], n * dx.shape[2] * dx.shape[3], groups)
-    conv_backward_data_kernel[grid, GEMM_THREADS, stream_or_default(stream)](
+    kernel = conv_backward_data_unit_stride_kernel if stride == 1 else conv_backward_data_kernel
+    kernel[grid, GEMM_THREADS, stream_or_default(stream)](
         flat(dx), flat(w), flat(dy), flat(w), geo)
 
 
@@ -491,7 +541,7 @@ def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, 
     splits, k_split = backward_weights_splits(x.shape, dw.shape, stride, pad, groups)
     geo = conv_geometry(x.shape, dw.shape, stride, pad, groups, splits=splits, k_split=k_split)
     dw_flat = flat(dw)
-    zero_kernel[min(gemm.cdiv(dw.size, ZERO_THREADS), 1024), ZERO_THREADS, stream](dw_flat)
-    zero_kernel[gemm.cdiv(f, ZERO_THREADS), ZERO_THREADS, stream](db)
+    _zero(dw_flat, stream)
+    _zero(db, stream)
     grid = _grid(geo[G_FG], geo[G_KK] + 1, groups * splits)
     conv_backward_weights_kernel[grid, GEMM_THREADS, stream](dw_flat, flat(dy), flat(x), db, geo)

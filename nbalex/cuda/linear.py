@@ -238,5 +238,6 @@ def linear_backward_weights(dw, db, dy, x, stream=None):
     stream = stream_or_default(stream)
     linear_backward_weights_kernel[_grid(m, k), GEMM_THREADS, stream](
         flat(dw), flat(dy), flat(x), flat(dy), (n, m, k, 0))
-    linear_bias_grad_kernel[gemm.cdiv(m, BIAS_THREADS), BIAS_THREADS, stream](
+    threads = min(BIAS_THREADS, 32 * gemm.cdiv(m, 32))
+    linear_bias_grad_kernel[gemm.cdiv(m, threads), threads, stream](
         db, flat(dy), n, m)

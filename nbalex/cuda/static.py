@@ -9,14 +9,20 @@ The optional 4th element is the block size the launcher uses; without it the mod
 ``THREADS_PER_BLOCK`` (an int) is used, and without that :data:`DEFAULT_THREADS` (marked
 ``threads_assumed`` in the result).  Each kernel is compiled to PTX for sm_90 by Numba
 (``numba.cuda.compile_ptx``), assembled by ``ptxas -arch=sm_90 -v`` (registers, spills,
-stack/local memory, static shared memory) and disassembled by ``cuobjdump -sass``.
+stack/local memory, static shared memory) and disassembled by ``cuobjdump -sass`` (which
+runs ``nvdisasm``).  The tools come from the pip packages ``nvidia-cuda-nvcc``,
+``nvidia-cuda-cuobjdump`` and ``nvidia-cuda-nvdisasm`` (same version as ``nvidia-nvvm``), or
+from a CUDA toolkit on PATH.
 
 **Main loop** (for ``is_gemm`` kernels).  Every backward branch in the SASS (a ``BRA`` whose
 target address is at or before the branch) closes a loop whose body is the instruction range
 [target, branch].  The main loop is the loop whose body holds the most ``FFMA``
 instructions; among equals, the shortest body (the innermost).  ``ffma_share`` = FFMA
 instructions / all instructions of that body, NOPs excluded.  This is a static count of one
-pass over the body, which is what one K tile costs when the body has no inner loop.
+pass over the body.  The GEMM kernels unroll their K tile completely, so their main loop is
+the whole K-tile loop (512 FFMA plus fragment loads, the next tile's global loads and index
+arithmetic, shared stores and the barrier); ``main_loop`` in the result gives its FFMA count
+and opcode mix so that a rolled inner loop cannot pass for it.
 
 **Occupancy** (resident warps / 64 on an H100, sm_90 limits): with ``R`` registers per
 thread, ``S`` bytes of static shared memory and ``T`` threads (``W = ceil(T/32)`` warps) per
@@ -219,8 +225,10 @@ def analyze(entries, module=None, workdir=None):
             sass = sass.stdout
             instrs, labels = parse_sass(sass)
             mix = opcode_mix(instrs)
-            info["local_bytes"] = max(info["local_bytes"],
-                                      4 * (mix.get("LDL", 0) + mix.get("STL", 0) > 0))
+            # Belt and braces: an LDL/STL in the SASS means local memory even if ptxas's
+            # summary said 0 bytes (counted as at least one 4-byte word).
+            if mix.get("LDL", 0) + mix.get("STL", 0):
+                info["local_bytes"] = max(info["local_bytes"], 4)
             row = {"name": name, "module": getattr(module, "__name__", None),
                    "signature": sig, "is_gemm": is_gemm, **info,
                    "threads_per_block": threads, "threads_assumed": assumed,
@@ -259,13 +267,13 @@ def analyze_all():
 
 
 def format_table(rows):
-    head = f"{'module':<14} {'kernel':<34} {'regs':>4} {'spill':>5} {'lmem':>4} {'smem':>6} " \
+    head = f"{'module':<14} {'kernel':<40} {'regs':>4} {'spill':>5} {'lmem':>4} {'smem':>6} " \
            f"{'thr':>4} {'occ':>5} {'ffma':>5}"
     lines = [head, "-" * len(head)]
     for r in rows:
         share = "" if r["ffma_share"] is None else f"{r['ffma_share']:.2f}"
         mod = (r["module"] or "").rsplit(".", 1)[-1]
-        lines.append(f"{mod:<14} {r['name'][:34]:<34} {r['registers']:>4} "
+        lines.append(f"{mod:<14} {r['name'][:40]:<40} {r['registers']:>4} "
                      f"{r['spill_bytes']:>5} {r['local_bytes']:>4} {r['shared_bytes']:>6} "
                      f"{r['threads_per_block']:>4} {r['occupancy']:>5.2f} {share:>5}")
     return "\n".join(lines)
