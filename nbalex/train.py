@@ -347,7 +347,7 @@ def train(data, val, out, settings, epochs, *, backend="auto", gpus=(0,), resume
     loader_args = dict(backend=backend, seed=settings.seed, workers=workers, tower=_tower(net))
     with Loader(data, settings.batch_size, net.input_size, train=True, **loader_args) as train_loader, \
             Loader(val, settings.batch_size, net.input_size, train=False, view="center",
-                   drop_last=False, **loader_args) as val_loader, \
+                   drop_last=False, mean=train_loader.mean, **loader_args) as val_loader, \
             _StopRequest(stop_after_steps) as stop:
         steps = train_loader.batches_per_epoch
         report(f"{'resuming' if resume else 'training'} {net.name} ({net.num_params():,} "
@@ -541,8 +541,14 @@ def evaluate_checkpoint(checkpoint_path, data, *, ten_crop=False, batch_size=128
         _check_data(net, dataset, data, classes=_extra_list(classes))
     with Loader(data, batch_size, net.input_size, backend=backend, train=False, seed=0,
                 workers=workers, tower=_tower(net), view="ten" if ten_crop else "center",
-                drop_last=False) as loader:
+                drop_last=False, mean=_training_mean(state)) as loader:
         return evaluate(net, loader, ten_crop=ten_crop, progress=progress)
+
+
+def _training_mean(state):
+    """The training set's mean image stored in a checkpoint, or None (the file's own mean)."""
+    mean = (state.get("extra") or {}).get("mean")
+    return None if mean is None else np.asarray(mean, np.float32)
 
 
 def predict(checkpoint_path, images, *, top=5, backend="auto", batch_size=16):

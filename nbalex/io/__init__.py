@@ -1,14 +1,15 @@
 """Data: ImageNet-style folders packed into HDF5, and the loader that feeds the network.
 
-``pack`` (folders of images → HDF5), ``synth`` (a synthetic dataset for demos and tests),
-``H5Dataset`` (reading a packed file), ``Loader`` (seeded, resumable, prefetched batches with
-the paper's augmentation on the backend's device).
+Modules: ``pack`` (folders of images → HDF5: ``nbalex.io.pack.pack``), ``synth`` (a
+synthetic dataset for demos and tests: ``nbalex.io.synth.synth``), ``dataset``
+(``H5Dataset``, reading a packed file), ``loader`` (``Loader``: seeded, resumable, prefetched
+batches with the paper's augmentation on the backend's device), ``augment`` (the random
+draws).  The functions ``pack`` and ``synth`` are not re-exported here, so that the module
+names stay the modules.
 """
 
 from .dataset import H5Dataset
 from .errors import DataError
 from .loader import Loader
-from .pack import load_and_resize, pack
-from .synth import synth
 
-__all__ = ["DataError", "H5Dataset", "Loader", "load_and_resize", "pack", "synth"]
+__all__ = ["DataError", "H5Dataset", "Loader"]

@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import importlib
 import multiprocessing
+import signal
 import queue
 from collections import deque
 
@@ -37,6 +38,7 @@ EXTRA_SLOTS = 3               # host slots beyond one per reader: consumed, stag
 
 def _reader_main(path, buffer, slot_shape, tasks, results):
     """Reader process: for each (ticket, slot, indices) task read the images into that slot."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the training loop's to handle
     slots = np.frombuffer(buffer, np.uint8).reshape((-1,) + tuple(slot_shape))
     try:
         dataset = H5Dataset(path)
@@ -137,12 +139,13 @@ class Loader:
     gives centred crops, ``view="ten"`` the paper's 10 views, x rows i*10..i*10+9 for image i.
     ``epoch(e, start_batch)`` yields (x, labels): x float32 (B[*10],3,crop,crop), a NumPy
     array for cpu/reference and a device array (valid until the next iteration) for cuda;
-    labels int32 NumPy (B,).  For cuda, ``tower`` supplies ``compute_stream``,
+    labels int32 NumPy (B,).  ``mean`` (S,S,3) replaces the file's own mean image: evaluation
+    subtracts the training set's mean, as the paper does.  For cuda, ``tower`` supplies ``compute_stream``,
     ``copy_stream`` and ``arena.alloc(shape, dtype)``; without one the loader makes its own.
     """
 
     def __init__(self, path, batch_size, crop_size, backend="cpu", train=True, seed=0,
-                 workers=2, tower=None, view="center", drop_last=True):
+                 workers=2, tower=None, view="center", drop_last=True, mean=None):
         self.path, self.batch_size, self.crop_size = str(path), int(batch_size), int(crop_size)
         self.backend, self.train, self.seed = resolve(backend), bool(train), int(seed)
         if view not in ("center", "ten"):
@@ -164,6 +167,12 @@ class Loader:
             self.close()
             raise DataError(f"{self.path} has {n} images, fewer than one batch of {b}")
         self.num_images, self.image_size = n, ds.image_size
+        # the mean subtracted: the file's own, or (evaluation) the training set's
+        self.mean = ds.mean if mean is None else np.ascontiguousarray(mean, np.float32)
+        if self.mean.shape != ds.mean.shape:
+            self.close()
+            raise DataError(f"mean image of shape {self.mean.shape} does not fit {self.path} "
+                            f"(images {ds.mean.shape})")
         self._augment = importlib.import_module(f"nbalex.{self.backend}.augment").augment_batch
         workers = max(0, int(workers))
         self._num_slots = max(workers, 1) + EXTRA_SLOTS
@@ -195,8 +204,7 @@ class Loader:
         self._dev_draws = [tuple(alloc(*spec) for spec in specs) for _ in range(2)]
         self._host_draws = [tuple(cuda.pinned_array(*spec) for spec in specs) for _ in range(2)]
         self._dev_mean = alloc((s, s, 3), np.float32)
-        mean = np.ascontiguousarray(self.dataset.mean)
-        self._dev_mean.copy_to_device(mean, stream=self.copy_stream)
+        self._dev_mean.copy_to_device(self.mean, stream=self.copy_stream)
         self.copy_stream.synchronize()
         self._copy_done = [cuda.event() for _ in range(2)]
         self._augment_done = [cuda.event() for _ in range(2)]
@@ -277,7 +285,7 @@ class Loader:
                 x = np.empty((n * v, 3, c, c), np.float32)
                 crop_y, crop_x, flip, shift = self._draws(n, epoch, batch)
                 for k, view in enumerate(_views(x, n, v)):
-                    self._augment(view, images, crop_y[k], crop_x[k], flip[k], shift[k], ds.mean)
+                    self._augment(view, images, crop_y[k], crop_x[k], flip[k], shift[k], self.mean)
                 self._release(slot)
                 yield x, ds.labels[indices].astype(np.int32)
         finally:

@@ -11,6 +11,7 @@ beside ``out`` and renamed at the end, so an interrupted pack leaves nothing beh
 """
 
 import multiprocessing
+import signal
 import os
 import sys
 import time
@@ -180,9 +181,14 @@ def _pca(cov):
     return np.clip(eigval, 0.0, None), eigvec * np.where(signs == 0, 1.0, signs)
 
 
+def _ignore_sigint():
+    """Decoder processes leave Ctrl-C to the parent, which removes its temporary file."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _executor(workers):
     context = multiprocessing.get_context(START_METHOD)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_ignore_sigint)
 
 
 def _decoded_chunks(items, size, workers):
