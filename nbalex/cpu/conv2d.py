@@ -1,30 +1,34 @@
-"""2-D convolution with groups on the CPU: im2col (Numba, parallel) + SGEMM (NumPy's BLAS).
+"""2-D convolution with groups on the CPU: im2col (Numba) + SGEMM (NumPy's BLAS), batch-parallel.
 
 Shapes as in the contract (``nbalex.backends``): x (N,C,H,W), w (F,C/G,KH,KW), b (F,),
-y (N,F,OH,OW).  The batch is processed in chunks of ``nb`` images (see :func:`chunk_images`);
-per chunk (layouts in :mod:`nbalex.cpu.im2col`)::
+y (N,F,OH,OW).  The batch is split between worker threads (:mod:`nbalex.cpu.workers`), each
+with single-threaded BLAS and its own slice of the workspace; a worker walks its images in
+chunks of ``nb`` (see :func:`chunk_images`).  Per chunk (layouts in :mod:`nbalex.cpu.im2col`)::
 
     forward          cols = im2col(x chunk)            (K, nb*P)
                      yt[g] = w[g] @ cols[g]             (F/G, nb*P) per group, one GEMM each
                      y chunk = yt + b (ReLU fused)      scattered back to NCHW
     backward data    dyt = dy chunk, filter-major       (F, nb*P)
                      cols[g] = w[g].T @ dyt[g]          then col2im into dx
-    backward weights dw[g].T (+)= cols[g] @ dyt[g].T    first chunk writes, later ones add
+    backward weights part[g] (+)= cols[g] @ dyt[g].T    (K/G, F/G): dw[g].T, summed per worker;
+                     dw = sum over workers of part.T    on the calling thread
 
-The workspace holds ``cols``, ``yt``/``dyt`` and a dw-sized scratch (see
-:func:`conv2d_backward_weights`).  A 1x1, stride-1, unpadded convolution needs no im2col: its forward and
-backward-data passes are batched GEMMs straight on the NCHW arrays.
+A worker's workspace slice holds its ``cols``, ``yt``/``dyt`` and two dw-sized buffers (its
+partial dw.T and the GEMM output being added to it).  With one image per chunk, the GEMMs read
+dy and write y in place, without the layout shuffles.  A 1x1, stride-1, unpadded convolution
+needs no im2col: its forward and backward-data passes are batched GEMMs on the NCHW arrays.
 """
 
 import numpy as np
 
 from . import im2col as k
+from . import workers
 
 # A chunk aims at GEMMs TARGET_WIDTH columns wide (nb*P: one image of P = 169 outputs makes a
 # GEMM too thin for BLAS to run well) but keeps its column matrix within COLS_BUDGET float32
-# (16 MiB), so what im2col writes is still in the last-level cache when the GEMM reads it.
-# Measured on AlexNet at batch 32 (2-core EPYC): 1 image per chunk cost up to 3x the CPU time
-# of 2..8 images for conv3..conv5, and a 32 MiB budget ~1.5x for conv2.
+# (16 MiB), so what im2col writes is still in cache when the GEMM reads it.  Measured on
+# AlexNet at batch 32 (2-core EPYC): 1 image per chunk cost up to 3x the CPU time of 2..8
+# images for conv3..conv5, and a 32 MiB budget ~1.5x for conv2.
 TARGET_WIDTH = 4096
 COLS_BUDGET = 4 * 1024 * 1024
 
@@ -57,28 +61,39 @@ def _is_pointwise(kh, kw, stride, pad):
     return kh == 1 and kw == 1 and stride == 1 and pad == 0
 
 
-def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
-    """float32 elements the launchers use: cols, the filter-major output, a dw-sized scratch."""
+def _per_worker(x_shape, w_shape, stride, pad, groups):
+    """(nb, cols size, yt size, dw size) of one worker's workspace slice."""
     n, c, f, cg, kh, kw, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
     rows, p_out = c * kh * kw, oh * ow
-    nb = chunk_images(n, rows, p_out)
-    return rows * nb * p_out + f * nb * p_out + f * cg * kh * kw
+    nb = chunk_images(-(-n // workers.WORKERS), rows, p_out)
+    return nb, rows * nb * p_out, f * nb * p_out, f * cg * kh * kw
+
+
+def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
+    """float32 elements the launchers use: per worker, cols + yt + two dw-sized buffers."""
+    _, cols, yt, dw = _per_worker(x_shape, w_shape, stride, pad, groups)
+    return workers.WORKERS * (cols + yt + 2 * dw)
 
 
 def _buffers(workspace, x_shape, w_shape, stride, pad, groups):
-    """Carve (cols, yt, scratch, nb) out of the workspace (allocated when None)."""
+    """nb and, per worker, (cols, yt, part, tmp) carved out of the workspace (or allocated)."""
     n, c, f, cg, kh, kw, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
+    nb, cols_size, yt_size, dw_size = _per_worker(x_shape, w_shape, stride, pad, groups)
     size = conv2d_workspace_size(x_shape, w_shape, stride, pad, groups)
     if workspace is None:
         workspace = np.empty(size, np.float32)
     elif workspace.dtype != np.float32 or workspace.ndim != 1 or workspace.size < size:
         raise ValueError(f"workspace must be flat float32 with >= {size} elements")
-    rows, p_out = c * kh * kw, oh * ow
-    nb = chunk_images(n, rows, p_out)
-    cols = workspace[:rows * nb * p_out].reshape(rows, nb * p_out)
-    yt = workspace[rows * nb * p_out:(rows + f) * nb * p_out].reshape(f, nb * p_out)
-    scratch = workspace[(rows + f) * nb * p_out:size]
-    return cols, yt, scratch, nb
+    per = size // workers.WORKERS
+    slices = []
+    for t in range(workers.WORKERS):
+        base = workspace[t * per:(t + 1) * per]
+        cols = base[:cols_size].reshape(c * kh * kw, -1)
+        yt = base[cols_size:cols_size + yt_size].reshape(f, -1)
+        part = base[cols_size + yt_size:cols_size + yt_size + dw_size]
+        tmp = base[cols_size + yt_size + dw_size:per]
+        slices.append((cols, yt, part, tmp))
+    return nb, slices
 
 
 def _filter_major(dyt, dy, n0, m):
@@ -92,72 +107,90 @@ def _filter_major(dyt, dy, n0, m):
 def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, stream=None):
     """y (N,F,OH,OW) <- conv(x, w) + b, then max(y, 0) if ``relu``.  y is overwritten."""
     n, c, f, cg, kh, kw, oh, ow = _geometry(x.shape, w.shape, stride, pad, groups)
-    fg = f // groups
+    fg, kg, p_out = f // groups, cg * kh * kw, oh * ow
     if _is_pointwise(kh, kw, stride, pad):
         wg = w.reshape(groups, fg, cg)
-        np.matmul(wg, x.reshape(n, groups, cg, oh * ow), out=y.reshape(n, groups, fg, oh * ow))
+        np.matmul(wg, x.reshape(n, groups, cg, p_out), out=y.reshape(n, groups, fg, p_out))
         k.add_bias_relu_nchw(y, b, relu)
         return
-    cols, yt, _, nb = _buffers(workspace, x.shape, w.shape, stride, pad, groups)
-    kg = cg * kh * kw
+    nb, slices = _buffers(workspace, x.shape, w.shape, stride, pad, groups)
     w2 = w.reshape(f, kg)
-    for n0 in range(0, n, nb):
-        m = min(nb, n - n0)
-        width = m * oh * ow
-        k.im2col(cols, x, n0, m, kh, kw, stride, pad, oh, ow)
-        out = y[n0].reshape(f, width) if m == 1 else yt     # one image: GEMM straight into y
-        for g in range(groups):
-            np.matmul(w2[g * fg:(g + 1) * fg], cols[g * kg:(g + 1) * kg, :width],
-                      out=out[g * fg:(g + 1) * fg, :width])
-        if m == 1:
-            k.add_bias_relu_nchw(y[n0:n0 + 1], b, relu)
-        else:
-            k.scatter_bias_relu(y, yt, b, n0, m, relu)
+
+    def work(t, lo, hi):
+        cols, yt, _, _ = slices[t]
+        for n0 in range(lo, hi, nb):
+            m = min(nb, hi - n0)
+            width = m * p_out
+            k.im2col(cols, x, n0, m, kh, kw, stride, pad, oh, ow)
+            out = y[n0].reshape(f, width) if m == 1 else yt     # one image: GEMM straight into y
+            for g in range(groups):
+                np.matmul(w2[g * fg:(g + 1) * fg], cols[g * kg:(g + 1) * kg, :width],
+                          out=out[g * fg:(g + 1) * fg, :width])
+            if m == 1:
+                k.bias_relu_image(y, b, n0, relu)
+            else:
+                k.scatter_bias_relu(y, yt, b, n0, m, relu)
+
+    workers.run(work, n)
 
 
 def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=None):
     """dx (N,C,H,W) <- dL/dx given dy (N,F,OH,OW).  dx is overwritten."""
     n, c, f, cg, kh, kw, oh, ow = _geometry(dx.shape, w.shape, stride, pad, groups)
-    fg = f // groups
+    fg, kg, p_out = f // groups, cg * kh * kw, oh * ow
     if _is_pointwise(kh, kw, stride, pad):
         wt = w.reshape(groups, fg, cg).transpose(0, 2, 1)
-        np.matmul(wt, dy.reshape(n, groups, fg, oh * ow), out=dx.reshape(n, groups, cg, oh * ow))
+        np.matmul(wt, dy.reshape(n, groups, fg, p_out), out=dx.reshape(n, groups, cg, p_out))
         return
-    cols, dyt, _, nb = _buffers(workspace, dx.shape, w.shape, stride, pad, groups)
-    kg = cg * kh * kw
+    nb, slices = _buffers(workspace, dx.shape, w.shape, stride, pad, groups)
     w2 = w.reshape(f, kg)
-    for n0 in range(0, n, nb):
-        m = min(nb, n - n0)
-        width = m * oh * ow
-        src = _filter_major(dyt, dy, n0, m)
-        for g in range(groups):
-            np.matmul(w2[g * fg:(g + 1) * fg].T, src[g * fg:(g + 1) * fg, :width],
-                      out=cols[g * kg:(g + 1) * kg, :width])
-        k.col2im(dx, cols, n0, m, kh, kw, stride, pad, oh, ow)
+
+    def work(t, lo, hi):
+        cols, dyt, _, _ = slices[t]
+        for n0 in range(lo, hi, nb):
+            m = min(nb, hi - n0)
+            width = m * p_out
+            src = _filter_major(dyt, dy, n0, m)
+            for g in range(groups):
+                np.matmul(w2[g * fg:(g + 1) * fg].T, src[g * fg:(g + 1) * fg, :width],
+                          out=cols[g * kg:(g + 1) * kg, :width])
+            k.col2im(dx, cols, n0, m, kh, kw, stride, pad, oh, ow)
+
+    workers.run(work, n)
 
 
 def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, stream=None):
     """dw (F,C/G,KH,KW), db (F,) <- dL/dw, dL/db.  Both overwritten, never accumulated.
 
-    Each group's GEMM computes dw[g].T = cols[g] @ dyt[g].T, (K/G, F/G), into the scratch and
-    is then transposed into dw: OpenBLAS runs this orientation (the long nb*P reduction as the
-    inner dimension of both operands, a tall output) several times faster than dyt @ cols.T.
+    Each group's GEMM computes dw[g].T = cols[g] @ dyt[g].T, (K/G, F/G): OpenBLAS runs this
+    orientation (the long nb*P reduction contiguous in both operands, a tall output) several
+    times faster than dyt @ cols.T.  The workers' partial sums are transposed into dw at the end.
     """
     n, c, f, cg, kh, kw, oh, ow = _geometry(x.shape, dw.shape, stride, pad, groups)
-    fg = f // groups
-    cols, dyt, scratch, nb = _buffers(workspace, x.shape, dw.shape, stride, pad, groups)
-    kg = cg * kh * kw
+    fg, kg, p_out = f // groups, cg * kh * kw, oh * ow
+    nb, slices = _buffers(workspace, x.shape, dw.shape, stride, pad, groups)
+
+    def work(t, lo, hi):
+        cols, dyt, part, tmp = slices[t]
+        for n0 in range(lo, hi, nb):
+            m = min(nb, hi - n0)
+            width = m * p_out
+            k.im2col(cols, x, n0, m, kh, kw, stride, pad, oh, ow)
+            src = _filter_major(dyt, dy, n0, m)
+            target = part if n0 == lo else tmp
+            for g in range(groups):
+                block = slice(g * kg * fg, (g + 1) * kg * fg)
+                np.matmul(cols[g * kg:(g + 1) * kg, :width], src[g * fg:(g + 1) * fg, :width].T,
+                          out=target[block].reshape(kg, fg))
+            if n0 != lo:
+                part += tmp
+
+    busy = workers.run(work, n)
     dw2 = dw.reshape(f, kg)
-    for n0 in range(0, n, nb):
-        m = min(nb, n - n0)
-        width = m * oh * ow
-        k.im2col(cols, x, n0, m, kh, kw, stride, pad, oh, ow)
-        src = _filter_major(dyt, dy, n0, m)
-        for g in range(groups):
-            part = scratch[g * kg * fg:(g + 1) * kg * fg].reshape(kg, fg)
-            np.matmul(cols[g * kg:(g + 1) * kg, :width], src[g * fg:(g + 1) * fg, :width].T, out=part)
-            if n0 == 0:
-                dw2[g * fg:(g + 1) * fg] = part.T
-            else:
-                dw2[g * fg:(g + 1) * fg] += part.T
+    for g in range(groups):
+        block = slice(g * kg * fg, (g + 1) * kg * fg)
+        rows = dw2[g * fg:(g + 1) * fg]
+        rows[...] = slices[busy[0]][2][block].reshape(kg, fg).T
+        for t in busy[1:]:
+            rows += slices[t][2][block].reshape(kg, fg).T
     k.bias_grad(db, dy)

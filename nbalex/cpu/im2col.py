@@ -10,6 +10,10 @@ contiguous block, so a group's GEMM is a slice; one GEMM covers the whole chunk,
 the BLAS call large even where P is small (conv3..conv5 have P = 169).  The GEMM result is
 ``(F, nb*P)``, "filter-major"; :func:`scatter_bias_relu` turns it into NCHW with the bias and
 ReLU fused in, and :func:`gather_filter_major` does the reverse for dy in the backward pass.
+
+The per-chunk kernels are serial and release the GIL: the convolution runs one chunk per
+worker thread at a time (:mod:`nbalex.cpu.workers`).  The whole-batch kernels at the end
+(:func:`bias_grad`, :func:`add_bias_relu_nchw`) are parallel and run on the calling thread.
 """
 
 from numba import njit, prange
@@ -33,18 +37,18 @@ def _valid_range(out_len, in_len, tap, stride, pad):
     return lo, hi
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def im2col(cols, x, n0, nb, kh, kw, stride, pad, oh, ow):
     """Write ``cols`` (K, nb*P), K = C*KH*KW, from images n0..n0+nb-1 of x (N, C, H, W).
 
-    One parallel task per (row k, image j): it writes the P columns of image j in row k,
+    One step per (row k, image j): it writes the P columns of image j in row k,
     zeros where the tap falls into the padding.  Every element of cols[:, :nb*P] is written.
     Each output row is a slice copy (unit stride when stride == 1), which Numba vectorises.
     """
     c_in, h, w = x.shape[1], x.shape[2], x.shape[3]
     p_out = oh * ow
     taps = kh * kw
-    for task in prange(c_in * taps * nb):
+    for task in range(c_in * taps * nb):
         k = task // nb
         j = task % nb
         c = k // taps
@@ -68,16 +72,16 @@ def im2col(cols, x, n0, nb, kh, kw, stride, pad, oh, ow):
             row[base + hi_j:base + ow] = 0.0
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def col2im(dx, cols, n0, nb, kh, kw, stride, pad, oh, ow):
     """Overwrite images n0..n0+nb-1 of dx (N, C, H, W) with the col2im of ``cols`` (K, nb*P).
 
-    One parallel task per (image j, channel c): it zeroes its own dx plane and adds every
-    tap's column back to the input pixel the tap read, so no two tasks write the same element.
+    One step per (image j, channel c): it zeroes its dx plane, then adds every tap's column
+    back to the input pixel the tap read.  Chunks of different workers touch different images.
     """
     c_in, h, w = dx.shape[1], dx.shape[2], dx.shape[3]
     p_out = oh * ow
-    for task in prange(nb * c_in):
+    for task in range(nb * c_in):
         j = task // c_in
         c = task % c_in
         plane = dx[n0 + j, c]
@@ -101,15 +105,15 @@ def col2im(dx, cols, n0, nb, kh, kw, stride, pad, oh, ow):
                         dst[t] += src[t]
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def scatter_bias_relu(y, yt, b, n0, nb, relu):
     """y[n0+j, f, :] = yt[f, j*P:(j+1)*P] + b[f], then max(., 0) if relu.  y (N,F,OH,OW).
 
-    One parallel task per (image j, filter f); each writes its own output plane.
+    One step per (image j, filter f), each writing one output plane.
     """
     f_out = y.shape[1]
     p_out = y.shape[2] * y.shape[3]
-    for task in prange(nb * f_out):
+    for task in range(nb * f_out):
         j = task // f_out
         f = task % f_out
         dst = y[n0 + j, f].reshape(p_out)
@@ -124,19 +128,32 @@ def scatter_bias_relu(y, yt, b, n0, nb, relu):
                 dst[t] = src[t] + bias
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
 def gather_filter_major(dyt, dy, n0, nb):
     """dyt[f, j*P:(j+1)*P] = dy[n0+j, f] flattened, for the chunk's nb images.  dy (N,F,OH,OW).
 
-    The inverse layout change of :func:`scatter_bias_relu`; one task per (image, filter).
+    The inverse layout change of :func:`scatter_bias_relu`; one step per (image, filter).
     """
     f_out = dy.shape[1]
     p_out = dy.shape[2] * dy.shape[3]
-    for task in prange(nb * f_out):
+    for task in range(nb * f_out):
         j = task // f_out
         f = task % f_out
         src = dy[n0 + j, f].reshape(p_out)
         dyt[f, j * p_out:(j + 1) * p_out] = src
+
+
+@njit(nogil=True, cache=True)
+def bias_relu_image(y, b, n, relu):
+    """In place on image n only: y[n, f] += b[f], then max(., 0) if relu.  y (N, F, OH, OW)."""
+    f_out = y.shape[1]
+    p_out = y.shape[2] * y.shape[3]
+    for f in range(f_out):
+        plane = y[n, f].reshape(p_out)
+        bias = b[f]
+        for t in range(p_out):
+            v = plane[t] + bias
+            plane[t] = v if (v > 0.0 or not relu) else 0.0
 
 
 @njit(parallel=True, cache=True)

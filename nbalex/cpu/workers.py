@@ -1,0 +1,88 @@
+"""Batch-parallel execution for the CPU convolution: a few Python threads, single-threaded BLAS.
+
+Splitting the batch between one worker per core, each running im2col -> SGEMM -> epilogue on
+its own images with single-threaded BLAS and GIL-free Numba kernels, needs one
+synchronisation per layer instead of one per kernel and per GEMM.  On two shared cores this
+ran AlexNet's convolutions 1.2-3.7x faster (median wall time) than the same kernels with
+both threads inside every step, and used less CPU time.
+
+OpenBLAS's thread count is switched to 1 while the workers run and restored afterwards,
+through the library NumPy loaded (found in /proc/self/maps).  Where that library cannot be
+found, the work runs on the calling thread alone with BLAS threaded as usual.
+"""
+
+import ctypes
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numba
+import numpy as np  # noqa: F401  (loads the BLAS library looked up below)
+
+from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
+
+
+def _openblas_thread_controls():
+    """(get, set) for the OpenBLAS NumPy links, or None when it cannot be found."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps
+                            if "openblas" in line.lower() and ".so" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for suffix in ("64_", "", "_64"):
+            for prefix in ("scipy_openblas", "openblas"):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    get.restype = ctypes.c_int
+                    put.argtypes = [ctypes.c_int]
+                    return get, put
+    return None
+
+
+_CONTROLS = _openblas_thread_controls()
+WORKERS = max(1, min(numba.config.NUMBA_NUM_THREADS, os.cpu_count() or 1)) if _CONTROLS else 1
+_pool = []
+
+
+@contextmanager
+def _single_threaded_blas():
+    get, put = _CONTROLS
+    before = get()
+    put(1)
+    try:
+        yield
+    finally:
+        put(before)
+
+
+def split(n, parts):
+    """[(lo, hi)] contiguous ranges covering range(n), ``parts`` of them (some may be empty)."""
+    step = -(-n // parts)
+    return [(min(n, t * step), min(n, (t + 1) * step)) for t in range(parts)]
+
+
+def run(work, n):
+    """Call work(t, lo, hi) for worker t over its share [lo, hi) of n images, all in parallel.
+
+    Returns the list of workers that had images.  Exceptions propagate to the caller.
+    """
+    ranges = split(n, WORKERS)
+    busy = [t for t, (lo, hi) in enumerate(ranges) if hi > lo]
+    if WORKERS == 1 or len(busy) == 1:
+        for t in busy:
+            work(t, *ranges[t])
+        return busy
+    if not _pool:
+        _pool.append(ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="nbalex-cpu"))
+    with _single_threaded_blas():
+        futures = [_pool[0].submit(work, t, *ranges[t]) for t in busy]
+        for f in futures:
+            f.result()
+    return busy
