@@ -25,12 +25,19 @@ from nbalex.config import load_config
 FORMAT = 1
 
 
+def _json_default(value):
+    """NumPy scalars and small arrays inside JSON values (e.g. an np.int64 position)."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
+
+
 def _write_dict(group, values):
     for key, value in (values or {}).items():
         if isinstance(value, np.ndarray):
             group.create_dataset(key, data=value)
         else:
-            group.attrs[key] = json.dumps(value)
+            group.attrs[key] = json.dumps(value, default=_json_default)
 
 
 def _read_dict(group):

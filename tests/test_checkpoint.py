@@ -31,7 +31,7 @@ def test_resume_from_a_checkpoint_is_exact(tmp_path):
     schedule.step(0.9)
     order = np.random.default_rng(0).permutation(10)
     path = checkpoint.save(tmp_path / "run" / "ck.h5", net, epoch=3, step=2, lr=0.05, seed=1,
-                           loader_state={"order": order, "position": 7},
+                           loader_state={"order": order, "position": np.int64(7)},
                            extra={"schedule": schedule.state_dict(), "note": "hi"})
     assert [p.name for p in path.parent.iterdir()] == ["ck.h5"]   # no temporary file left
     train(net, range(2, 4))

@@ -60,49 +60,59 @@ def assert_close(got, want, what, tol=2e-4):
     assert err <= tol * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
 
 
-def train_side_by_side(a, b, steps):
-    """Train ``a`` and ``b`` side by side, comparing logits, loss, every gradient, parameters."""
-    x, _ = batch(0)
-    assert_close(b.forward(x), a.forward(x), "logits")
-    for step in range(steps):
-        x, labels = batch(step)
-        loss_a = a.forward_backward(x, labels, seed=step)
-        loss_b = b.forward_backward(x, labels, seed=step)
-        assert abs(loss_a - loss_b) <= 1e-4 * max(1.0, abs(loss_a)), (step, loss_a, loss_b)
-        grads_a, grads_b = a.grads(), b.grads()
-        for name in grads_a:
-            assert_close(grads_b[name], grads_a[name], f"step {step} gradient {name}")
+def compare_step(a, b, sgd_steps):
+    """One forward_backward on ``a`` and ``b``, then ``sgd_steps`` updates from those gradients;
+    the loss, every gradient, and the parameters and momentum after the updates must agree.
+
+    Each kernel launch costs seconds under the simulator, so the SGD steps reuse one set of
+    gradients: the update rule and the momentum it carries are what they test.
+    """
+    x, labels = batch(0)
+    loss_a = a.forward_backward(x, labels, seed=7)
+    loss_b = b.forward_backward(x, labels, seed=7)
+    assert abs(loss_a - loss_b) <= 1e-4 * max(1.0, abs(loss_a)), (loss_a, loss_b)
+    grads_a, grads_b = a.grads(), b.grads()
+    for name in grads_a:
+        assert_close(grads_b[name], grads_a[name], f"gradient {name}")
+    for _ in range(sgd_steps):
         a.sgd_step(0.05, momentum=0.9, weight_decay=5e-4)
         b.sgd_step(0.05, momentum=0.9, weight_decay=5e-4)
-    params_a, params_b = a.params(), b.params()
-    for name in params_a:
-        assert_close(params_b[name], params_a[name], f"parameter {name} after {steps} steps")
-
-
-def test_cuda_network_equals_reference_network():
-    ref = Net(MICRO, backend="reference", batch_size=BATCH, seed=3)
-    net = Net(MICRO, backend="cuda", batch_size=BATCH, seed=3)
-    assert len(net.towers) == 1 and net.backend_name == "cuda"
-    train_side_by_side(ref, net, steps=3)
+    for what, got, want in (("parameter", b.params(), a.params()), ("momentum", b.momentum(), a.momentum())):
+        for name in want:
+            assert_close(got[name], want[name], f"{what} {name} after {sgd_steps} SGD steps")
 
 
 @pytest.fixture(scope="module")
-def two_towers():
-    """A two-tower network on one GPU, shared by the tests below (kernels compile once)."""
-    return {"net": Net(MICRO, backend="cuda", batch_size=BATCH, seed=4, gpus=(0, 0)), "trained": False}
+def one_tower():
+    """A one-tower CUDA network shared by the tests below (its kernels compile once)."""
+    return {"net": Net(MICRO, backend="cuda", batch_size=BATCH, seed=3), "trained": False}
 
 
-def test_two_towers_equal_one_tower(two_towers):
+def test_cuda_network_equals_reference_network(one_tower):
+    ref = Net(MICRO, backend="reference", batch_size=BATCH, seed=3)
+    net = one_tower["net"]
+    assert len(net.towers) == 1 and net.backend_name == "cuda"
+    # a batch already on the device is used in place: only the logits come back
+    x, _ = batch(1)
+    x_device = cuda.to_device(x)
+    before = net.transfers.counts()
+    assert_close(net.forward(x_device), ref.forward(x), "logits")
+    h2d, d2h, _, _ = np.subtract(net.transfers.counts(), before)
+    assert (h2d, d2h) == (0, 1)
+    compare_step(ref, net, sgd_steps=3)
+    one_tower["trained"] = True
+
+
+def test_two_towers_equal_one_tower():
     # one CUDA tower equals the reference network (above), so compare two towers with it
     one = Net(MICRO, backend="reference", batch_size=BATCH, seed=4)
-    two = two_towers["net"]
+    two = Net(MICRO, backend="cuda", batch_size=BATCH, seed=4, gpus=(0, 0))
     assert [t.index for t in two.towers] == [0, 1]
     tower = two.towers[1]
     assert tower.compute_stream is not tower.copy_stream
     assert two.param_names() == one.param_names()
     assert {k: v.shape for k, v in two.params().items()} == {k: v.shape for k, v in one.params().items()}
-    train_side_by_side(one, two, steps=1)
-    two_towers["trained"] = True
+    compare_step(one, two, sgd_steps=1)     # the images reach tower 1 device to device
 
 
 class AllocationSpy:
@@ -125,33 +135,20 @@ class AllocationSpy:
         return spy
 
 
-def test_a_training_step_allocates_nothing_and_copies_only_batch_and_loss(two_towers, monkeypatch):
-    net = two_towers["net"]
+def test_a_training_step_allocates_nothing_and_copies_only_batch_and_loss(one_tower, monkeypatch):
+    net = one_tower["net"]
     x, labels = batch(0)
-    if not two_towers["trained"]:               # measure a step after the first one
+    if not one_tower["trained"]:                # measure a step after the first one
         net.forward_backward(x, labels)
         net.sgd_step(0.01)
-    allocations = [a.allocations for a in net.arenas]
+    allocations, used = net.arena.allocations, net.arena.used
     spy = AllocationSpy(monkeypatch)
     before = net.transfers.counts()
     loss = net.forward_backward(x, labels, seed=1)
     net.sgd_step(0.01)
     h2d, d2h, h2d_bytes, d2h_bytes = np.subtract(net.transfers.counts(), before)
-    # in: the images once (tower 1 copies tower 0's, device to device), labels per tower
-    assert (h2d, h2d_bytes) == (1 + 2, x.nbytes + 2 * labels.nbytes)
-    assert (d2h, d2h_bytes) == (1, 4 * BATCH)          # out: the per-example losses
+    assert (h2d, h2d_bytes) == (2, x.nbytes + labels.nbytes)     # in: images and labels
+    assert (d2h, d2h_bytes) == (1, 4 * BATCH)                    # out: the per-example losses
     assert np.isfinite(loss)
     assert spy.calls == []
-    assert [a.allocations for a in net.arenas] == allocations
-    assert all(a.used <= a.capacity for a in net.arenas)
-
-
-def test_a_device_batch_is_used_in_place():
-    net = Net(MICRO, backend="cuda", batch_size=BATCH, seed=5)
-    x, _ = batch(1)
-    expected = Net(MICRO, backend="reference", batch_size=BATCH, seed=5).forward(x)
-    x_device = cuda.to_device(x)
-    before = net.transfers.counts()
-    assert_close(net.forward(x_device), expected, "logits")
-    h2d, d2h, _, _ = np.subtract(net.transfers.counts(), before)
-    assert (h2d, d2h) == (0, 1)                # only the logits come back
+    assert (net.arena.allocations, net.arena.used) == (allocations, used)

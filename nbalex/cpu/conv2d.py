@@ -24,12 +24,12 @@ import numpy as np
 from . import im2col as k
 from . import workers
 
-# A chunk aims at GEMMs TARGET_WIDTH columns wide (nb*P: one image of P = 169 outputs makes a
-# GEMM too thin for BLAS to run well) but keeps its column matrix within COLS_BUDGET float32
-# (16 MiB), so what im2col writes is still in cache when the GEMM reads it.  Measured on
-# AlexNet at batch 32 (2-core EPYC): 1 image per chunk cost up to 3x the CPU time of 2..8
-# images for conv3..conv5, and a 32 MiB budget ~1.5x for conv2.
-TARGET_WIDTH = 4096
+# A chunk aims at GEMMs at least TARGET_WIDTH columns wide (nb*P) and keeps its column matrix
+# within COLS_BUDGET float32 (16 MiB) so that what im2col writes is still in cache when the
+# GEMM reads it.  With one single-threaded worker per core, small chunks won: on AlexNet at
+# batch 32 (2-core EPYC) one image per chunk (two for the 13x13 layers) was as fast as or
+# faster than 4..16, while with both cores inside every GEMM, 1-image chunks had cost up to 3x.
+TARGET_WIDTH = 256
 COLS_BUDGET = 4 * 1024 * 1024
 
 

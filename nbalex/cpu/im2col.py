@@ -16,6 +16,7 @@ worker thread at a time (:mod:`nbalex.cpu.workers`).  The whole-batch kernels at
 (:func:`bias_grad`, :func:`add_bias_relu_nchw`) are parallel and run on the calling thread.
 """
 
+import numpy as np
 from numba import njit, prange
 
 from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
@@ -122,7 +123,7 @@ def scatter_bias_relu(y, yt, b, n0, nb, relu):
         if relu:
             for t in range(p_out):
                 v = src[t] + bias
-                dst[t] = v if v > 0.0 else 0.0
+                dst[t] = v if v > 0.0 else np.float32(0.0)
         else:
             for t in range(p_out):
                 dst[t] = src[t] + bias
@@ -153,7 +154,7 @@ def bias_relu_image(y, b, n, relu):
         bias = b[f]
         for t in range(p_out):
             v = plane[t] + bias
-            plane[t] = v if (v > 0.0 or not relu) else 0.0
+            plane[t] = v if (v > 0.0 or not relu) else np.float32(0.0)
 
 
 @njit(parallel=True, cache=True)
@@ -181,4 +182,4 @@ def add_bias_relu_nchw(y, b, relu):
         bias = b[f]
         for t in range(p_out):
             v = plane[t] + bias
-            plane[t] = v if (v > 0.0 or not relu) else 0.0
+            plane[t] = v if (v > 0.0 or not relu) else np.float32(0.0)

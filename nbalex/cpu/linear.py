@@ -35,7 +35,7 @@ def transpose_bias_relu(y, yt, b, relu):
         for n in range(n_rows):
             for m in range(lo, hi):
                 v = yt[m, n] + b[m]
-                y[n, m] = v if (v > 0.0 or not relu) else 0.0
+                y[n, m] = v if (v > 0.0 or not relu) else np.float32(0.0)
 
 
 @njit(parallel=True, cache=True)

@@ -1,5 +1,6 @@
 """ReLU on the CPU: one parallel Numba pass over the flat array."""
 
+import numpy as np
 from numba import njit, prange
 
 from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
@@ -10,14 +11,14 @@ def relu_forward_kernel(y, x):
     """y[i] = max(x[i], 0) for every i of the flat arrays; y may be x (written)."""
     for i in prange(x.shape[0]):
         v = x[i]
-        y[i] = v if v > 0.0 else 0.0
+        y[i] = v if v > 0.0 else np.float32(0.0)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def relu_backward_kernel(dx, dy, y):
     """dx[i] = dy[i] if y[i] > 0 else 0 (written); dx may be dy."""
     for i in prange(dy.shape[0]):
-        dx[i] = dy[i] if y[i] > 0.0 else 0.0
+        dx[i] = dy[i] if y[i] > 0.0 else np.float32(0.0)
 
 
 def relu_forward(y, x, stream=None):
