@@ -220,3 +220,18 @@ def test_sgd_matches_reference(rng, with_offsets):
         ref.sgd_update(rw, dw, rv, 0.05, 0.9, 0.01, **kwargs)
     _close(w, rw, 1e-5, 1e-6)
     _close(v, rv, 1e-5, 1e-6)
+
+
+def test_conv2d_workers_split_the_batch_and_restore_blas_threads(rng):
+    """Odd batch over the workers (uneven shares); BLAS threading is restored afterwards."""
+    from nbalex.cpu import workers
+    assert workers.split(5, 2) == [(0, 3), (3, 5)]
+    assert workers.split(1, 2) == [(0, 1), (1, 1)]
+    x, wt, b, dy, stride, pad, groups = _conv_arrays(rng, (5, 4, 9, 8, 6, 3, 1, 1, 2))
+    before = workers._CONTROLS[0]() if workers._CONTROLS else None
+    y, want = _garbage_like(dy), np.empty_like(dy)
+    conv2d.conv2d_forward(y, x, wt, b, stride, pad, groups)
+    ref.conv2d_forward(want, x, wt, b, stride, pad, groups)
+    _close(y, want)
+    if before is not None:
+        assert workers._CONTROLS[0]() == before

@@ -1,4 +1,4 @@
-"""im2col / col2im and the layout shuffles around the conv GEMMs, as parallel Numba kernels.
+"""im2col / col2im and the layout shuffles around the conv GEMMs, as Numba kernels.
 
 The CPU convolution works on a *chunk* of ``nb`` images at a time.  Its column matrix has one
 row per (channel, tap) and one column per (image in the chunk, output pixel)::
@@ -7,7 +7,7 @@ row per (channel, tap) and one column per (image in the chunk, output pixel)::
 
 with P = OH*OW and ``xp`` the zero-padded input.  Rows of one group's channels are a
 contiguous block, so a group's GEMM is a slice; one GEMM covers the whole chunk, which keeps
-the BLAS call large even where P is small (conv3..conv5 have P = 169).  The GEMM result is
+the BLAS call wide enough where P is small (conv3..conv5 have P = 169).  The GEMM result is
 ``(F, nb*P)``, "filter-major"; :func:`scatter_bias_relu` turns it into NCHW with the bias and
 ReLU fused in, and :func:`gather_filter_major` does the reverse for dy in the backward pass.
 

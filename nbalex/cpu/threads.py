@@ -1,9 +1,10 @@
 """Threading choice shared by the CPU kernels.
 
-The CPU backend alternates Numba parallel regions (im2col, LRN, pooling, ...) with
+The CPU backend alternates Numba parallel regions (LRN, pooling, ReLU, ...) with
 multithreaded BLAS calls.  Under the OpenMP threading layer, Numba's worker threads keep
 spinning after each region and starve the BLAS threads that follow (measured: a grouped conv
-forward ran 1.5-2x slower next to PyTorch's OpenMP runtime).  Numba's ``workqueue`` layer
+forward, then built from parallel im2col + threaded GEMMs, ran 1.5-2x slower in a process that
+had also loaded PyTorch's OpenMP runtime).  Numba's ``workqueue`` layer
 parks its threads instead, so it is chosen here unless the user picked a layer through
 ``NUMBA_THREADING_LAYER``.  This only takes effect if no parallel kernel has run yet in the
 process.  (``workqueue`` must not be entered from two Python threads at the same time.)
