@@ -148,17 +148,6 @@ def compile_cache_timing():
 
 # --------------------------------------------------------------------------- timing
 
-def median_ms(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
-
-
 def interleaved_ms(fns, repeats, warmup=1):
     """Median ms of each fn, run in turns so machine noise hits all of them alike."""
     for fn in fns:

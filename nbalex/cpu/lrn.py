@@ -53,8 +53,12 @@ def lrn_forward_kernel(y, scale, x, half, alpha, beta, k, three_quarters):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def lrn_backward_kernel(dx, dy, x, y, scale, half, alpha, beta, three_quarters):
-    """All (N, C, P) float32: write dx[n, c, :], one task per (n, c); dy*y/scale is recomputed
-    per window instead of stored, so the pass needs no scratch memory."""
+    """All (N, C, P) float32: write dx[n, c, :], one task per (n, c).
+
+    The window sum of dy*y/scale is accumulated plane by plane in dx itself (unit-stride
+    loops that vectorise; recomputed per window instead of stored, so no scratch memory),
+    then dx is finished in place.
+    """
     n_img, channels, plane = x.shape
     coef = np.float32(2.0) * alpha * beta
     for task in prange(n_img * channels):
@@ -62,12 +66,16 @@ def lrn_backward_kernel(dx, dy, x, y, scale, half, alpha, beta, three_quarters):
         c = task % channels
         lo = max(0, c - half)
         hi = min(channels - 1, c + half)
+        out = dx[n, c]
         for t in range(plane):
-            acc = np.float32(0.0)
-            for cc in range(lo, hi + 1):
-                acc += dy[n, cc, t] * y[n, cc, t] / scale[n, cc, t]
-            s = scale[n, c, t]
-            dx[n, c, t] = dy[n, c, t] * _neg_pow(s, beta, three_quarters) - coef * x[n, c, t] * acc
+            out[t] = 0.0
+        for cc in range(lo, hi + 1):
+            g, o, s = dy[n, cc], y[n, cc], scale[n, cc]
+            for t in range(plane):
+                out[t] += g[t] * o[t] / s[t]
+        g, xc, s = dy[n, c], x[n, c], scale[n, c]
+        for t in range(plane):
+            out[t] = g[t] * _neg_pow(s[t], beta, three_quarters) - coef * xc[t] * out[t]
 
 
 def _as3d(a):

@@ -55,6 +55,81 @@ def conv_geometry(x_shape, w_shape, stride, pad, groups, relu=False, splits=1, k
     return tuple(geo)
 
 
+# ---- shared loader pieces ------------------------------------------------------------
+
+@cuda.jit(device=True, inline="always")
+def fetch_runs(src, base, valid, run, period, run_mul, run_sh, k, k_end, buf):
+    """buf[e] = src[base + q*period + r] with (q, r) = divmod(k + e, run), where valid and
+    k + e < k_end, else 0: an operand row laid out as runs of ``run`` contiguous elements,
+    one every ``period`` (> run) elements.  (run_mul, run_sh) = magic_divider(run).
+
+    k is divided once; each next element steps the offset by one, jumping period - run at
+    the end of a run.  run is an int32; the offset is carried in int32.
+    """
+    q = fast_div(k, run_mul, run_sh)
+    r = int32(k - q * run)
+    off = int32(base + q * period + r)
+    jump = int32(period - run)
+    left = int32(k_end - k)
+    for e in range(buf.shape[0]):
+        ok = valid & (int32(e) < left)
+        v = src[uint64(off if ok else int32(0))]
+        buf[e] = v if ok else float32(0.0)
+        r = int32(r + int32(1))
+        off = int32(off + int32(1))
+        wrap = r == run
+        r = int32(0) if wrap else r
+        off = int32(off + jump) if wrap else off
+
+
+@cuda.jit(device=True, inline="always")
+def unravel3(i, rows, cols, cols_mul, cols_sh, plane_mul, plane_sh):
+    """(a, b, c) with i = (a*rows + b)*cols + c, 0 <= i < 2**31, as int64; (plane_mul,
+    plane_sh) and (cols_mul, cols_sh) are magic_divider(rows*cols) and magic_divider(cols)."""
+    a = fast_div(i, plane_mul, plane_sh)
+    r = i - a * rows * cols
+    b = fast_div(r, cols_mul, cols_sh)
+    return a, b, r - b * cols
+
+
+@cuda.jit(device=True, inline="always")
+def decode_tap(geo, k):
+    """(c, kh, kw) of a tap index k = (c*KH + kh)*KW + kw; kh and kw as int32."""
+    c, kh, kw = unravel3(k, geo[G_KH], geo[G_KW], geo[G_KW_MUL], geo[G_KW_SH],
+                         geo[G_KK_MUL], geo[G_KK_SH])
+    return c, int32(kh), int32(kw)
+
+
+@cuda.jit(device=True, inline="always")
+def decode_pixel(geo, n):
+    """(image, oh, ow) of an output pixel index n = (image*OH + oh)*OW + ow."""
+    return unravel3(n, geo[G_OH], geo[G_OW], geo[G_OW_MUL], geo[G_OW_SH], geo[G_P_MUL],
+                    geo[G_P_SH])
+
+
+@cuda.jit(device=True, inline="always")
+def load_pixel(src, plane, row, col, hgt, wid, ok):
+    """src[plane + row*wid + col] if ok and (row, col) lies in the hgt x wid plane, else 0;
+    branch-free (a masked element reads offset 0 and is replaced).  int32 offsets."""
+    ok = ok & inside(row, hgt) & inside(col, wid)
+    v = src[uint64(int32(plane + row * wid + col) if ok else int32(0))]
+    return v if ok else float32(0.0)
+
+
+@cuda.jit(device=True, inline="always")
+def next_pixel(ih, iw, plane, s, ih0, iw0, ih_end, iw_end, plane_step):
+    """Step (ih, iw) by s along a row of a window scan: at iw_end back to iw0 and one row
+    (s) down; at ih_end back to ih0 and plane_step on to the next plane.  All int32."""
+    iw = int32(iw + s)
+    wrap = iw == iw_end
+    iw = iw0 if wrap else iw
+    ih = int32(ih + s) if wrap else ih
+    wrap = ih == ih_end
+    ih = ih0 if wrap else ih
+    plane = int32(plane + plane_step) if wrap else plane
+    return ih, iw, plane
+
+
 # ---- forward -------------------------------------------------------------------------
 
 @cuda.jit(device=True, inline="always")
@@ -77,14 +152,10 @@ def fwd_fetch_w(w, geo, st, k, step, k_end, buf):
 def fwd_setup_x(x, geo, z, n):
     """Column n = (image, oh, ow) of the implicit im2col matrix of x, group z:
     (offset of x[image, z*Cg, 0, 0], ih0 = oh*s-pad, iw0 = ow*s-pad, valid), int32."""
-    p = geo[G_OH] * geo[G_OW]
-    valid = n < geo[G_N] * p
-    nn = n if valid else 0
-    img = fast_div(nn, geo[G_P_MUL], geo[G_P_SH])
-    r = nn - img * p
-    oh = fast_div(r, geo[G_OW_MUL], geo[G_OW_SH])
+    valid = n < geo[G_N] * geo[G_OH] * geo[G_OW]
+    img, oh, ow = decode_pixel(geo, n if valid else 0)
     ih0 = int32(oh * geo[G_S] - geo[G_PAD])
-    iw0 = int32((r - oh * geo[G_OW]) * geo[G_S] - geo[G_PAD])
+    iw0 = int32(ow * geo[G_S] - geo[G_PAD])
     base = int32((img * geo[G_C] + z * geo[G_CG]) * geo[G_H] * geo[G_W])
     return (base, ih0, iw0, valid)
 
@@ -98,26 +169,18 @@ def fwd_fetch_x(x, geo, st, k, step, k_end, buf):
     """
     hgt = int32(geo[G_H])
     wid = int32(geo[G_W])
-    c = fast_div(k, geo[G_KK_MUL], geo[G_KK_SH])
-    r = k - c * geo[G_KH] * geo[G_KW]
-    kh = fast_div(r, geo[G_KW_MUL], geo[G_KW_SH])
+    c, kh, kw = decode_tap(geo, k)
     ih = int32(st[1] + kh)
-    iw = int32(st[2] + r - kh * geo[G_KW])
+    iw = int32(st[2] + kw)
     ih_end = int32(st[1] + geo[G_KH])
     iw_end = int32(st[2] + geo[G_KW])
     plane = int32(st[0] + c * geo[G_H] * geo[G_W])
     left = int32(k_end - k)
+    plane_step = int32(hgt * wid)
     for e in range(buf.shape[0]):
-        ok = st[3] & (int32(e) < left) & inside(ih, hgt) & inside(iw, wid)
-        v = x[uint64(int32(plane + ih * wid + iw) if ok else int32(0))]
-        buf[e] = v if ok else float32(0.0)
-        iw = int32(iw + int32(1))
-        wrap = iw == iw_end
-        iw = st[2] if wrap else iw
-        ih = int32(ih + int32(1)) if wrap else ih
-        wrap = ih == ih_end
-        ih = st[1] if wrap else ih
-        plane = int32(plane + hgt * wid) if wrap else plane
+        buf[e] = load_pixel(x, plane, ih, iw, hgt, wid, st[3] & (int32(e) < left))
+        ih, iw, plane = next_pixel(ih, iw, plane, int32(1), st[1], st[2], ih_end, iw_end,
+                                   plane_step)
 
 
 @cuda.jit(device=True, inline="always")
@@ -163,20 +226,8 @@ def bwd_data_fetch_w(w, geo, st, k, step, k_end, buf):
     """w at rows k, k+1, ... = (f, kh*KW+kw) of row st (step is 1): runs of KH*KW, then the
     next filter, Cg*KH*KW further on."""
     khkw = int32(geo[G_KH] * geo[G_KW])
-    f = fast_div(k, geo[G_KK_MUL], geo[G_KK_SH])
-    r = int32(k - f * khkw)
-    off = int32(st[0] + f * geo[G_CG] * khkw + r)
-    jump = int32((geo[G_CG] - 1) * khkw)
-    left = int32(k_end - k)
-    for e in range(buf.shape[0]):
-        ok = st[1] & (int32(e) < left)
-        v = w[uint64(off if ok else int32(0))]
-        buf[e] = v if ok else float32(0.0)
-        r = int32(r + int32(1))
-        off = int32(off + int32(1))
-        wrap = r == khkw
-        r = int32(0) if wrap else r
-        off = int32(off + jump) if wrap else off
+    fetch_runs(w, st[0], st[1], khkw, geo[G_CG] * khkw, geo[G_KK_MUL], geo[G_KK_SH], k,
+               k_end, buf)
 
 
 @cuda.jit(device=True, inline="always")
@@ -184,15 +235,12 @@ def bwd_data_setup_dy(dy, geo, z, n):
     """Column n = (image, h, w) of B[(f,kh,kw), (image,h,w)] = dy[image, z*Fg+f, oh, ow]:
     (offset of dy[image, z*Fg, 0, 0], th = h+pad, tw = w+pad, th // s, th % s, tw // s,
     tw % s, valid), int32."""
-    hw = geo[G_H] * geo[G_W]
     s = geo[G_S]
-    valid = n < geo[G_N] * hw
-    nn = n if valid else 0
-    img = fast_div(nn, geo[G_HW_MUL], geo[G_HW_SH])
-    r = nn - img * hw
-    h = fast_div(r, geo[G_W_MUL], geo[G_W_SH])
+    valid = n < geo[G_N] * geo[G_H] * geo[G_W]
+    img, h, w = unravel3(n if valid else 0, geo[G_H], geo[G_W], geo[G_W_MUL], geo[G_W_SH],
+                         geo[G_HW_MUL], geo[G_HW_SH])
     th = h + geo[G_PAD]
-    tw = r - h * geo[G_W] + geo[G_PAD]
+    tw = w + geo[G_PAD]
     qh = fast_div(th, geo[G_S_MUL], geo[G_S_SH])
     qw = fast_div(tw, geo[G_S_MUL], geo[G_S_SH])
     base = int32((img * geo[G_F] + z * geo[G_FG]) * geo[G_OH] * geo[G_OW])
@@ -213,11 +261,7 @@ def bwd_data_fetch_dy(dy, geo, st, k, step, k_end, buf):
     khgt = int32(geo[G_KH])
     ohgt = int32(geo[G_OH])
     owid = int32(geo[G_OW])
-    f = fast_div(k, geo[G_KK_MUL], geo[G_KK_SH])
-    r = k - f * geo[G_KH] * geo[G_KW]
-    kh64 = fast_div(r, geo[G_KW_MUL], geo[G_KW_SH])
-    kw = int32(r - kh64 * geo[G_KW])
-    kh = int32(kh64)
+    f, kh, kw = decode_tap(geo, k)
     th = st[1] - kh
     tw = st[2] - kw
     oh = int32(fast_div(th if th > 0 else 0, geo[G_S_MUL], geo[G_S_SH]))
@@ -227,10 +271,8 @@ def bwd_data_fetch_dy(dy, geo, st, k, step, k_end, buf):
     plane = int32(st[0] + f * geo[G_OH] * geo[G_OW])
     left = int32(k_end - k)
     for e in range(buf.shape[0]):
-        ok = (st[7] & (int32(e) < left) & ((rh | rw) == 0) & inside(oh, ohgt)
-              & inside(ow, owid))
-        v = dy[uint64(int32(plane + oh * owid + ow) if ok else int32(0))]
-        buf[e] = v if ok else float32(0.0)
+        buf[e] = load_pixel(dy, plane, oh, ow, ohgt, owid,
+                            st[7] & (int32(e) < left) & ((rh | rw) == 0))
         # next kw: tw - kw drops by one
         kw = int32(kw + int32(1))
         rw = int32(rw - int32(1))
@@ -261,19 +303,13 @@ def bwd_data_fetch_dy_unit_stride(dy, geo, st, k, step, k_end, buf):
     khgt = int32(geo[G_KH])
     ohgt = int32(geo[G_OH])
     owid = int32(geo[G_OW])
-    f = fast_div(k, geo[G_KK_MUL], geo[G_KK_SH])
-    r = k - f * geo[G_KH] * geo[G_KW]
-    kh64 = fast_div(r, geo[G_KW_MUL], geo[G_KW_SH])
-    kw = int32(r - kh64 * geo[G_KW])
-    kh = int32(kh64)
+    f, kh, kw = decode_tap(geo, k)
     oh = int32(st[1] - kh)
     ow = int32(st[2] - kw)
     plane = int32(st[0] + f * geo[G_OH] * geo[G_OW])
     left = int32(k_end - k)
     for e in range(buf.shape[0]):
-        ok = st[7] & (int32(e) < left) & inside(oh, ohgt) & inside(ow, owid)
-        v = dy[uint64(int32(plane + oh * owid + ow) if ok else int32(0))]
-        buf[e] = v if ok else float32(0.0)
+        buf[e] = load_pixel(dy, plane, oh, ow, ohgt, owid, st[7] & (int32(e) < left))
         kw = int32(kw + int32(1))
         ow = int32(ow - int32(1))
         wrap = kw == kwid                  # next kh: reset ow, oh drops by one
@@ -337,20 +373,7 @@ def bwd_w_fetch_dy(dy, geo, st, k, step, k_end, buf):
     """dy at rows k, k+1, ... = (image, oh*OW+ow) of row st (step is 1): runs of OH*OW, then
     the next image, F*OH*OW further on."""
     p = int32(geo[G_OH] * geo[G_OW])
-    img = fast_div(k, geo[G_P_MUL], geo[G_P_SH])
-    r = int32(k - img * p)
-    off = int32(st[0] + img * geo[G_F] * p + r)
-    jump = int32((geo[G_F] - 1) * p)
-    left = int32(k_end - k)
-    for e in range(buf.shape[0]):
-        ok = st[1] & (int32(e) < left)
-        v = dy[uint64(off if ok else int32(0))]
-        buf[e] = v if ok else float32(0.0)
-        r = int32(r + int32(1))
-        off = int32(off + int32(1))
-        wrap = r == p
-        r = int32(0) if wrap else r
-        off = int32(off + jump) if wrap else off
+    fetch_runs(dy, st[0], st[1], p, geo[G_F] * p, geo[G_P_MUL], geo[G_P_SH], k, k_end, buf)
 
 
 @cuda.jit(device=True, inline="always")
@@ -360,12 +383,9 @@ def bwd_w_setup_x(x, geo, z, n):
     the offsets int32.  Column Cg*KH*KW is all ones, so that C's last column is db."""
     g = z % geo[G_GROUPS]
     valid = n < geo[G_KK]
-    nn = n if valid else 0
-    c = fast_div(nn, geo[G_KK_MUL], geo[G_KK_SH])
-    r = nn - c * geo[G_KH] * geo[G_KW]
-    kh = fast_div(r, geo[G_KW_MUL], geo[G_KW_SH])
+    c, kh, kw = decode_tap(geo, n if valid else 0)
     dh = int32(kh - geo[G_PAD])
-    dw = int32(r - kh * geo[G_KW] - geo[G_PAD])
+    dw = int32(kw - geo[G_PAD])
     base = int32((g * geo[G_CG] + c) * geo[G_H] * geo[G_W])
     return (base, dh, dw, valid, n == geo[G_KK])
 
@@ -377,28 +397,18 @@ def bwd_w_fetch_x(x, geo, st, k, step, k_end, buf):
     s = int32(geo[G_S])
     hgt = int32(geo[G_H])
     wid = int32(geo[G_W])
-    img = fast_div(k, geo[G_P_MUL], geo[G_P_SH])
-    r = k - img * geo[G_OH] * geo[G_OW]
-    oh = fast_div(r, geo[G_OW_MUL], geo[G_OW_SH])
+    img, oh, ow = decode_pixel(geo, k)
     ih = int32(oh * s + st[1])
-    iw = int32((r - oh * geo[G_OW]) * s + st[2])
+    iw = int32(ow * s + st[2])
     ih_end = int32(geo[G_OH] * s + st[1])
     iw_end = int32(geo[G_OW] * s + st[2])
     plane = int32(st[0] + img * geo[G_C] * geo[G_H] * geo[G_W])
     image = int32(geo[G_C] * geo[G_H] * geo[G_W])
     left = int32(k_end - k)
     for e in range(buf.shape[0]):
-        ok = st[3] & (int32(e) < left) & inside(ih, hgt) & inside(iw, wid)
-        v = x[uint64(int32(plane + ih * wid + iw) if ok else int32(0))]
-        v = v if ok else float32(0.0)
+        v = load_pixel(x, plane, ih, iw, hgt, wid, st[3] & (int32(e) < left))
         buf[e] = float32(1.0) if st[4] & (int32(e) < left) else v
-        iw = int32(iw + s)
-        wrap = iw == iw_end
-        iw = st[2] if wrap else iw
-        ih = int32(ih + s) if wrap else ih
-        wrap = ih == ih_end
-        ih = st[1] if wrap else ih
-        plane = int32(plane + image) if wrap else plane
+        ih, iw, plane = next_pixel(ih, iw, plane, s, st[1], st[2], ih_end, iw_end, image)
 
 
 @cuda.jit(device=True, inline="always")
@@ -446,9 +456,14 @@ STATIC_SIGNATURES = [
 
 # ---- launchers ---------------------------------------------------------------------
 
-def _check_conv(x_shape, w_shape, stride, pad, groups):
-    if len(x_shape) != 4 or len(w_shape) != 4:
-        raise ValueError(f"x and w must be 4-D, got {tuple(x_shape)} and {tuple(w_shape)}")
+def _check_conv(x_name, x_arr, w_name, w_arr, stride, pad, groups):
+    """Check an image-shaped (N,C,H,W) and a filter-shaped (F,C/G,KH,KW) argument (float32,
+    C-contiguous) against stride, pad and groups; return (N, F, OH, OW)."""
+    check_array(x_name, x_arr)
+    check_array(w_name, w_arr)
+    check_ndim(x_name, x_arr, 4)
+    check_ndim(w_name, w_arr, 4)
+    x_shape, w_shape = tuple(x_arr.shape), tuple(w_arr.shape)
     n, c, h, w = x_shape
     f, cg, kh, kw = w_shape
     if min(x_shape) < 1 or min(w_shape) < 1:
@@ -484,11 +499,7 @@ def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
 
 def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, stream=None):
     """y (N,F,OH,OW) = conv(x, w) + b, ReLU'd when ``relu``; float32, C-contiguous."""
-    check_array("x", x)
-    check_array("w", w)
-    check_ndim("x", x, 4)
-    check_ndim("w", w, 4)
-    n, f, oh, ow = _check_conv(x.shape, w.shape, stride, pad, groups)
+    n, f, oh, ow = _check_conv("x", x, "w", w, stride, pad, groups)
     check_array("b", b, shape=(f,))
     check_array("y", y, shape=(n, f, oh, ow))
     geo = conv_geometry(x.shape, w.shape, stride, pad, groups, relu=relu)
@@ -499,11 +510,7 @@ def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, 
 
 def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=None):
     """dx (N,C,H,W) = gradient of the convolution w.r.t. x, given dy (N,F,OH,OW); overwritten."""
-    check_array("dx", dx)
-    check_array("w", w)
-    check_ndim("dx", dx, 4)
-    check_ndim("w", w, 4)
-    n, f, oh, ow = _check_conv(dx.shape, w.shape, stride, pad, groups)
+    n, f, oh, ow = _check_conv("dx", dx, "w", w, stride, pad, groups)
     check_array("dy", dy, shape=(n, f, oh, ow))
     geo = conv_geometry(dx.shape, w.shape, stride, pad, groups)
     grid = _grid(geo[G_CG], n * dx.shape[2] * dx.shape[3], groups)
@@ -530,11 +537,7 @@ def backward_weights_splits(x_shape, w_shape, stride, pad, groups):
 
 def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, stream=None):
     """dw (F,C/G,KH,KW) and db (F,) = gradients w.r.t. w and b; both overwritten."""
-    check_array("x", x)
-    check_array("dw", dw)
-    check_ndim("x", x, 4)
-    check_ndim("dw", dw, 4)
-    n, f, oh, ow = _check_conv(x.shape, dw.shape, stride, pad, groups)
+    n, f, oh, ow = _check_conv("x", x, "dw", dw, stride, pad, groups)
     check_array("dy", dy, shape=(n, f, oh, ow))
     check_array("db", db, shape=(f,))
     stream = stream_or_default(stream)

@@ -77,19 +77,21 @@ STATIC_SIGNATURES = [
 ]
 
 
-def _keep_probability(p):
+def _check_dropout(src_name, src, dst_name, dst, mask, p):
+    """src and dst float32, mask uint8, all C-contiguous and of src's shape, 0 <= p < 1;
+    return the keep probability 1-p as float32."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    check_array(src_name, src)
+    check_array(dst_name, dst, shape=src.shape)
+    check_array("mask", mask, dtype="uint8", shape=src.shape)
     return np.float32(1.0 - p)
 
 
 def dropout_forward(y, mask, x, p, seed, stream=None):
     """y = x * mask / (1-p) with mask (uint8, 1 = kept) drawn from (seed, flat index); any
     shape, float32; y and mask are written, y may be x."""
-    keep = _keep_probability(p)
-    check_array("x", x)
-    check_array("y", y, shape=x.shape)
-    check_array("mask", mask, dtype="uint8", shape=x.shape)
+    keep = _check_dropout("x", x, "y", y, mask, p)
     if x.size == 0:
         return
     seed_mix = np.uint32(mix32_host((int(seed) & 0xFFFFFFFF) ^ SEED_SALT))
@@ -101,10 +103,7 @@ def dropout_forward(y, mask, x, p, seed, stream=None):
 def dropout_backward(dx, dy, mask, p, stream=None):
     """dx = dy * mask / (1-p), any shape, float32 (mask: uint8 from dropout_forward);
     dx may be dy."""
-    keep = _keep_probability(p)
-    check_array("dy", dy)
-    check_array("dx", dx, shape=dy.shape)
-    check_array("mask", mask, dtype="uint8", shape=dy.shape)
+    keep = _check_dropout("dy", dy, "dx", dx, mask, p)
     if dy.size == 0:
         return
     dropout_backward_kernel[grid_1d(dy.size), THREADS_PER_BLOCK, stream_or_default(stream)](

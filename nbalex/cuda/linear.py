@@ -41,24 +41,50 @@ def reduce_over_n(geo, z):
     return 0, geo[G_N]
 
 
-# ---- forward: y = x @ w.T + b ------------------------------------------------------------
+# ---- operand loaders and stores, by the geo slots they read --------------------------------
 
-@cuda.jit(device=True, inline="always")
-def fwd_setup_x(x, geo, z, i):
-    """Row i of A = x: x[i, :] (k contiguous)."""
-    return (int32(i * geo[G_K]), i < geo[G_N])
+def rows_of(rows, length):
+    """Loader setup for row i of a row-major (geo[rows], geo[length]) matrix, read along the
+    row (k contiguous): state (offset of element [i, 0], i < geo[rows])."""
+    @cuda.jit(device=True, inline="always")
+    def setup_row(src, geo, z, i):
+        return (int32(i * geo[length]), i < geo[rows])
+    return setup_row
 
 
-@cuda.jit(device=True, inline="always")
-def fwd_setup_w(w, geo, z, j):
-    """Column j of B = w.T: w[j, :] (k contiguous)."""
-    return (int32(j * geo[G_K]), j < geo[G_M])
+def columns_of(cols):
+    """Loader setup for column j of a row-major matrix with geo[cols] columns, read down the
+    column: state (offset of element [0, j], j < geo[cols])."""
+    @cuda.jit(device=True, inline="always")
+    def setup_column(src, geo, z, j):
+        return (int32(j), j < geo[cols])
+    return setup_column
 
 
 @cuda.jit(device=True, inline="always")
 def fetch_unit_stride(src, geo, st, k, step, k_end, buf):
+    """Loader fetch along a row (consecutive k are neighbours)."""
     fetch_strided(src, st[0], 1, st[1], k, step, k_end, buf)
 
+
+def fetch_at_stride(stride):
+    """Loader fetch down a column: consecutive k are geo[stride] apart."""
+    @cuda.jit(device=True, inline="always")
+    def fetch_column(src, geo, st, k, step, k_end, buf):
+        fetch_strided(src, st[0], geo[stride], st[1], k, step, k_end, buf)
+    return fetch_column
+
+
+def store_into(rows, cols):
+    """GEMM store for a plain row-major (geo[rows], geo[cols]) output: out[i, j] = v."""
+    @cuda.jit(device=True, inline="always")
+    def store_element(out, unused, geo, z, i, j, v):
+        if i < geo[rows] and j < geo[cols]:
+            out[uint64(int32(i * geo[cols] + j))] = v
+    return store_element
+
+
+# ---- forward: y = x @ w.T + b ------------------------------------------------------------
 
 @cuda.jit(device=True, inline="always")
 def fwd_store_y(y, b, geo, z, i, j, v):
@@ -71,7 +97,8 @@ def fwd_store_y(y, b, geo, z, i, j, v):
 
 
 linear_forward_kernel, GEMM_THREADS = gemm.make_gemm_kernel(
-    fwd_setup_x, fetch_unit_stride, K_FAST, fwd_setup_w, fetch_unit_stride, K_FAST,
+    rows_of(G_N, G_K), fetch_unit_stride, K_FAST,        # A = x: row i is x[i, :]
+    rows_of(G_M, G_K), fetch_unit_stride, K_FAST,        # B = w.T: column j is w[j, :]
     reduce_over_k, fwd_store_y, name="linear_forward_kernel")
 linear_forward_kernel.__doc__ = """y = x @ w.T + b (ReLU'd if geo[G_RELU]).
 
@@ -82,33 +109,10 @@ linear_forward_kernel.__doc__ = """y = x @ w.T + b (ReLU'd if geo[G_RELU]).
 
 # ---- backward data: dx = dy @ w -----------------------------------------------------------
 
-@cuda.jit(device=True, inline="always")
-def bwd_data_setup_dy(dy, geo, z, i):
-    """Row i of A = dy: dy[i, :] (m contiguous)."""
-    return (int32(i * geo[G_M]), i < geo[G_N])
-
-
-@cuda.jit(device=True, inline="always")
-def bwd_data_setup_w(w, geo, z, j):
-    """Column j of B = w: w[:, j], stride K."""
-    return (int32(j), j < geo[G_K])
-
-
-@cuda.jit(device=True, inline="always")
-def fetch_stride_k(src, geo, st, k, step, k_end, buf):
-    fetch_strided(src, st[0], geo[G_K], st[1], k, step, k_end, buf)
-
-
-@cuda.jit(device=True, inline="always")
-def bwd_data_store_dx(dx, unused, geo, z, i, j, v):
-    """dx[i, j] = v."""
-    if i < geo[G_N] and j < geo[G_K]:
-        dx[uint64(int32(i * geo[G_K] + j))] = v
-
-
 linear_backward_data_kernel, _ = gemm.make_gemm_kernel(
-    bwd_data_setup_dy, fetch_unit_stride, K_FAST, bwd_data_setup_w, fetch_stride_k, ROW_FAST,
-    reduce_over_m, bwd_data_store_dx, name="linear_backward_data_kernel",
+    rows_of(G_N, G_M), fetch_unit_stride, K_FAST,        # A = dy: row i is dy[i, :]
+    columns_of(G_K), fetch_at_stride(G_K), ROW_FAST,     # B = w: column j is w[:, j]
+    reduce_over_m, store_into(G_N, G_K), name="linear_backward_data_kernel",
     min_blocks=1)  # at 128 registers (2 blocks/SM) ptxas spills a few bytes here
 linear_backward_data_kernel.__doc__ = """dx = dy @ w.
 
@@ -119,33 +123,10 @@ linear_backward_data_kernel.__doc__ = """dx = dy @ w.
 
 # ---- backward weights: dw = dy.T @ x ------------------------------------------------------
 
-@cuda.jit(device=True, inline="always")
-def bwd_w_setup_dy(dy, geo, z, i):
-    """Row i of A = dy.T: dy[:, i], stride M."""
-    return (int32(i), i < geo[G_M])
-
-
-@cuda.jit(device=True, inline="always")
-def fetch_stride_m(src, geo, st, k, step, k_end, buf):
-    fetch_strided(src, st[0], geo[G_M], st[1], k, step, k_end, buf)
-
-
-@cuda.jit(device=True, inline="always")
-def bwd_w_setup_x(x, geo, z, j):
-    """Column j of B = x: x[:, j], stride K."""
-    return (int32(j), j < geo[G_K])
-
-
-@cuda.jit(device=True, inline="always")
-def bwd_w_store_dw(dw, unused, geo, z, i, j, v):
-    """dw[i, j] = v."""
-    if i < geo[G_M] and j < geo[G_K]:
-        dw[uint64(int32(i * geo[G_K] + j))] = v
-
-
 linear_backward_weights_kernel, _ = gemm.make_gemm_kernel(
-    bwd_w_setup_dy, fetch_stride_m, ROW_FAST, bwd_w_setup_x, fetch_stride_k, ROW_FAST,
-    reduce_over_n, bwd_w_store_dw, name="linear_backward_weights_kernel")
+    columns_of(G_M), fetch_at_stride(G_M), ROW_FAST,     # A = dy.T: row i is dy[:, i]
+    columns_of(G_K), fetch_at_stride(G_K), ROW_FAST,     # B = x: column j is x[:, j]
+    reduce_over_n, store_into(G_M, G_K), name="linear_backward_weights_kernel")
 linear_backward_weights_kernel.__doc__ = """dw = dy.T @ x.
 
     dw (M*K,) written, dy (N*M,), x (N*K,), flat float32; the 4th argument is unused (pass
@@ -184,6 +165,15 @@ def _grid(rows, cols):
     return (gemm.cdiv(cols, bn), gemm.cdiv(rows, bm), 1)
 
 
+def _check_operands(a_name, a, b_name, b):
+    """Both 2-D, float32 and C-contiguous; return their shapes."""
+    check_array(a_name, a)
+    check_array(b_name, b)
+    check_ndim(a_name, a, 2)
+    check_ndim(b_name, b, 2)
+    return a.shape, b.shape
+
+
 def _check_sizes(n, m, k):
     if n < 1 or m < 1 or k < 1:
         raise ValueError(f"linear layer sizes must be positive, got N={n}, M={m}, K={k}")
@@ -193,12 +183,7 @@ def _check_sizes(n, m, k):
 
 def linear_forward(y, x, w, b, relu=False, stream=None):
     """y (N,M) = x (N,K) @ w (M,K).T + b (M,), ReLU'd when ``relu``; y is overwritten."""
-    check_array("x", x)
-    check_array("w", w)
-    check_ndim("x", x, 2)
-    check_ndim("w", w, 2)
-    n, k = x.shape
-    m = w.shape[0]
+    (n, k), (m, _) = _check_operands("x", x, "w", w)
     check_array("w", w, shape=(m, k))
     check_array("b", b, shape=(m,))
     check_array("y", y, shape=(n, m))
@@ -210,12 +195,7 @@ def linear_forward(y, x, w, b, relu=False, stream=None):
 
 def linear_backward_data(dx, dy, w, stream=None):
     """dx (N,K) = dy (N,M) @ w (M,K); dx is overwritten."""
-    check_array("dy", dy)
-    check_array("w", w)
-    check_ndim("dy", dy, 2)
-    check_ndim("w", w, 2)
-    n, m = dy.shape
-    k = w.shape[1]
+    (n, m), (_, k) = _check_operands("dy", dy, "w", w)
     check_array("w", w, shape=(m, k))
     check_array("dx", dx, shape=(n, k))
     _check_sizes(n, m, k)
@@ -225,12 +205,7 @@ def linear_backward_data(dx, dy, w, stream=None):
 
 def linear_backward_weights(dw, db, dy, x, stream=None):
     """dw (M,K) = dy.T @ x and db (M,) = dy summed over the batch; both overwritten."""
-    check_array("dy", dy)
-    check_array("x", x)
-    check_ndim("dy", dy, 2)
-    check_ndim("x", x, 2)
-    n, m = dy.shape
-    k = x.shape[1]
+    (n, m), (_, k) = _check_operands("dy", dy, "x", x)
     check_array("x", x, shape=(n, k))
     check_array("dw", dw, shape=(m, k))
     check_array("db", db, shape=(m,))

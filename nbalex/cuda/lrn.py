@@ -20,6 +20,13 @@ from numba import cuda, float32, float64
 from nbalex.cuda.launch import check_array, grid_1d, stream_or_default, THREADS_PER_BLOCK
 
 
+@cuda.jit(device=True, inline="always")
+def split_column(col, plane):
+    """(n, s) of the column index col = n*S + s, S = plane."""
+    n = col // plane
+    return n, col - n * plane
+
+
 @cuda.jit
 def lrn_forward_kernel(y, scale, x, half, alpha, beta, k):
     """scale[n,c,s] = k + alpha * sum_{c' in [c-half, c+half] ∩ [0,C)} x[n,c',s]**2 and
@@ -30,11 +37,8 @@ def lrn_forward_kernel(y, scale, x, half, alpha, beta, k):
     columns; it writes y and scale for all C channels.
     """
     n_img, channels, plane = x.shape
-    start = cuda.grid(1)
-    step = cuda.gridsize(1)
-    for col in range(start, n_img * plane, step):
-        n = col // plane
-        s = col - n * plane
+    for col in range(cuda.grid(1), n_img * plane, cuda.gridsize(1)):
+        n, s = split_column(col, plane)
         window = float64(0.0)  # sum of squares over the window of channel 0: [0, half]
         for j in range(min(half + 1, channels)):
             v = x[n, j, s]
@@ -65,11 +69,8 @@ def lrn_backward_kernel(dx, dy, x, y, scale, half, two_alpha_beta, beta):
     with the window sum of dy*y/scale kept as a running sum.
     """
     n_img, channels, plane = x.shape
-    start = cuda.grid(1)
-    step = cuda.gridsize(1)
-    for col in range(start, n_img * plane, step):
-        n = col // plane
-        s = col - n * plane
+    for col in range(cuda.grid(1), n_img * plane, cuda.gridsize(1)):
+        n, s = split_column(col, plane)
         window = float64(0.0)  # sum of dy*y/scale over the window of channel 0: [0, half]
         for j in range(min(half + 1, channels)):
             window += dy[n, j, s] * y[n, j, s] / scale[n, j, s]
@@ -101,21 +102,22 @@ def _columns(x):
     return n, c, int(np.prod(x.shape[2:], dtype=np.int64))
 
 
-def _check_size(size):
+def _check_lrn(size, x, *others):
+    """size >= 1; x and the (name, array) pairs in others float32, C-contiguous, others of
+    x's shape.  Return (size // 2, (N, C, S))."""
     if int(size) < 1:
         raise ValueError(f"LRN size must be at least 1, got {size}")
-    return int(size) // 2
+    check_array("x", x)
+    for name, arr in others:
+        check_array(name, arr, shape=x.shape)
+    return int(size) // 2, _columns(x)
 
 
 def lrn_forward(y, scale, x, size, alpha, beta, k, stream=None):
     """y = x * scale**(-beta), scale = k + alpha * (window sum of x**2), for any (N, C, ...)
     float32 x; y and scale (same shape, not aliasing x) are written, scale is kept for the
     backward pass."""
-    half = _check_size(size)
-    check_array("x", x)
-    check_array("y", y, shape=x.shape)
-    check_array("scale", scale, shape=x.shape)
-    cols = _columns(x)
+    half, cols = _check_lrn(size, x, ("y", y), ("scale", scale))
     if x.size == 0:
         return
     lrn_forward_kernel[grid_1d(cols[0] * cols[2]), THREADS_PER_BLOCK, stream_or_default(stream)](
@@ -127,11 +129,7 @@ def lrn_backward(dx, dy, x, y, scale, size, alpha, beta, k, stream=None):
     """dx from dy and the forward pass's x, y and scale (all the same shape, float32);
     dx is written and must be a different buffer from dy, y and scale.  ``k`` is unused
     here (it is already inside scale) but kept for the shared launcher signature."""
-    half = _check_size(size)
-    check_array("x", x)
-    for name, arr in (("dx", dx), ("dy", dy), ("y", y), ("scale", scale)):
-        check_array(name, arr, shape=x.shape)
-    cols = _columns(x)
+    half, cols = _check_lrn(size, x, ("dx", dx), ("dy", dy), ("y", y), ("scale", scale))
     if x.size == 0:
         return
     lrn_backward_kernel[grid_1d(cols[0] * cols[2]), THREADS_PER_BLOCK, stream_or_default(stream)](

@@ -11,6 +11,13 @@ from nbalex.cuda.launch import (THREADS_PER_BLOCK, check_array, check_ndim, grid
                                 stream_or_default)
 
 
+@cuda.jit(device=True, inline="always")
+def unravel(i, height, width):
+    """(p, h, w) of the C-order flat index i = (p*height + h)*width + w."""
+    rest = i // width
+    return rest // height, rest % height, i % width
+
+
 @cuda.jit
 def maxpool_forward_kernel(y, idx, x, size, stride):
     """y[p,oh,ow] = max of x[p, oh*stride : oh*stride+size, ow*stride : ow*stride+size],
@@ -23,13 +30,8 @@ def maxpool_forward_kernel(y, idx, x, size, stride):
     """
     planes, height, width = x.shape
     out_h, out_w = y.shape[1], y.shape[2]
-    start = cuda.grid(1)
-    step = cuda.gridsize(1)
-    for i in range(start, planes * out_h * out_w, step):
-        ow = i % out_w
-        rest = i // out_w
-        oh = rest % out_h
-        p = rest // out_h
+    for i in range(cuda.grid(1), planes * out_h * out_w, cuda.gridsize(1)):
+        p, oh, ow = unravel(i, out_h, out_w)
         h0 = oh * stride
         w0 = ow * stride
         best = x[p, h0, w0]
@@ -55,13 +57,8 @@ def maxpool_backward_kernel(dx, dy, idx, size, stride):
     """
     planes, height, width = dx.shape
     out_h, out_w = dy.shape[1], dy.shape[2]
-    start = cuda.grid(1)
-    step = cuda.gridsize(1)
-    for i in range(start, planes * height * width, step):
-        w = i % width
-        rest = i // width
-        h = rest % height
-        p = rest // height
+    for i in range(cuda.grid(1), planes * height * width, cuda.gridsize(1)):
+        p, h, w = unravel(i, height, width)
         here = h * width + w
         # window oh covers h iff oh*stride <= h < oh*stride + size: walk back from the last
         # window starting at or before h while it still reaches h (likewise for ow)
@@ -97,24 +94,26 @@ def _planes(a):
     return a.reshape(n * c, h, w)
 
 
-def _check_window(size, stride, height, width):
+def _check_pool(x_name, x, y_name, y, idx, size, stride):
+    """Check the input-shaped (N,C,H,W) float32 argument x against the window, then the
+    pooled-shaped y (float32) and idx (int32) against it; all C-contiguous."""
+    check_array(x_name, x)
+    check_ndim(x_name, x, 4)
+    n, c, height, width = x.shape
     if size < 1 or stride < 1:
         raise ValueError(f"pool size and stride must be positive, got {size}, {stride}")
     if height < size or width < size:
         raise ValueError(f"pool window {size} is larger than the input plane {height}x{width}")
+    out_shape = (n, c, pooled_size(height, size, stride), pooled_size(width, size, stride))
+    check_array(y_name, y, shape=out_shape)
+    check_array("idx", idx, dtype="int32", shape=out_shape)
 
 
 def maxpool_forward(y, idx, x, size, stride, stream=None):
     """y, idx = max pool of x (N,C,H,W) float32 with a size x size window every stride;
     y float32 and idx int32 (N,C,OH,OW) are written."""
     size, stride = int(size), int(stride)
-    check_array("x", x)
-    check_ndim("x", x, 4)
-    n, c, h, w = x.shape
-    _check_window(size, stride, h, w)
-    out_shape = (n, c, pooled_size(h, size, stride), pooled_size(w, size, stride))
-    check_array("y", y, shape=out_shape)
-    check_array("idx", idx, dtype="int32", shape=out_shape)
+    _check_pool("x", x, "y", y, idx, size, stride)
     if y.size == 0:
         return
     maxpool_forward_kernel[grid_1d(y.size), THREADS_PER_BLOCK, stream_or_default(stream)](
@@ -125,13 +124,7 @@ def maxpool_backward(dx, dy, idx, size, stride, stream=None):
     """dx (N,C,H,W) float32 is overwritten with dy (N,C,OH,OW) routed to each window's argmax
     idx (int32, from maxpool_forward), summed where windows overlap."""
     size, stride = int(size), int(stride)
-    check_array("dx", dx)
-    check_ndim("dx", dx, 4)
-    n, c, h, w = dx.shape
-    _check_window(size, stride, h, w)
-    out_shape = (n, c, pooled_size(h, size, stride), pooled_size(w, size, stride))
-    check_array("dy", dy, shape=out_shape)
-    check_array("idx", idx, dtype="int32", shape=out_shape)
+    _check_pool("dx", dx, "dy", dy, idx, size, stride)
     if dx.size == 0:
         return
     maxpool_backward_kernel[grid_1d(dx.size), THREADS_PER_BLOCK, stream_or_default(stream)](
