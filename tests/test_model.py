@@ -123,7 +123,18 @@ def test_paper_init_is_seeded_and_follows_the_config():
             assert abs(a[p.name].mean()) < 0.1 * p.init_std
         else:
             assert np.all(a[p.name] == p.init_value)
-    assert np.all(a["conv2.bias"] == 1) and np.all(a["conv1.bias"] == 0) and np.all(a["fc8.bias"] == 0)
+    assert np.all(a["conv1.bias"] == 0) and np.all(a["fc8.bias"] == 0)
+
+
+def test_alexnet_config_states_the_papers_initialisation():
+    _, _, specs = load_config("alexnet")
+    params = {p.name: p for s in specs for p in s.params}
+    ones = {"conv2.bias", "conv4.bias", "conv5.bias", "fc6.bias", "fc7.bias"}
+    for name, p in params.items():
+        if name.endswith(".weight"):
+            assert p.init_std == 0.01, name
+        else:
+            assert not p.init_std and p.init_value == (1.0 if name in ones else 0.0), name
 
 
 def test_load_params_rejects_another_models_parameters():
