@@ -35,7 +35,7 @@ demo: $(VENV)/.installed
 	    --epochs 16 --batch-size 32 --lr 0.01 --schedule step --step-epochs 12 --out $(DEMO)/run
 	$(VENV)/bin/nbalex eval --checkpoint $(DEMO)/run/checkpoint.h5 --data $(DEMO)/val.h5
 	$(VENV)/bin/nbalex predict --checkpoint $(DEMO)/run/checkpoint.h5 --top 3 \
-	    $$(ls $(DEMO)/images/val/*/* | head -n 3)
+	    $$(ls $(DEMO)/images/val/*/*_00000.jpg | head -n 3)
 
 bench-static: $(VENV)/.installed
 	$(VENV)/bin/nbalex bench static
