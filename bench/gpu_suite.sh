@@ -116,7 +116,7 @@ run_step kernels-conv 90 "$RAW/kernels-conv.json" \
     "${NBALEX[@]}" bench kernels --backend cuda --repeats 5 --layer conv1,conv2,conv3,conv4,conv5 --json
 run_step kernels-rest 90 "$RAW/kernels-rest.json" \
     "${NBALEX[@]}" bench kernels --backend cuda --repeats 5 \
-    --layer lrn1,lrn2,pool1,pool2,pool5,fc6,fc7,fc8,relu,dropout,softmax-xent,sgd --json
+    --layer norm1,norm2,pool1,pool2,pool5,fc6,fc7,fc8,relu,dropout,softmax-xent,sgd --json
 run_step sgemm 45 "$RAW/sgemm.json" "${NBALEX[@]}" bench sgemm --repeats 5 --json
 run_step train 90 "$RAW/train.json" "${NBALEX[@]}" bench train --steps 5 --warmup 1 --json
 

@@ -2,14 +2,11 @@
 network, two towers equal to one, and a training step that allocates and copies nothing
 beyond the batch in and the loss out."""
 
-import importlib
-import pkgutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from nbalex.backends import LAUNCHERS
 from nbalex.model import Net
 
 cuda = pytest.importorskip("numba.cuda")
@@ -18,34 +15,6 @@ if not cuda.is_available():
 
 MICRO = str(Path(__file__).parent / "configs" / "micro.toml")
 BATCH = 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cuda_launchers():
-    """Make sure ``nbalex.cuda`` exports every launcher.
-
-    The package collects them from its layer modules; where a name is not exported yet, it
-    is taken from the module of ``nbalex.cuda`` that defines it.  A launcher that no module
-    defines skips these tests.
-    """
-    import nbalex.cuda as package
-    added = []
-    for name in LAUNCHERS:
-        if hasattr(package, name):
-            continue
-        for info in pkgutil.iter_modules(package.__path__):
-            module = importlib.import_module(f"nbalex.cuda.{info.name}")
-            if callable(getattr(module, name, None)):
-                setattr(package, name, getattr(module, name))
-                added.append(name)
-                break
-        else:
-            for added_name in added:
-                delattr(package, added_name)
-            pytest.skip(f"nbalex.cuda does not define {name} yet")
-    yield
-    for name in added:
-        delattr(package, name)
 
 
 def batch(seed, n=BATCH):

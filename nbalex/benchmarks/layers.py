@@ -71,8 +71,8 @@ def parameter_count(specs):
 
 
 ALEXNET_LAYERS = ALEXNET_CONV_FC[:5] + [
-    LayerSpec("lrn1", "lrn", (96, 55, 55), (96, 55, 55)),
-    LayerSpec("lrn2", "lrn", (256, 27, 27), (256, 27, 27)),
+    LayerSpec("norm1", "lrn", (96, 55, 55), (96, 55, 55)),
+    LayerSpec("norm2", "lrn", (256, 27, 27), (256, 27, 27)),
     LayerSpec("pool1", "pool", (96, 55, 55), (96, 27, 27)),
     LayerSpec("pool2", "pool", (256, 27, 27), (256, 13, 13)),
     LayerSpec("pool5", "pool", (256, 13, 13), (256, 6, 6)),
