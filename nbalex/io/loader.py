@@ -138,7 +138,8 @@ class Loader:
     ``train=False``: file order, every image, the last batch may be smaller; ``view="center"``
     gives centred crops, ``view="ten"`` the paper's 10 views, x rows i*10..i*10+9 for image i.
     ``epoch(e, start_batch)`` yields (x, labels): x float32 (B[*10],3,crop,crop), a NumPy
-    array for cpu/reference and a device array (valid until the next iteration) for cuda;
+    array for cpu/reference and a device array for cuda, either valid until the next
+    iteration (the loader writes batches into two buffers in turn);
     labels int32 NumPy (B,).  ``mean`` (S,S,3) replaces the file's own mean image: evaluation
     subtracts the training set's mean, as the paper does.  For cuda, ``tower`` supplies ``compute_stream``,
     ``copy_stream`` and ``arena.alloc(shape, dtype)``; without one the loader makes its own.
@@ -182,6 +183,9 @@ class Loader:
         self._readers = _Readers(self.path, ds, slot_shape, self._num_slots, workers)
         if self.backend == "cuda":
             self._setup_device(tower)
+        else:   # two output batches, used in turn: nothing is allocated per batch
+            out_shape = (b * self.views, 3, self.crop_size, self.crop_size)
+            self._host_out = [np.empty(out_shape, np.float32) for _ in range(2)]
 
     # ---------------------------------------------------------------- cuda buffers, streams
     def _setup_device(self, tower):
@@ -282,7 +286,7 @@ class Loader:
             for batch, slot, indices in filled:
                 n = len(indices)
                 images = self._readers.slots[slot][:n]
-                x = np.empty((n * v, 3, c, c), np.float32)
+                x = self._host_out[batch % 2][:n * v]   # valid until the next batch
                 crop_y, crop_x, flip, shift = self._draws(n, epoch, batch)
                 for k, view in enumerate(_views(x, n, v)):
                     self._augment(view, images, crop_y[k], crop_x[k], flip[k], shift[k], self.mean)
