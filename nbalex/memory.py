@@ -50,30 +50,47 @@ class SizingArena:
         return np.broadcast_to(np.zeros((), dtype=dtype), shape)
 
 
-class HostArena:
-    """One host allocation of ``capacity`` bytes carved into 256-byte-aligned views."""
+class ArenaBase:
+    """The bookkeeping every arena shares: one buffer of ``capacity`` bytes, views carved in
+    order at 256-byte boundaries, never freed.  Subclasses set ``_buffer`` (a flat uint8
+    array, host or device) and ``zeroed`` (do fresh views read as zeros?)."""
 
-    def __init__(self, capacity, name="host"):
+    def __init__(self, capacity, name):
         self.name = name
-        self.capacity = aligned(capacity)
-        raw = np.zeros(self.capacity + ALIGNMENT, dtype=np.uint8)   # pages zeroed lazily by the OS
-        self.zeroed = True    # fresh views read as zeros
-        start = (-raw.ctypes.data) % ALIGNMENT
-        self._buffer = raw[start:start + self.capacity]
+        self.capacity = aligned(max(int(capacity), ALIGNMENT))
         self.used = 0
         self.allocations = 0
 
-    def alloc(self, shape, dtype=np.float32, name=None):
-        """A C-contiguous view of ``shape`` and ``dtype``; its contents are undefined."""
-        shape = tuple(int(s) for s in shape)
+    def _reserve(self, shape, dtype, name):
+        """(start byte, byte count) of the next view; counts it, or raises MemoryError."""
         nbytes = nbytes_of(shape, dtype)
         if self.used + nbytes > self.capacity:
             raise MemoryError(f"arena {self.name}: {name or 'buffer'} needs {nbytes} bytes, "
                               f"{self.capacity - self.used} of {self.capacity} left")
-        view = self._buffer[self.used:self.used + nbytes].view(dtype).reshape(shape)
-        self.used = min(self.capacity, aligned(self.used + nbytes))
+        start = self.used
+        self.used = min(self.capacity, aligned(start + nbytes))
         self.allocations += 1
-        return view
+        return start, nbytes
+
+    def alloc(self, shape, dtype=np.float32, name=None):
+        """A C-contiguous view of ``shape`` and ``dtype``; its contents are undefined."""
+        shape = tuple(int(s) for s in shape)
+        start, nbytes = self._reserve(shape, dtype, name)
+        itemsize = np.dtype(dtype).itemsize
+        size = max(nbytes, itemsize)   # keep zero-size views well-formed
+        raw = self._buffer[start:start + size].view(dtype)
+        return raw[:nbytes // itemsize].reshape(shape)
+
+
+class HostArena(ArenaBase):
+    """One host allocation of ``capacity`` bytes carved into 256-byte-aligned views."""
+
+    def __init__(self, capacity, name="host"):
+        super().__init__(capacity, name)
+        raw = np.zeros(self.capacity + ALIGNMENT, dtype=np.uint8)   # pages zeroed lazily by the OS
+        self.zeroed = True    # fresh views read as zeros
+        start = (-raw.ctypes.data) % ALIGNMENT
+        self._buffer = raw[start:start + self.capacity]
 
 
 class TransferCounter:

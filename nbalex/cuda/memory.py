@@ -10,10 +10,10 @@ host<->device copy the network makes goes through a :class:`TransferCounter`.
 import numpy as np
 from numba import cuda
 
-from nbalex.memory import ALIGNMENT, TransferCounter as _Counts, aligned, nbytes_of
+from nbalex.memory import ArenaBase, TransferCounter as _Counts
 
 
-class Arena:
+class Arena(ArenaBase):
     """One device allocation of ``capacity`` bytes, carved into 256-byte-aligned views.
 
     ``alloc(shape, dtype, name)`` returns a C-contiguous device array viewing the next free
@@ -22,25 +22,9 @@ class Arena:
     """
 
     def __init__(self, capacity, name="arena"):
-        self.name = name
-        self.capacity = aligned(max(int(capacity), ALIGNMENT))
+        super().__init__(capacity, name)
         self._buffer = cuda.device_array(self.capacity, dtype=np.uint8)  # the one allocation
-        self.used = 0
-        self.allocations = 0
         self.zeroed = False   # device memory starts undefined
-
-    def alloc(self, shape, dtype=np.float32, name=None):
-        shape = tuple(int(s) for s in shape)
-        nbytes = nbytes_of(shape, dtype)
-        if self.used + nbytes > self.capacity:
-            raise MemoryError(f"arena {self.name}: {name or 'buffer'} needs {nbytes} bytes, "
-                              f"{self.capacity - self.used} of {self.capacity} left")
-        start = self.used
-        self.used = min(self.capacity, aligned(start + nbytes))
-        self.allocations += 1
-        size = max(nbytes, np.dtype(dtype).itemsize)   # keep zero-size views well-formed
-        raw = self._buffer[start:start + size].view(dtype)
-        return raw[:nbytes // np.dtype(dtype).itemsize].reshape(shape)
 
 
 def pinned_buffer(shape, dtype=np.float32):
