@@ -11,6 +11,10 @@ the BLAS call wide enough where P is small (conv3..conv5 have P = 169).  The GEM
 ``(F, nb*P)``, "filter-major"; :func:`scatter_bias_relu` turns it into NCHW with the bias and
 ReLU fused in, and :func:`gather_filter_major` does the reverse for dy in the backward pass.
 
+For stride 1, :func:`tap_rows` writes a smaller matrix with one row per (channel, kernel column)
+and the padded input's rows as its blocks; kernel row p of the convolution is then a GEMM on
+the contiguous column window starting at block p (see :mod:`nbalex.cpu.conv2d`).
+
 The per-chunk kernels are serial and release the GIL: the convolution runs one chunk per
 worker thread at a time (:mod:`nbalex.cpu.workers`).  The whole-batch kernels at the end
 (:func:`bias_grad`, :func:`add_bias_relu_nchw`) are parallel and run on the calling thread.
@@ -71,6 +75,57 @@ def im2col(cols, x, n0, nb, kh, kw, stride, pad, oh, ow):
             else:
                 row[base + lo_j:base + hi_j] = src[lo_j * stride + off:(hi_j - 1) * stride + off + 1:stride]
             row[base + hi_j:base + ow] = 0.0
+
+
+@njit(nogil=True, cache=True)
+def tap_rows(rows, x, n, kw, pad, ow):
+    """Write ``rows`` (C*KW, HP*OW), HP = H + 2*pad, from image n of x (N, C, H, W), stride 1.
+
+    rows[c*KW + q, a*OW + j] = xp[n, c, a, j + q] with xp the zero-padded input, so that for
+    kernel row p the window rows[:, p*OW : p*OW + OH*OW] is im2col's block of rows (c, p, q).
+    One step per (channel, kernel column), each a run of slice copies; every element written.
+    """
+    c_in, h, w = x.shape[1], x.shape[2], x.shape[3]
+    top, bottom = pad * ow, (pad + h) * ow
+    for task in range(c_in * kw):
+        c = task // kw
+        q = task % kw
+        row = rows[task]
+        img = x[n, c]
+        lo, hi = _valid_range(ow, w, q, 1, pad)
+        off = q - pad
+        row[:top] = 0.0
+        row[bottom:] = 0.0
+        for a in range(h):
+            base = top + a * ow
+            row[base:base + lo] = 0.0
+            row[base + lo:base + hi] = img[a, lo + off:hi + off]
+            row[base + hi:base + ow] = 0.0
+
+
+@njit(nogil=True, cache=True)
+def tap_rows_adjoint(dx, rows, n, kw, pad, ow):
+    """Overwrite image n of dx (N, C, H, W) with the adjoint of :func:`tap_rows` applied to rows.
+
+    dx[n, c, a, b] = sum over q of rows[c*KW + q, (a + pad)*OW + b + pad - q] (valid terms only):
+    every entry of rows that tap_rows would have read from x[n, c, a, b] is added back to it.
+    One step per channel, each zeroing and then accumulating its own plane.
+    """
+    c_in, h, w = dx.shape[1], dx.shape[2], dx.shape[3]
+    top = pad * ow
+    for c in range(c_in):
+        plane = dx[n, c]
+        plane[:, :] = 0.0
+        for q in range(kw):
+            row = rows[c * kw + q]
+            lo, hi = _valid_range(ow, w, q, 1, pad)
+            off = q - pad
+            for a in range(h):
+                base = top + a * ow
+                src = row[base + lo:base + hi]
+                dst = plane[a, lo + off:hi + off]
+                for t in range(src.shape[0]):
+                    dst[t] += src[t]
 
 
 @njit(nogil=True, cache=True)

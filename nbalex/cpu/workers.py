@@ -9,6 +9,11 @@ both threads inside every step, and used less CPU time.
 OpenBLAS's thread count is switched to 1 while the workers run and restored afterwards,
 through the library NumPy loaded (found in /proc/self/maps).  Where that library cannot be
 found, the work runs on the calling thread alone with BLAS threaded as usual.
+
+The same library's ``cblas_sgemm`` is exposed as :func:`gemm` (None where it is missing): unlike
+``np.matmul`` it accumulates into its output (beta = 1) and reads operands with any row
+stride, which the stride-1 convolution uses to sum one GEMM per kernel row without copies.
+ctypes releases the GIL for the call, so the workers' GEMMs run side by side.
 """
 
 import ctypes
@@ -46,7 +51,58 @@ def _openblas_thread_controls():
     return None
 
 
+def _openblas_sgemm():
+    """cblas_sgemm (64-bit integer interface) of the OpenBLAS NumPy links, or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps
+                            if "openblas" in line.lower() and ".so" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_cblas_sgemm64_", "cblas_sgemm64_"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+                fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, i64, f32,
+                               ptr, i64, ptr, i64, f32, ptr, i64]
+                fn.restype = None
+                return fn
+    return None
+
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+
+def _row_stride(a):
+    if a.dtype != np.float32 or a.ndim != 2 or a.strides[1] != 4 or a.strides[0] % 4:
+        raise ValueError("gemm operands must be 2-D float32 with unit-stride rows")
+    return max(a.strides[0] // 4, a.shape[1], 1)
+
+
+def _gemm(a, b, c, beta, trans_a=False, trans_b=False):
+    """c = op(a) @ op(b) + beta * c, float32, through cblas_sgemm; op(z) is z.T if trans_z.
+
+    op(a) (M, K), op(b) (K, N), c (M, N): 2-D views whose rows are contiguous (any row
+    stride).  Only ``c`` is written.
+    """
+    m, kk = a.shape[::-1] if trans_a else a.shape
+    n = b.shape[0] if trans_b else b.shape[1]
+    if (b.shape[1] if trans_b else b.shape[0]) != kk or c.shape != (m, n):
+        raise ValueError(f"gemm shapes {a.shape} {b.shape} -> {c.shape} do not fit")
+    op_a, op_b = (_TRANS if t else _NO_TRANS for t in (trans_a, trans_b))
+    _SGEMM(_ROW_MAJOR, op_a, op_b, m, n, kk, 1.0,
+           a.ctypes.data, _row_stride(a), b.ctypes.data, _row_stride(b), float(beta),
+           c.ctypes.data, _row_stride(c))
+
+
 _CONTROLS = _openblas_thread_controls()
+_SGEMM = _openblas_sgemm()
+gemm = _gemm if _SGEMM is not None else None
 WORKERS = max(1, min(numba.config.NUMBA_NUM_THREADS, os.cpu_count() or 1)) if _CONTROLS else 1
 _pool = []
 
