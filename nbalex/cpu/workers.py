@@ -27,19 +27,24 @@ import numpy as np  # noqa: F401  (loads the BLAS library looked up below)
 from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
 
 
-def _openblas_thread_controls():
-    """(get, set) for the OpenBLAS NumPy links, or None when it cannot be found."""
+def _openblas_libraries():
+    """The OpenBLAS shared libraries loaded in this process (NumPy's), opened with ctypes."""
     try:
         with open("/proc/self/maps") as maps:
             paths = sorted({line.split()[-1] for line in maps
                             if "openblas" in line.lower() and ".so" in line})
     except OSError:
-        return None
+        return
     for path in paths:
         try:
-            lib = ctypes.CDLL(path)
+            yield ctypes.CDLL(path)
         except OSError:
             continue
+
+
+def _openblas_thread_controls():
+    """(get, set) for the OpenBLAS NumPy links, or None when it cannot be found."""
+    for lib in _openblas_libraries():
         for suffix in ("64_", "", "_64"):
             for prefix in ("scipy_openblas", "openblas"):
                 get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
@@ -53,17 +58,7 @@ def _openblas_thread_controls():
 
 def _openblas_sgemm():
     """cblas_sgemm (64-bit integer interface) of the OpenBLAS NumPy links, or None."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps
-                            if "openblas" in line.lower() and ".so" in line})
-    except OSError:
-        return None
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
+    for lib in _openblas_libraries():
         for name in ("scipy_cblas_sgemm64_", "cblas_sgemm64_"):
             fn = getattr(lib, name, None)
             if fn is not None:
