@@ -4,8 +4,9 @@ Under the simulator every launch runs its blocks' 256 threads as Python threads,
 shapes here are tiny (1-9 blocks per launch) but chosen to hit every edge of the tiling:
 sizes that are not multiples of the 128x128 block tile or of the K tile of 8, more than one
 block along M and along N, odd sizes, 1x1 and non-square kernels, stride larger than the
-kernel, padding 0/1/2, groups 1/2/4, batch 1 and 3, the fused ReLU, and split-K in the
-weight gradient.  The AlexNet-shaped cases need a real GPU.
+kernel, padding 0/1/2, groups 1/2/4, batch 1 and 3, the fused ReLU, split-K in the conv
+weight gradient and in the linear forward (with the separate bias + ReLU pass) and
+backward-data.  The AlexNet-shaped cases need a real GPU.
 """
 
 import numpy as np
@@ -136,6 +137,33 @@ def linear_case(rng, n, m, k, relu):
 ])
 def test_linear_matches_reference(rng, n, m, k, relu):
     linear_case(rng, n, m, k, relu)
+
+
+def test_linear_split_k_matches_reference(rng, monkeypatch):
+    """Forward (bias + ReLU after the atomically summed slices) and backward-data with K cut
+    into slices that are not multiples of each other, give the reference's result."""
+    monkeypatch.setattr(cuda_linear, "MIN_SPLIT_TILES", 2)
+    n, m, k = 3, 37, 45
+    splits, k_split = cuda_linear.split_k(n, m, k)            # forward: reduction over K
+    assert splits == 3 and k_split % gemm.BK == 0 and k % k_split != 0
+    assert (splits - 1) * k_split < k <= splits * k_split       # every slice holds work
+    splits, k_split = cuda_linear.split_k(n, k, m)            # backward-data: over M
+    assert splits == 2 and k_split % gemm.BK == 0 and m % k_split != 0
+    linear_case(rng, n, m, k, True)
+
+
+def test_linear_split_k_only_for_small_grids():
+    """fc6-fc8 at batch 128 are split to at most TARGET_BLOCKS blocks of at least
+    MIN_SPLIT_TILES K tiles each; a grid of SM_COUNT tiles or more is left whole."""
+    for rows, cols, inner in [(128, 4096, 9216), (128, 4096, 4096), (128, 1000, 4096),
+                              (128, 9216, 4096)]:
+        splits, k_split = cuda_linear.split_k(rows, cols, inner)
+        tiles = gemm.cdiv(rows, gemm.BM) * gemm.cdiv(cols, gemm.BN)
+        assert splits > 1 and cuda_linear.SM_COUNT <= tiles * splits <= cuda_linear.TARGET_BLOCKS
+        assert k_split >= cuda_linear.MIN_SPLIT_TILES * gemm.BK
+        assert (splits - 1) * k_split < inner <= splits * k_split
+    assert cuda_linear.split_k(2048, 4096, 9216) == (1, 9216)
+    assert cuda_linear.split_k(128, 4096, 64) == (1, 64)       # too short to cut
 
 
 def test_linear_launchers_check_preconditions():

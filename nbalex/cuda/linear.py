@@ -9,55 +9,90 @@ Shapes: x (N, K), w (M, K), b (M,), y (N, M).  With the GEMM's C[i, j] = sum_k A
 
 The GEMM's columns are always the contiguous index of C, so stores coalesce.  Every operand
 is a plain strided row, read by :func:`nbalex.cuda.gemm.fetch_strided`.  ``geo`` is
-``(N, M, K, relu)`` as int64.
+``(N, M, K, relu, splits, k_split)`` as int64.
+
+Split-K.  At AlexNet's batch of 128 the output tile grids of forward and backward-data are
+tiny (fc6 forward: 1 x 32 blocks on a 132-SM H100), so when the grid has fewer blocks than
+the GPU has SMs, :func:`split_k` cuts the reduction into ``splits`` slices of ``k_split``
+(a multiple of the K tile) over ``blockIdx.z``.  The slices are added atomically into an
+output the launcher zero-fills first (the summation order, hence the last bits, may vary run
+to run); the forward's bias + ReLU then runs as a separate elementwise pass on the same
+stream.  With one slice the kernels store directly, bias and ReLU fused, as before.  The
+forward kernel serves both cases (a run-time switch in its store); backward-data has a
+separate split kernel, because the switch costs its unsplit kernel registers.
 """
 
 from numba import cuda, float32, int32, uint64
 
 from nbalex.cuda import gemm
+from nbalex.cuda.conv2d import ZERO_THREADS, zero_kernel
 from nbalex.cuda.gemm import K_FAST, ROW_FAST, fetch_strided
 from nbalex.cuda.launch import check_array, check_ndim, flat, stream_or_default
 
-G_N, G_M, G_K, G_RELU = range(4)
-GEO_SIG = "UniTuple(int64, 4)"
+G_N, G_M, G_K, G_RELU, G_SPLITS, G_KSPLIT = range(6)
+GEO_SIG = "UniTuple(int64, 6)"
 BIAS_THREADS = 256
+SM_COUNT = 132           # H100 SXM: a grid with at least this many blocks is not split
+TARGET_BLOCKS = 264      # split-K aims for at most this many blocks: 2 per SM
+MIN_SPLIT_TILES = 16     # ...while giving every slice at least this many K tiles (of 8)
+
+
+def slice_of(total):
+    """krange of split-K slice z of the geo[total]-long reduction, in k relative to the
+    slice's start z*k_split (the sliced loader setups below fold that start into their
+    offsets, so the K loop runs from 0): [0, min(k_split, geo[total] - z*k_split))."""
+    @cuda.jit(device=True, inline="always")
+    def k_slice(geo, z):
+        left = int32(geo[total] - z * geo[G_KSPLIT])
+        return 0, (int32(geo[G_KSPLIT]) if geo[G_KSPLIT] < left else left)
+    return k_slice
+
+
+reduce_over_k = slice_of(G_K)          # forward: over the K input features, maybe split
+reduce_over_m_slice = slice_of(G_M)    # split backward-data: over the M output features
 
 
 @cuda.jit(device=True, inline="always")
 def reduce_over_m(geo, z):
-    """backward-data: the reduction runs over the M output features."""
+    """Unsplit backward-data: over all M output features."""
     return 0, geo[G_M]
 
 
 @cuda.jit(device=True, inline="always")
-def reduce_over_k(geo, z):
-    """forward: over the K input features."""
-    return 0, geo[G_K]
-
-
-@cuda.jit(device=True, inline="always")
 def reduce_over_n(geo, z):
-    """backward-weights: over the N batch rows."""
+    """backward-weights: over the N batch rows, never split."""
     return 0, geo[G_N]
 
 
 # ---- operand loaders and stores, by the geo slots they read --------------------------------
 
-def rows_of(rows, length):
+def rows_of(rows, length, sliced=False):
     """Loader setup for row i of a row-major (geo[rows], geo[length]) matrix, read along the
-    row (k contiguous): state (offset of element [i, 0], i < geo[rows])."""
-    @cuda.jit(device=True, inline="always")
-    def setup_row(src, geo, z, i):
-        return (int32(i * geo[length]), i < geo[rows])
+    row (k contiguous): state (offset of element [i, k0], i < geo[rows]), where k0 is 0, or
+    split-K slice z's start z*k_split when ``sliced``."""
+    if sliced:
+        @cuda.jit(device=True, inline="always")
+        def setup_row(src, geo, z, i):
+            return (int32(i * geo[length] + z * geo[G_KSPLIT]), i < geo[rows])
+    else:
+        @cuda.jit(device=True, inline="always")
+        def setup_row(src, geo, z, i):
+            return (int32(i * geo[length]), i < geo[rows])
     return setup_row
 
 
-def columns_of(cols):
+def columns_of(cols, sliced=False):
     """Loader setup for column j of a row-major matrix with geo[cols] columns, read down the
-    column: state (offset of element [0, j], j < geo[cols])."""
-    @cuda.jit(device=True, inline="always")
-    def setup_column(src, geo, z, j):
-        return (int32(j), j < geo[cols])
+    column: state (offset of element [k0, j], j < geo[cols]), where row k0 is 0, or split-K
+    slice z's start z*k_split when ``sliced``."""
+    if sliced:
+        @cuda.jit(device=True, inline="always")
+        def setup_column(src, geo, z, j):
+            return (int32(z * geo[G_KSPLIT] * geo[cols] + j), j < geo[cols])
+    else:
+        @cuda.jit(device=True, inline="always")
+        def setup_column(src, geo, z, j):
+            return (int32(j), j < geo[cols])
     return setup_column
 
 
@@ -84,26 +119,43 @@ def store_into(rows, cols):
     return store_element
 
 
+def add_into(rows, cols):
+    """GEMM store of a split-K slice into a zeroed row-major (geo[rows], geo[cols]) output:
+    out[i, j] += v, atomically (the slices of one element meet here)."""
+    @cuda.jit(device=True, inline="always")
+    def add_element(out, unused, geo, z, i, j, v):
+        if i < geo[rows] and j < geo[cols]:
+            cuda.atomic.add(out, uint64(int32(i * geo[cols] + j)), v)
+    return add_element
+
+
 # ---- forward: y = x @ w.T + b ------------------------------------------------------------
 
 @cuda.jit(device=True, inline="always")
 def fwd_store_y(y, b, geo, z, i, j, v):
-    """y[i, j] = v + b[j], ReLU'd when asked."""
+    """y[i, j] = v + b[j], ReLU'd when asked; with split-K, y[i, j] += v atomically (bias
+    and ReLU come later, from linear_bias_relu_kernel)."""
     if i < geo[G_N] and j < geo[G_M]:
-        v += b[uint64(j)]
-        if geo[G_RELU] != 0 and v < float32(0.0):
-            v = float32(0.0)
-        y[uint64(int32(i * geo[G_M] + j))] = v
+        at = uint64(int32(i * geo[G_M] + j))
+        if geo[G_SPLITS] > 1:
+            cuda.atomic.add(y, at, v)
+        else:
+            v += b[uint64(j)]
+            if geo[G_RELU] != 0 and v < float32(0.0):
+                v = float32(0.0)
+            y[at] = v
 
 
 linear_forward_kernel, GEMM_THREADS = gemm.make_gemm_kernel(
-    rows_of(G_N, G_K), fetch_unit_stride, K_FAST,        # A = x: row i is x[i, :]
-    rows_of(G_M, G_K), fetch_unit_stride, K_FAST,        # B = w.T: column j is w[j, :]
+    rows_of(G_N, G_K, sliced=True), fetch_unit_stride, K_FAST,   # A = x: row i is x[i, :]
+    rows_of(G_M, G_K, sliced=True), fetch_unit_stride, K_FAST,   # B = w.T: column j is w[j, :]
     reduce_over_k, fwd_store_y, name="linear_forward_kernel")
 linear_forward_kernel.__doc__ = """y = x @ w.T + b (ReLU'd if geo[G_RELU]).
 
-    y (N*M,) written, x (N*K,), w (M*K,), b (M,): flat float32.  Grid (ceil(M/128),
-    ceil(N/128)), 256 threads; each thread computes 8 rows x 8 features of y.
+    y (N*M,), x (N*K,), w (M*K,), b (M,): flat float32.  Grid (ceil(M/128), ceil(N/128),
+    splits), 256 threads; each thread computes 8 rows x 8 features of y over K slice
+    blockIdx.z.  One slice: y written, bias and ReLU fused.  Several: the slice's partial
+    product accumulated atomically into a zeroed y, no bias or ReLU.
     """
 
 
@@ -118,6 +170,21 @@ linear_backward_data_kernel.__doc__ = """dx = dy @ w.
 
     dx (N*K,) written, dy (N*M,), w (M*K,), flat float32; the 4th argument is unused (pass
     w).  Grid (ceil(K/128), ceil(N/128)), 256 threads; each thread computes 8x8 of dx.
+    """
+
+# A kernel of its own rather than a run-time switch in the one above: folding the slice
+# start into the loaders' offsets costs the unsplit kernel 8 registers (139 -> 147).
+linear_backward_data_split_kernel, _ = gemm.make_gemm_kernel(
+    rows_of(G_N, G_M, sliced=True), fetch_unit_stride, K_FAST,
+    columns_of(G_K, sliced=True), fetch_at_stride(G_K), ROW_FAST,
+    reduce_over_m_slice, add_into(G_N, G_K), name="linear_backward_data_split_kernel",
+    min_blocks=1)
+linear_backward_data_split_kernel.__doc__ = """dx += dy[:, slice] @ w[slice, :], slice z.
+
+    dx (N*K,) accumulated atomically (the launcher zeroes it first), dy (N*M,), w (M*K,),
+    flat float32; the 4th argument is unused (pass w).  Grid (ceil(K/128), ceil(N/128),
+    splits), 256 threads; each thread computes 8x8 of dx over M rows [z*k_split,
+    min((z+1)*k_split, M)), z = blockIdx.z.
     """
 
 
@@ -148,21 +215,62 @@ def linear_bias_grad_kernel(db, dy, n_rows, m_cols):
         db[j] = total
 
 
+@cuda.jit
+def linear_bias_relu_kernel(y, b, m_cols, relu):
+    """y[i, j] = y[i, j] + b[j], then max(., 0) when relu != 0: the forward epilogue after a
+    split-K GEMM.  y (N*M,) flat float32 updated in place, b (M,); grid-stride loop, each
+    thread handling elements i*M + j = its grid index, + grid size, ...
+    """
+    for at in range(cuda.grid(1), y.shape[0], cuda.gridsize(1)):
+        v = y[at] + b[at % m_cols]
+        if relu != 0 and v < float32(0.0):
+            v = float32(0.0)
+        y[at] = v
+
+
 _GEMM_SIG = "void(float32[::1], float32[::1], float32[::1], float32[::1], " + GEO_SIG + ")"
 STATIC_SIGNATURES = [
     (linear_forward_kernel, _GEMM_SIG, True, GEMM_THREADS),
     (linear_backward_data_kernel, _GEMM_SIG, True, GEMM_THREADS),
+    (linear_backward_data_split_kernel, _GEMM_SIG, True, GEMM_THREADS),
     (linear_backward_weights_kernel, _GEMM_SIG, True, GEMM_THREADS),
     (linear_bias_grad_kernel, "void(float32[::1], float32[::1], int64, int64)", False,
+     BIAS_THREADS),
+    (linear_bias_relu_kernel, "void(float32[::1], float32[::1], int64, int64)", False,
      BIAS_THREADS),
 ]
 
 
 # ---- launchers ----------------------------------------------------------------------------
 
-def _grid(rows, cols):
+def _grid(rows, cols, splits=1):
     bm, bn = gemm.BM, gemm.BN
-    return (gemm.cdiv(cols, bn), gemm.cdiv(rows, bm), 1)
+    return (gemm.cdiv(cols, bn), gemm.cdiv(rows, bm), splits)
+
+
+def split_k(rows, cols, inner):
+    """(splits, k_split): how a (rows x cols) GEMM's reduction of length ``inner`` is cut.
+
+    A grid of at least SM_COUNT output tiles is not split (1, inner).  A smaller one gets
+    ``TARGET_BLOCKS // tiles`` slices (so at most TARGET_BLOCKS blocks, 2 per SM), fewer if
+    a slice would hold under MIN_SPLIT_TILES K tiles; ``k_split`` is a multiple of the K
+    tile, and ``splits`` is recounted from it so that every slice holds work.
+    """
+    tiles = gemm.cdiv(rows, gemm.BM) * gemm.cdiv(cols, gemm.BN)
+    if tiles >= SM_COUNT:
+        return 1, inner
+    k_tiles = gemm.cdiv(inner, gemm.BK)
+    splits = max(1, min(TARGET_BLOCKS // tiles, k_tiles // MIN_SPLIT_TILES))
+    if splits == 1:
+        return 1, inner
+    k_split = gemm.cdiv(k_tiles, splits) * gemm.BK
+    return gemm.cdiv(inner, k_split), k_split
+
+
+def _zero(a, stream):
+    """Launch zero_kernel over the flat array a (a small array gets a small block)."""
+    threads = min(ZERO_THREADS, 32 * gemm.cdiv(a.size, 32))
+    zero_kernel[min(gemm.cdiv(a.size, threads), 1024), threads, stream](a)
 
 
 def _check_operands(a_name, a, b_name, b):
@@ -188,9 +296,17 @@ def linear_forward(y, x, w, b, relu=False, stream=None):
     check_array("b", b, shape=(m,))
     check_array("y", y, shape=(n, m))
     _check_sizes(n, m, k)
-    geo = (n, m, k, int(bool(relu)))
-    linear_forward_kernel[_grid(n, m), GEMM_THREADS, stream_or_default(stream)](
-        flat(y), flat(x), flat(w), b, geo)
+    stream = stream_or_default(stream)
+    splits, k_split = split_k(n, m, k)
+    y_flat = flat(y)
+    if splits > 1:
+        _zero(y_flat, stream)
+    linear_forward_kernel[_grid(n, m, splits), GEMM_THREADS, stream](
+        y_flat, flat(x), flat(w), b, (n, m, k, int(bool(relu)), splits, k_split))
+    if splits > 1:
+        threads = min(BIAS_THREADS, 32 * gemm.cdiv(y.size, 32))
+        linear_bias_relu_kernel[min(gemm.cdiv(y.size, threads), 1024), threads, stream](
+            y_flat, b, m, int(bool(relu)))
 
 
 def linear_backward_data(dx, dy, w, stream=None):
@@ -199,8 +315,15 @@ def linear_backward_data(dx, dy, w, stream=None):
     check_array("w", w, shape=(m, k))
     check_array("dx", dx, shape=(n, k))
     _check_sizes(n, m, k)
-    linear_backward_data_kernel[_grid(n, k), GEMM_THREADS, stream_or_default(stream)](
-        flat(dx), flat(dy), flat(w), flat(w), (n, m, k, 0))
+    stream = stream_or_default(stream)
+    splits, k_split = split_k(n, k, m)
+    dx_flat = flat(dx)
+    kernel = linear_backward_data_kernel
+    if splits > 1:
+        _zero(dx_flat, stream)
+        kernel = linear_backward_data_split_kernel
+    kernel[_grid(n, k, splits), GEMM_THREADS, stream](
+        dx_flat, flat(dy), flat(w), flat(w), (n, m, k, 0, splits, k_split))
 
 
 def linear_backward_weights(dw, db, dy, x, stream=None):
@@ -212,7 +335,7 @@ def linear_backward_weights(dw, db, dy, x, stream=None):
     _check_sizes(n, m, k)
     stream = stream_or_default(stream)
     linear_backward_weights_kernel[_grid(m, k), GEMM_THREADS, stream](
-        flat(dw), flat(dy), flat(x), flat(dy), (n, m, k, 0))
+        flat(dw), flat(dy), flat(x), flat(dy), (n, m, k, 0, 1, n))
     threads = min(BIAS_THREADS, 32 * gemm.cdiv(m, 32))
     linear_bias_grad_kernel[gemm.cdiv(m, threads), threads, stream](
         db, flat(dy), n, m)
