@@ -73,7 +73,7 @@ def test_conv2d_matches_reference(rng, n, c, h, w, f, kh, kw, stride, pad, group
 
 def test_conv2d_backward_weights_split_k(rng, monkeypatch):
     """Several K slices meeting through atomic adds give the same gradient as one."""
-    monkeypatch.setattr(cuda_conv, "MIN_SPLIT_TILES", 3)
+    monkeypatch.setattr(gemm, "MIN_SPLIT_TILES", 3)
     splits, k_split = cuda_conv.backward_weights_splits((2, 2, 6, 6), (3, 2, 3, 3), 1, 1, 1)
     total = 2 * 6 * 6                       # the reduction runs over N*OH*OW
     assert splits == 3 and k_split % gemm.BK == 0
@@ -142,7 +142,7 @@ def test_linear_matches_reference(rng, n, m, k, relu):
 def test_linear_split_k_matches_reference(rng, monkeypatch):
     """Forward (bias + ReLU after the atomically summed slices) and backward-data with K cut
     into slices that are not multiples of each other, give the reference's result."""
-    monkeypatch.setattr(cuda_linear, "MIN_SPLIT_TILES", 2)
+    monkeypatch.setattr(gemm, "MIN_SPLIT_TILES", 2)
     n, m, k = 3, 37, 45
     splits, k_split = cuda_linear.split_k(n, m, k)            # forward: reduction over K
     assert splits == 3 and k_split % gemm.BK == 0 and k % k_split != 0
@@ -159,8 +159,8 @@ def test_linear_split_k_only_for_small_grids():
                               (128, 9216, 4096)]:
         splits, k_split = cuda_linear.split_k(rows, cols, inner)
         tiles = gemm.cdiv(rows, gemm.BM) * gemm.cdiv(cols, gemm.BN)
-        assert splits > 1 and cuda_linear.SM_COUNT <= tiles * splits <= cuda_linear.TARGET_BLOCKS
-        assert k_split >= cuda_linear.MIN_SPLIT_TILES * gemm.BK
+        assert splits > 1 and gemm.SM_COUNT <= tiles * splits <= gemm.TARGET_BLOCKS
+        assert k_split >= gemm.MIN_SPLIT_TILES * gemm.BK
         assert (splits - 1) * k_split < inner <= splits * k_split
     assert cuda_linear.split_k(2048, 4096, 9216) == (1, 9216)
     assert cuda_linear.split_k(128, 4096, 64) == (1, 64)       # too short to cut

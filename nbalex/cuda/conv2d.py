@@ -35,9 +35,6 @@ from nbalex.cuda.launch import check_array, check_ndim, flat, stream_or_default
  G_S_MUL, G_S_SH, G_HW_MUL, G_HW_SH, G_W_MUL, G_W_SH) = range(32)
 GEO_LEN = 32
 GEO_SIG = f"UniTuple(int64, {GEO_LEN})"
-ZERO_THREADS = 256
-TARGET_BLOCKS = 264      # split-K aims for this many blocks: 2 per SM on a 132-SM H100
-MIN_SPLIT_TILES = 16     # ...while giving every split at least this many K tiles
 
 
 def conv_geometry(x_shape, w_shape, stride, pad, groups, relu=False, splits=1, k_split=0):
@@ -437,20 +434,12 @@ conv_backward_weights_kernel.__doc__ = """dw = sum over (image, oh, ow) of dy (x
     """
 
 
-@cuda.jit
-def zero_kernel(a):
-    """a[i] = 0 for every i of the flat float32 array a (grid-stride loop)."""
-    for i in range(cuda.grid(1), a.shape[0], cuda.gridsize(1)):
-        a[i] = float32(0.0)
-
-
 _GEMM_SIG = "void(float32[::1], float32[::1], float32[::1], float32[::1], " + GEO_SIG + ")"
 STATIC_SIGNATURES = [
     (conv_forward_kernel, _GEMM_SIG, True, GEMM_THREADS),
     (conv_backward_data_kernel, _GEMM_SIG, True, GEMM_THREADS),
     (conv_backward_data_unit_stride_kernel, _GEMM_SIG, True, GEMM_THREADS),
     (conv_backward_weights_kernel, _GEMM_SIG, True, GEMM_THREADS),
-    (zero_kernel, "void(float32[::1])", False, ZERO_THREADS),
 ]
 
 
@@ -486,12 +475,6 @@ def _grid(m, n, z):
     return (gemm.cdiv(n, bn), gemm.cdiv(m, bm), z)
 
 
-def _zero(a, stream):
-    """Launch zero_kernel over the flat array a (a small array gets a small block)."""
-    threads = min(ZERO_THREADS, 32 * gemm.cdiv(a.size, 32))
-    zero_kernel[min(gemm.cdiv(a.size, threads), 1024), threads, stream](a)
-
-
 def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
     """Implicit GEMM needs no workspace: 0."""
     return 0
@@ -520,19 +503,10 @@ def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=
 
 
 def backward_weights_splits(x_shape, w_shape, stride, pad, groups):
-    """(splits, k_split): how the N*OH*OW reduction of backward-weights is cut.
-
-    Enough slices to give about TARGET_BLOCKS blocks, each slice a multiple of the K tile
-    and at least MIN_SPLIT_TILES tiles long.
-    """
+    """(splits, k_split): how the N*OH*OW reduction of backward-weights is cut (gemm.split_k)."""
     geo = conv_geometry(x_shape, w_shape, stride, pad, groups)
-    total = geo[G_N] * geo[G_OH] * geo[G_OW]
-    bm, bn = gemm.BM, gemm.BN
-    blocks = gemm.cdiv(geo[G_FG], bm) * gemm.cdiv(geo[G_KK] + 1, bn) * groups
-    tiles = gemm.cdiv(total, gemm.BK)
-    splits = max(1, min(gemm.cdiv(TARGET_BLOCKS, blocks), tiles // MIN_SPLIT_TILES))
-    k_split = gemm.cdiv(tiles, splits) * gemm.BK
-    return gemm.cdiv(total, k_split), k_split
+    blocks = gemm.cdiv(geo[G_FG], gemm.BM) * gemm.cdiv(geo[G_KK] + 1, gemm.BN) * groups
+    return gemm.split_k(blocks, geo[G_N] * geo[G_OH] * geo[G_OW])
 
 
 def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, stream=None):
@@ -544,7 +518,7 @@ def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, 
     splits, k_split = backward_weights_splits(x.shape, dw.shape, stride, pad, groups)
     geo = conv_geometry(x.shape, dw.shape, stride, pad, groups, splits=splits, k_split=k_split)
     dw_flat = flat(dw)
-    _zero(dw_flat, stream)
-    _zero(db, stream)
+    gemm.zero_fill(dw_flat, stream)
+    gemm.zero_fill(db, stream)
     grid = _grid(geo[G_FG], geo[G_KK] + 1, groups * splits)
     conv_backward_weights_kernel[grid, GEMM_THREADS, stream](dw_flat, flat(dy), flat(x), db, geo)

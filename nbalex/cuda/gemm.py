@@ -121,6 +121,49 @@ def cdiv(a, b):
     return -(-a // b)
 
 
+# ---- split-K: when a GEMM's output grid is too small to fill the GPU ----------------------
+
+SM_COUNT = 132           # H100 SXM: a grid with at least this many blocks is not split
+TARGET_BLOCKS = 264      # split-K aims for at most this many blocks: 2 per SM
+MIN_SPLIT_TILES = 16     # ...while giving every slice at least this many K tiles
+ZERO_THREADS = 256
+
+
+def split_k(blocks, inner):
+    """(splits, k_split): how the reduction (length ``inner``) of a grid of ``blocks`` is cut.
+
+    A grid of at least SM_COUNT blocks is not split (1, inner).  A smaller one gets
+    ``TARGET_BLOCKS // blocks`` slices (so at most TARGET_BLOCKS blocks, 2 per SM), fewer if
+    a slice would hold under MIN_SPLIT_TILES K tiles; ``k_split`` is a multiple of the K
+    tile, and ``splits`` is recounted from it so that every slice holds work.  The slices
+    add into a zero-filled output (:func:`zero_fill`) with atomics.
+    """
+    if blocks >= SM_COUNT:
+        return 1, inner
+    k_tiles = cdiv(inner, BK)
+    splits = max(1, min(TARGET_BLOCKS // blocks, k_tiles // MIN_SPLIT_TILES))
+    if splits == 1:
+        return 1, inner
+    k_split = cdiv(k_tiles, splits) * BK
+    return cdiv(inner, k_split), k_split
+
+
+@cuda.jit
+def zero_kernel(a):
+    """a[i] = 0 for every i of the flat float32 array a (grid-stride loop)."""
+    for i in range(cuda.grid(1), a.shape[0], cuda.gridsize(1)):
+        a[i] = float32(0.0)
+
+
+def zero_fill(a, stream):
+    """Launch zero_kernel over the flat array a (a small array gets a small block)."""
+    threads = min(ZERO_THREADS, 32 * cdiv(a.size, 32))
+    zero_kernel[min(cdiv(a.size, threads), 1024), threads, stream](a)
+
+
+STATIC_SIGNATURES = [(zero_kernel, "void(float32[::1])", False, ZERO_THREADS)]
+
+
 def make_gemm_kernel(setup_a, fetch_a, layout_a, setup_b, fetch_b, layout_b, krange, store,
                      bm=BM, bn=BN, name="gemm_kernel", min_blocks=2):
     """A CUDA kernel ``kernel(out, src_a, src_b, bias, geo)`` computing one GEMM use.

@@ -25,16 +25,12 @@ separate split kernel, because the switch costs its unsplit kernel registers.
 from numba import cuda, float32, int32, uint64
 
 from nbalex.cuda import gemm
-from nbalex.cuda.conv2d import ZERO_THREADS, zero_kernel
 from nbalex.cuda.gemm import K_FAST, ROW_FAST, fetch_strided
 from nbalex.cuda.launch import check_array, check_ndim, flat, stream_or_default
 
 G_N, G_M, G_K, G_RELU, G_SPLITS, G_KSPLIT = range(6)
 GEO_SIG = "UniTuple(int64, 6)"
 BIAS_THREADS = 256
-SM_COUNT = 132           # H100 SXM: a grid with at least this many blocks is not split
-TARGET_BLOCKS = 264      # split-K aims for at most this many blocks: 2 per SM
-MIN_SPLIT_TILES = 16     # ...while giving every slice at least this many K tiles (of 8)
 
 
 def slice_of(total):
@@ -249,28 +245,8 @@ def _grid(rows, cols, splits=1):
 
 
 def split_k(rows, cols, inner):
-    """(splits, k_split): how a (rows x cols) GEMM's reduction of length ``inner`` is cut.
-
-    A grid of at least SM_COUNT output tiles is not split (1, inner).  A smaller one gets
-    ``TARGET_BLOCKS // tiles`` slices (so at most TARGET_BLOCKS blocks, 2 per SM), fewer if
-    a slice would hold under MIN_SPLIT_TILES K tiles; ``k_split`` is a multiple of the K
-    tile, and ``splits`` is recounted from it so that every slice holds work.
-    """
-    tiles = gemm.cdiv(rows, gemm.BM) * gemm.cdiv(cols, gemm.BN)
-    if tiles >= SM_COUNT:
-        return 1, inner
-    k_tiles = gemm.cdiv(inner, gemm.BK)
-    splits = max(1, min(TARGET_BLOCKS // tiles, k_tiles // MIN_SPLIT_TILES))
-    if splits == 1:
-        return 1, inner
-    k_split = gemm.cdiv(k_tiles, splits) * gemm.BK
-    return gemm.cdiv(inner, k_split), k_split
-
-
-def _zero(a, stream):
-    """Launch zero_kernel over the flat array a (a small array gets a small block)."""
-    threads = min(ZERO_THREADS, 32 * gemm.cdiv(a.size, 32))
-    zero_kernel[min(gemm.cdiv(a.size, threads), 1024), threads, stream](a)
+    """gemm.split_k for a (rows x cols) output of 128x128 tiles: (splits, k_split)."""
+    return gemm.split_k(gemm.cdiv(rows, gemm.BM) * gemm.cdiv(cols, gemm.BN), inner)
 
 
 def _check_operands(a_name, a, b_name, b):
@@ -300,7 +276,7 @@ def linear_forward(y, x, w, b, relu=False, stream=None):
     splits, k_split = split_k(n, m, k)
     y_flat = flat(y)
     if splits > 1:
-        _zero(y_flat, stream)
+        gemm.zero_fill(y_flat, stream)
     linear_forward_kernel[_grid(n, m, splits), GEMM_THREADS, stream](
         y_flat, flat(x), flat(w), b, (n, m, k, int(bool(relu)), splits, k_split))
     if splits > 1:
@@ -320,7 +296,7 @@ def linear_backward_data(dx, dy, w, stream=None):
     dx_flat = flat(dx)
     kernel = linear_backward_data_kernel
     if splits > 1:
-        _zero(dx_flat, stream)
+        gemm.zero_fill(dx_flat, stream)
         kernel = linear_backward_data_split_kernel
     kernel[_grid(n, k, splits), GEMM_THREADS, stream](
         dx_flat, flat(dy), flat(w), flat(w), (n, m, k, 0, splits, k_split))
