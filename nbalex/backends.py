@@ -3,9 +3,10 @@
 Every backend package (``nbalex.reference``, ``nbalex.cpu``, ``nbalex.cuda``) exports the
 functions named in :data:`LAUNCHERS` with exactly these signatures. Launchers write into
 buffers the caller owns (outputs first) and return ``None``; ``stream`` is a CUDA stream for
-the ``cuda`` backend and ignored elsewhere. ``workspace`` (conv only) is an optional flat
-float32 buffer of at least ``conv2d_workspace_size(...)`` elements; when it is ``None`` the
-launcher allocates what it needs (fine for the ops façade, never done inside a training step).
+the ``cuda`` backend and ignored elsewhere. ``workspace`` (conv and linear) is an optional flat
+float32 buffer of at least ``conv2d_workspace_size(...)`` / ``linear_workspace_size(...)``
+elements; when it is ``None`` the launcher allocates what it needs (fine for the ops façade,
+never done inside a training step, where the network's arena holds one shared workspace).
 
 Shapes and dtypes (float32 unless stated; the reference also accepts float64):
 
@@ -18,10 +19,13 @@ conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, stre
     dw (F,C/groups,KH,KW), db (F,) overwritten (gradients are never accumulated).
 conv2d_workspace_size(x_shape, w_shape, stride, pad, groups) -> int
     float32 elements of workspace the conv launchers want (0 when none).
-linear_forward(y, x, w, b, relu=False, stream=None)
+linear_forward(y, x, w, b, relu=False, workspace=None, stream=None)
     x (N,K), w (M,K), b (M,), y (N,M) = x @ w.T + b, then max(y, 0) when relu.
-linear_backward_data(dx, dy, w, stream=None)          dx (N,K) = dy @ w
-linear_backward_weights(dw, db, dy, x, stream=None)   dw (M,K) = dy.T @ x, db = dy.sum(0)
+linear_backward_data(dx, dy, w, workspace=None, stream=None)          dx (N,K) = dy @ w
+linear_backward_weights(dw, db, dy, x, workspace=None, stream=None)   dw (M,K) = dy.T @ x,
+    db = dy.sum(0)
+linear_workspace_size(x_shape, w_shape) -> int
+    float32 elements of workspace the linear launchers want (0 when none).
 relu_forward(y, x, stream=None)                       y = max(x, 0); y may be x
 relu_backward(dx, dy, y, stream=None)                 dx = dy * (y > 0); dx may be dy
 lrn_forward(y, scale, x, size, alpha, beta, k, stream=None)
@@ -61,7 +65,7 @@ import inspect
 
 LAUNCHERS = (
     "conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights", "conv2d_workspace_size",
-    "linear_forward", "linear_backward_data", "linear_backward_weights",
+    "linear_forward", "linear_backward_data", "linear_backward_weights", "linear_workspace_size",
     "relu_forward", "relu_backward",
     "lrn_forward", "lrn_backward",
     "maxpool_forward", "maxpool_backward",

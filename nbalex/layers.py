@@ -185,19 +185,21 @@ class Linear:
     def forward(self, x, n, train, seed):
         y = self.out[:n]
         self.x = x.reshape(n, self.inputs)
-        self.ctx.backend.linear_forward(y, self.x, self.w, self.b, relu=self.relu, stream=self.ctx.stream)
+        self.ctx.backend.linear_forward(y, self.x, self.w, self.b, relu=self.relu,
+                                        workspace=self.ctx.workspace, stream=self.ctx.stream)
         self.y = y
         return y
 
     def backward(self, dy, free, n, need_dx):
-        be, stream = self.ctx.backend, self.ctx.stream
+        be, ctx = self.ctx.backend, self.ctx
         if self.relu:
-            be.relu_backward(dy, dy, self.y, stream=stream)
-        be.linear_backward_weights(self.dw, self.db, dy, self.x, stream=stream)
+            be.relu_backward(dy, dy, self.y, stream=ctx.stream)
+        be.linear_backward_weights(self.dw, self.db, dy, self.x, workspace=ctx.workspace,
+                                   stream=ctx.stream)
         if not need_dx:
             return None, False
         dx = view(free, n, (self.inputs,))
-        be.linear_backward_data(dx, dy, self.w, stream=stream)
+        be.linear_backward_data(dx, dy, self.w, workspace=ctx.workspace, stream=ctx.stream)
         return dx.reshape((n, *self.step.in_shape)), True
 
 

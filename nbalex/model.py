@@ -64,18 +64,28 @@ class ParamLayout:
                 for p, a, b in zip(self.specs, self.offsets, self.offsets[1:])}
 
 
+def workspace_size(backend, step, shapes, batch):
+    """float32 elements of workspace ``step``'s launchers want at ``batch`` (0 for most layers).
+
+    One workspace per tower serves every conv and linear layer: they run one after another
+    on the tower's stream."""
+    spec = step.spec
+    if spec.type == "conv":
+        return backend.conv2d_workspace_size((batch, *step.in_shape), shapes[f"{spec.name}.weight"],
+                                             spec["stride"], spec["pad"], step.groups)
+    if spec.type == "fc":
+        return backend.linear_workspace_size((batch, prod(step.in_shape)), shapes[f"{spec.name}.weight"])
+    return 0
+
+
 def _build(specs, steps, layout, backend, places, arenas, batch, dtype, towers):
     """Carve every buffer of every tower from ``arenas``; returns (contexts, stages, buffers)."""
     first = specs[0].in_shape
     classes = specs[-1].out_shape[0]
     grad_size = max(prod(s.shape if isinstance(s, GatherStep) else s.out_shape) for s in steps)
     block = max([prod(s.shape) // towers for s in steps if isinstance(s, GatherStep)] or [0])
-    workspace = 0
-    for s in steps:
-        if not isinstance(s, GatherStep) and s.spec.type == "conv":
-            wshape = layout.shapes[f"{s.spec.name}.weight"]
-            workspace = max(workspace, backend.conv2d_workspace_size(
-                (batch, *s.in_shape), wshape, s.spec["stride"], s.spec["pad"], s.groups))
+    workspace = max([workspace_size(backend, s, layout.shapes, batch) for s in steps
+                     if not isinstance(s, GatherStep)] or [0])
     ctxs, buffers = [], []
     for place, arena in zip(places, arenas):
         flats = {k: arena.alloc((layout.size,), dtype, k) for k in ("params", "grads", "momentum")}
@@ -90,7 +100,7 @@ def _build(specs, steps, layout, backend, places, arenas, batch, dtype, towers):
         b["grad_bufs"] = [arena.alloc((batch * grad_size,), dtype, f"activation_grads{i}") for i in (0, 1)]
         b["recv"] = arena.alloc((batch * block,), dtype, "recv") if towers > 1 else None
         b["send"] = arena.alloc((batch * block,), dtype, "send") if towers > 1 else None
-        ws = arena.alloc((workspace,), np.float32, "conv.workspace") if workspace else None
+        ws = arena.alloc((workspace,), np.float32, "workspace") if workspace else None
         ctxs.append(TowerContext(backend, place, arena, batch, dtype, layout.views(flats["params"]),
                                  layout.views(flats["grads"]), ws))
         b["momentum_views"] = layout.views(flats["momentum"])

@@ -26,7 +26,7 @@ def test_signatures_match_reference(name):
 def test_launchers_put_outputs_first_and_take_a_stream():
     reference = backends.signatures(importlib.import_module("nbalex.reference"))
     for launcher, sig in reference.items():
-        if launcher == "conv2d_workspace_size":
+        if launcher.endswith("_workspace_size"):
             continue
         params = list(sig.parameters.values())
         assert params[-1].name == "stream" and params[-1].default is None, launcher

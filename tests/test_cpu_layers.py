@@ -120,6 +120,26 @@ def test_linear_matches_reference(rng, relu_on):
     _close(db, rdb)
 
 
+def test_linear_uses_the_callers_workspace_and_checks_its_size(rng):
+    n, k, m = 4, 23, 11
+    x, w, b, dy = _randn(rng, n, k), _randn(rng, m, k), _randn(rng, m), _randn(rng, n, m)
+    size = linear.linear_workspace_size(x.shape, w.shape)
+    assert size == n * max(m, k)
+    ws = np.full(size, np.nan, np.float32)
+    y, want = np.empty((n, m), np.float32), np.empty((n, m), np.float32)
+    linear.linear_forward(y, x, w, b, workspace=ws)
+    ref.linear_forward(want, x, w, b)
+    _close(y, want)
+    _close(ws[:n * m].reshape(m, n).T + b, want)   # y.T went through the workspace
+    dx, rdx = np.empty_like(x), np.empty_like(x)
+    linear.linear_backward_data(dx, dy, w, workspace=ws)
+    ref.linear_backward_data(rdx, dy, w)
+    _close(dx, rdx)
+    _close(ws[:n * k].reshape(k, n).T, rdx)
+    with pytest.raises(ValueError, match="workspace"):
+        linear.linear_forward(y, x, w, b, workspace=np.empty(n * m - 1, np.float32))
+
+
 def test_relu_matches_reference_and_works_in_place(rng):
     x, dy = _randn(rng, 3, 5, 7, 9), _randn(rng, 3, 5, 7, 9)
     y, want = _garbage_like(x), np.empty_like(x)

@@ -260,3 +260,27 @@ def test_training_lowers_the_loss():
         net.forward_backward(x, labels, train=False)
         net.sgd_step(0.02)
     assert net.forward_backward(x, labels, train=False) < 0.5 * first
+
+
+def test_cpu_conv_and_linear_launchers_work_in_the_towers_workspace(monkeypatch):
+    """Inside a step every conv and linear launcher gets the arena's workspace, never None."""
+    import nbalex.cpu.conv2d as cpu_conv
+    import nbalex.cpu.linear as cpu_linear
+    seen = []
+
+    def spy(module, name, kind):
+        real = getattr(module, name)
+
+        def carve(workspace, *args):
+            seen.append((kind, workspace is None))
+            return real(workspace, *args)
+        monkeypatch.setattr(module, name, carve)
+
+    spy(cpu_linear, "transposed", "fc")
+    spy(cpu_conv, "_buffers", "conv")
+    spy(cpu_conv, "_tap_buffers", "conv")
+    net = Net(TINY, backend="cpu", batch_size=2, gpus=(0, 0))
+    x, labels = batch(net, 2)
+    net.forward_backward(x, labels)
+    assert {kind for kind, _ in seen} == {"conv", "fc"}
+    assert not any(missing for _, missing in seen), seen

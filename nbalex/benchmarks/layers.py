@@ -161,9 +161,9 @@ def passes(spec, n):
         flops = 2 * n * m_ * k
         return [
             Pass("forward", ("x", "w", "b"), {"y": (y_shape, f32)},
-                 lambda m, a, ws: m.linear_forward(a["y"], a["x"], a["w"], a["b"]), flops),
+                 lambda m, a, ws: m.linear_forward(a["y"], a["x"], a["w"], a["b"], workspace=ws), flops),
             Pass("backward-data", ("dy", "w"), {"dx": (x_shape, f32)},
-                 lambda m, a, ws: m.linear_backward_data(a["dx"], a["dy"], a["w"]), flops),
+                 lambda m, a, ws: m.linear_backward_data(a["dx"], a["dy"], a["w"], workspace=ws), flops),
             Pass("backward-weights", ("dy", "x"), {"dw": ((m_, k), f32), "db": ((m_,), f32)},
                  lambda m, a, ws: m.linear_backward_weights(a["dw"], a["db"], a["dy"], a["x"]), flops),
         ]
@@ -212,7 +212,9 @@ def passes(spec, n):
 
 
 def workspace_size(backend, spec, n):
-    """float32 elements of conv workspace ``backend`` wants for ``spec`` at batch ``n`` (else 0)."""
+    """float32 elements of workspace ``backend`` wants for ``spec`` at batch ``n`` (else 0)."""
+    if spec.kind == "fc":
+        return int(backend.linear_workspace_size((n, *spec.in_shape), (spec.out_shape[0], spec.in_shape[0])))
     if spec.kind != "conv":
         return 0
     c, k = spec.in_shape[0], spec.kernel

@@ -17,7 +17,7 @@ from collections import defaultdict
 
 from .. import backends
 
-NOT_LAUNCHES = ("conv2d_workspace_size",)      # arithmetic, not a kernel launch
+NOT_LAUNCHES = ("conv2d_workspace_size", "linear_workspace_size")  # arithmetic, not launches
 
 # launcher -> (argument holding the array that identifies the layer, layer type it belongs to)
 _KEYS = {

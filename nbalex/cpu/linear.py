@@ -4,8 +4,8 @@ x (N,K), w (M,K), b (M,), y (N,M) = x @ w.T + b.  The transposes are views; NumP
 them to BLAS as transpose flags, so no operand is copied.  The forward GEMM is computed as
 y.T = w @ x.T (M x N, M the long side): OpenBLAS runs that orientation several times faster
 than x @ w.T when the batch N is small; likewise dx.T = w.T @ dy.T.  y.T and dx.T land in
-a scratch buffer kept by this module (allocated on first use, reused after), and one
-parallel pass transposes them into y (adding bias and ReLU) or dx.
+the caller's ``workspace`` (``linear_workspace_size`` elements, allocated per call when it is
+None), and one parallel pass transposes them into y (adding bias and ReLU) or dx.
 """
 
 import numpy as np
@@ -14,14 +14,19 @@ from numba import njit, prange
 from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
 
 
-_scratch = [np.empty(0, np.float32)]
+def linear_workspace_size(x_shape, w_shape):
+    """float32 elements for y.T (N*M) or dx.T (N*K): N * max(M, K)."""
+    return int(x_shape[0]) * max(int(w_shape[0]), int(w_shape[1]))
 
 
-def scratch(size):
-    """A float32 buffer of ``size`` elements, reused across calls (grown when too small)."""
-    if _scratch[0].size < size:
-        _scratch[0] = np.empty(size, np.float32)
-    return _scratch[0][:size]
+def transposed(workspace, shape):
+    """A (rows, cols) float32 view of the start of ``workspace`` (allocated when None)."""
+    size = shape[0] * shape[1]
+    if workspace is None:
+        return np.empty(shape, np.float32)
+    if workspace.dtype != np.float32 or workspace.ndim != 1 or workspace.size < size:
+        raise ValueError(f"workspace must be flat float32 with >= {size} elements")
+    return workspace[:size].reshape(shape)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -66,21 +71,21 @@ def column_sums(db, dy):
             db[m] = s
 
 
-def linear_forward(y, x, w, b, relu=False, stream=None):
+def linear_forward(y, x, w, b, relu=False, workspace=None, stream=None):
     """y (N,M) <- x @ w.T + b, then max(y, 0) when relu.  y is overwritten."""
-    yt = scratch(y.size).reshape(y.shape[1], y.shape[0])
+    yt = transposed(workspace, (y.shape[1], y.shape[0]))
     np.matmul(w, x.T, out=yt)
     transpose_bias_relu(y, yt, b, relu)
 
 
-def linear_backward_data(dx, dy, w, stream=None):
+def linear_backward_data(dx, dy, w, workspace=None, stream=None):
     """dx (N,K) <- dy @ w, computed as dx.T = w.T @ dy.T (the faster orientation, as above)."""
-    dxt = scratch(dx.size).reshape(dx.shape[1], dx.shape[0])
+    dxt = transposed(workspace, (dx.shape[1], dx.shape[0]))
     np.matmul(w.T, dy.T, out=dxt)
     transpose_into(dx, dxt)
 
 
-def linear_backward_weights(dw, db, dy, x, stream=None):
+def linear_backward_weights(dw, db, dy, x, workspace=None, stream=None):
     """dw (M,K) <- dy.T @ x, db (M,) <- dy.sum(0).  Both overwritten."""
     np.matmul(dy.T, x, out=dw)
     column_sums(db, dy)

@@ -265,7 +265,12 @@ def _check_sizes(n, m, k):
         raise ValueError("linear layer tensors must have fewer than 2**31 elements")
 
 
-def linear_forward(y, x, w, b, relu=False, stream=None):
+def linear_workspace_size(x_shape, w_shape):
+    """The GEMM kernels read and write the operands in place: 0."""
+    return 0
+
+
+def linear_forward(y, x, w, b, relu=False, workspace=None, stream=None):
     """y (N,M) = x (N,K) @ w (M,K).T + b (M,), ReLU'd when ``relu``; y is overwritten."""
     (n, k), (m, _) = _check_operands("x", x, "w", w)
     check_array("w", w, shape=(m, k))
@@ -285,7 +290,7 @@ def linear_forward(y, x, w, b, relu=False, stream=None):
             y_flat, b, m, int(bool(relu)))
 
 
-def linear_backward_data(dx, dy, w, stream=None):
+def linear_backward_data(dx, dy, w, workspace=None, stream=None):
     """dx (N,K) = dy (N,M) @ w (M,K); dx is overwritten."""
     (n, m), (_, k) = _check_operands("dy", dy, "w", w)
     check_array("w", w, shape=(m, k))
@@ -302,7 +307,7 @@ def linear_backward_data(dx, dy, w, stream=None):
         dx_flat, flat(dy), flat(w), flat(w), (n, m, k, 0, splits, k_split))
 
 
-def linear_backward_weights(dw, db, dy, x, stream=None):
+def linear_backward_weights(dw, db, dy, x, workspace=None, stream=None):
     """dw (M,K) = dy.T @ x and db (M,) = dy summed over the batch; both overwritten."""
     (n, m), (_, k) = _check_operands("dy", dy, "x", x)
     check_array("x", x, shape=(n, k))

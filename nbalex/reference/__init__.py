@@ -10,7 +10,8 @@ from .augment import augment_batch
 from .conv2d import (conv2d_backward_data, conv2d_backward_weights, conv2d_forward,
                      conv2d_workspace_size)
 from .dropout import dropout_backward, dropout_forward
-from .linear import linear_backward_data, linear_backward_weights, linear_forward
+from .linear import (linear_backward_data, linear_backward_weights, linear_forward,
+                     linear_workspace_size)
 from .lrn import lrn_backward, lrn_forward
 from .maxpool import maxpool_backward, maxpool_forward
 from .relu import relu_backward, relu_forward
@@ -21,7 +22,7 @@ __all__ = [
     "augment_batch",
     "conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights", "conv2d_workspace_size",
     "dropout_forward", "dropout_backward",
-    "linear_forward", "linear_backward_data", "linear_backward_weights",
+    "linear_forward", "linear_backward_data", "linear_backward_weights", "linear_workspace_size",
     "lrn_forward", "lrn_backward",
     "maxpool_forward", "maxpool_backward",
     "relu_forward", "relu_backward",

@@ -17,7 +17,12 @@ Gradients, given dy = dL/dy (N, M)::
 import numpy as np
 
 
-def linear_forward(y, x, w, b, relu=False, stream=None):
+def linear_workspace_size(x_shape, w_shape):
+    """The reference needs no caller-provided workspace: 0."""
+    return 0
+
+
+def linear_forward(y, x, w, b, relu=False, workspace=None, stream=None):
     """y (N,M) <- x @ w.T + b, then max(y, 0) if ``relu``.  y is overwritten."""
     np.matmul(x, w.T, out=y)
     y += b
@@ -25,12 +30,12 @@ def linear_forward(y, x, w, b, relu=False, stream=None):
         np.maximum(y, 0, out=y)
 
 
-def linear_backward_data(dx, dy, w, stream=None):
+def linear_backward_data(dx, dy, w, workspace=None, stream=None):
     """dx (N,K) <- dy @ w.  dx is overwritten."""
     np.matmul(dy, w, out=dx)
 
 
-def linear_backward_weights(dw, db, dy, x, stream=None):
+def linear_backward_weights(dw, db, dy, x, workspace=None, stream=None):
     """dw (M,K) <- dy.T @ x and db (M,) <- dy summed over the batch.  Both overwritten."""
     np.matmul(dy.T, x, out=dw)
     db[...] = dy.sum(axis=0)
