@@ -260,7 +260,7 @@ def train(ctx, data, val, model, epochs, batch_size, lr, momentum, weight_decay,
               help='Print one JSON object {"top1_error", "top5_error", "loss", "images"}.')
 def evaluate(checkpoint, data, ten_crop, batch_size, backend, workers, as_json):
     """Top-1 and top-5 error and the mean loss of a checkpoint on packed data."""
-    from nbalex.train import evaluate_checkpoint
+    from nbalex.inference import evaluate_checkpoint
     batch_size = batch_size or (12 if ten_crop else 128)
     scores = evaluate_checkpoint(checkpoint, data, ten_crop=ten_crop, batch_size=batch_size,
                                  backend=backend, workers=workers, progress=not as_json)
@@ -285,7 +285,7 @@ def evaluate(checkpoint, data, ten_crop, batch_size, backend, workers, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one entry per image.")
 def predict(checkpoint, images, top, backend, as_json):
     """The most likely classes of image files, with their probabilities."""
-    from nbalex.train import predict as run_predict
+    from nbalex.inference import predict as run_predict
     results = run_predict(checkpoint, list(images), top=top, backend=backend)
     if as_json:
         click.echo(json.dumps(results))

@@ -1,4 +1,4 @@
-"""The training loop behind ``nbalex train``, and evaluation behind ``nbalex eval``.
+"""The training loop behind ``nbalex train`` (evaluation and prediction: :mod:`nbalex.inference`).
 
 A run lives in one folder (``RUN_DIR``):
 
@@ -21,7 +21,6 @@ current step (or validation batch), the position is saved and :class:`Interrupte
 raised; a second Ctrl-C stops at once without saving.
 """
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nbalex import inference, runtime
 from nbalex.backends import mix32
 
 CHECKPOINT = "checkpoint.h5"
@@ -85,88 +85,16 @@ def step_seed(seed, epoch, step):
     return mix32(mix32(mix32(seed) ^ (epoch + 1)) ^ (step + 1))
 
 
-def _host(array):
-    """A NumPy view of ``array`` (copied from the GPU when it is a device array)."""
-    if hasattr(array, "copy_to_host"):
-        return array.copy_to_host()
-    return np.asarray(array)
-
-
-# ---------------------------------------------------------------------------- evaluation
-class Scores:
-    """Running top-1/top-5 error and cross-entropy over batches of class probabilities."""
-
-    def __init__(self):
-        self.images = 0
-        self.loss_sum = 0.0
-        self.top1_wrong = 0
-        self.top5_wrong = 0
-
-    def add(self, probs, labels):
-        """Count a batch: ``probs`` (N, K) rows summing to 1, ``labels`` (N,) ints."""
-        probs = np.asarray(probs, dtype=np.float64)
-        labels = np.asarray(labels, dtype=np.int64)
-        rows = np.arange(len(labels))
-        picked = probs[rows, labels]
-        self.loss_sum += float(-np.log(np.maximum(picked, 1e-30)).sum())
-        # rank = how many other classes score at least as high as the true one (a tie is an
-        # error: a network whose outputs are all equal must not look perfect)
-        rank = (probs >= picked[:, None]).sum(axis=1) - 1
-        self.top1_wrong += int((rank >= 1).sum())
-        self.top5_wrong += int((rank >= 5).sum())
-        self.images += len(labels)
-
-    def result(self):
-        n = max(self.images, 1)
-        return {"top1_error": self.top1_wrong / n, "top5_error": self.top5_wrong / n,
-                "loss": self.loss_sum / n, "images": self.images}
-
-
-def softmax(logits):
-    """Row-wise softmax in float64 (N, K) -> (N, K)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def evaluate(net, loader, ten_crop=False, should_stop=None, progress=False, desc="eval"):
-    """Top-1/top-5 error and mean loss of ``net`` over one pass of ``loader``.
-
-    With ``ten_crop`` the loader yields 10 views per image (rows i*10 .. i*10+9 belong to
-    image i) and the softmax is averaged over them.  ``should_stop()`` is polled after every
-    batch; when it says yes the pass is abandoned and ``None`` is returned.
-    """
-    scores = Scores()
-    with _bar(progress, getattr(loader, "batches_per_epoch", None), desc, unit="batch") as bar:
-        for x, labels in loader.epoch(0):
-            probs = softmax(_host(net.forward(x, train=False)))
-            labels = _host(labels)
-            if ten_crop:
-                probs = probs.reshape(len(labels), 10, -1).mean(axis=1)
-            scores.add(probs, labels)
-            bar.update(1)
-            if should_stop is not None and should_stop():
-                return None
-    return scores.result()
-
-
 # ----------------------------------------------------------------------------- helpers
-def _bar(enabled, total, desc, initial=0, unit="batch"):
-    """A tqdm progress bar on stderr, or a do-nothing stand-in."""
-    if not enabled:
-        return contextlib.nullcontext(_NoBar())
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr,
-                leave=False, dynamic_ncols=True)
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, *args, **kwargs):
-        pass
+def _check_same_model(model, config_text, path):
+    """Raise ValueError when ``--model`` (name or path; None = not given) is not the config in
+    the checkpoint at ``path``."""
+    if model is None:
+        return
+    from nbalex.config import resolve_source
+    if resolve_source(model)[0].strip() != str(config_text).strip():
+        raise ValueError(f"--model {model} is not the model of the run in {path}; leave "
+                         f"--model out to resume it, or start a new --out folder")
 
 
 class _StopRequest:
@@ -211,88 +139,6 @@ class _StopRequest:
 
     def __call__(self):
         return self.requested
-
-
-def build_net(config, backend="auto", batch_size=128, gpus=(0,), seed=0):
-    """A :class:`nbalex.model.Net`, after checking that its buffers fit on the GPU.
-
-    ``config`` is a model name, a TOML path, or TOML text from a checkpoint.
-    """
-    from nbalex import model
-    from nbalex.backends import resolve
-    backend = resolve(backend)
-    if backend == "cuda":
-        _check_fits_on_gpu(config, batch_size, gpus)
-    return model.Net(config, backend=backend, batch_size=batch_size, gpus=tuple(gpus), seed=seed)
-
-
-def _check_fits_on_gpu(config, batch_size, gpus):
-    """Raise ValueError when a tower's arena for ``batch_size`` exceeds its GPU's free memory."""
-    from numba import config as numba_config
-    if numba_config.ENABLE_CUDASIM:
-        return
-    from numba import cuda
-    from nbalex import model
-    from nbalex.config import load_config
-    specs = load_config(config)[2]
-    need = model.arena_bytes(specs, batch_size, "cuda", towers=len(gpus))[0]
-    for gpu in sorted(set(gpus)):
-        with cuda.gpus[gpu]:
-            free, _total = cuda.current_context().get_memory_info()
-        towers_here = list(gpus).count(gpu)
-        if need * towers_here > free:
-            raise ValueError(f"batch size {batch_size} needs {need * towers_here / 2**30:.2f} GiB "
-                             f"on GPU {gpu}, which has {free / 2**30:.2f} GiB free; try a "
-                             f"smaller --batch-size")
-
-
-def _check_data(net, dataset, path, classes=None):
-    """Raise ValueError when a packed dataset does not fit the network (or the class list)."""
-    if len(dataset.classes) != net.num_classes:
-        raise ValueError(f"{path} has {len(dataset.classes)} classes but the model "
-                         f"{net.name} has {net.num_classes} outputs")
-    if dataset.image_size < net.input_size:
-        raise ValueError(f"{path} holds {dataset.image_size}px images, smaller than the "
-                         f"model's {net.input_size}px input; pack it with a larger --size")
-    if classes is not None and list(dataset.classes) != list(classes):
-        raise ValueError(f"{path} has different classes from the training data "
-                         f"(pack it with --classes-from TRAIN.h5)")
-
-
-def _check_same_model(model, config_text, path):
-    """Raise ValueError when ``--model`` (name or path; None = not given) is not the config in
-    the checkpoint at ``path``."""
-    if model is None:
-        return
-    from nbalex.config import resolve_source
-    if resolve_source(model)[0].strip() != str(config_text).strip():
-        raise ValueError(f"--model {model} is not the model of the run in {path}; leave "
-                         f"--model out to resume it, or start a new --out folder")
-
-
-def _tower(net):
-    """Where the loader puts batches for ``net``: None on the host backends; on CUDA the
-    first tower's streams (so augmentation is ordered before the network's kernels) with
-    buffers of the loader's own, since the network's arena is sized for the network alone."""
-    towers = getattr(net, "towers", None)
-    return _LoaderTower(towers[0]) if towers else None
-
-
-class _LoaderTower:
-    """A tower's compute and copy streams plus an ``arena.alloc`` that allocates on its GPU.
-
-    The loader allocates its few device buffers once, when it is built, never per batch.
-    """
-
-    def __init__(self, tower):
-        self.tower = tower
-        self.compute_stream, self.copy_stream = tower.compute_stream, tower.copy_stream
-        self.arena = self
-
-    def alloc(self, shape, dtype=np.float32, name=None):
-        from numba import cuda
-        with self.tower.activate():
-            return cuda.device_array(shape, dtype)
 
 
 # ------------------------------------------------------------------------------ training
@@ -344,7 +190,7 @@ def train(data, val, out, settings, epochs, *, backend="auto", gpus=(0,), resume
     if run.epoch >= epochs:
         report(f"nothing to do: {out} already holds {run.epoch} epochs (--epochs {epochs})")
         return {"epochs": run.epoch, "history": run.history, "checkpoint": str(run.path)}
-    loader_args = dict(backend=backend, seed=settings.seed, workers=workers, tower=_tower(net))
+    loader_args = dict(backend=backend, seed=settings.seed, workers=workers, tower=runtime.loader_tower(net))
     with Loader(data, settings.batch_size, net.input_size, train=True, **loader_args) as train_loader, \
             Loader(val, settings.batch_size, net.input_size, train=False, view="center",
                    drop_last=False, mean=train_loader.mean, **loader_args) as val_loader, \
@@ -361,7 +207,7 @@ def train(data, val, out, settings, epochs, *, backend="auto", gpus=(0,), resume
                 _train_epoch(net, train_loader, run, steps, stop, progress,
                              f"epoch {run.epoch + 1}/{epochs}")
                 run.totals["train_seconds"] += time.perf_counter() - started
-                scores = None if stop() else evaluate(
+                scores = None if stop() else inference.evaluate(
                     net, val_loader, should_stop=stop, progress=progress,
                     desc=f"validate {run.epoch + 1}")
                 if scores is None:
@@ -424,10 +270,10 @@ class _Run:
                                  f"or choose another --out")
             record = {"history": [], "epoch_totals": _fresh_epoch(), "schedule": None}
             config = settings.model
-        net = build_net(config, backend, settings.batch_size, gpus, settings.seed)
+        net = runtime.build_net(config, backend, settings.batch_size, gpus, settings.seed)
         with H5Dataset(data) as train_set, H5Dataset(val) as val_set:
-            _check_data(net, train_set, data)
-            _check_data(net, val_set, val, classes=train_set.classes)
+            runtime.check_data(net, train_set, data)
+            runtime.check_data(net, val_set, val, classes=train_set.classes)
             classes = [str(c) for c in train_set.classes]
             mean = np.asarray(train_set.mean, dtype=np.float32)
         if state is not None:
@@ -476,7 +322,7 @@ def _train_epoch(net, loader, run, steps, stop, progress, desc):
     Stops early when ``stop()`` becomes true between steps.
     """
     settings, epoch = run.settings, run.epoch
-    with _bar(progress, steps, desc, initial=run.step) as bar:
+    with runtime.progress_bar(progress, steps, desc, initial=run.step) as bar:
         tick = time.perf_counter()
         for x, labels in loader.epoch(epoch, start_batch=run.step):
             loss = float(net.forward_backward(x, labels, train=True,
@@ -512,92 +358,6 @@ def _extra_text(value):
     if isinstance(value, np.ndarray):
         return _extra_text(value[()] if value.ndim == 0 else value.item())
     return str(value)
-
-
-# ----------------------------------------------------------------------------- inference
-def load_checkpoint(path, backend="auto", batch_size=1, gpus=(0,)):
-    """(net, state): the network saved in checkpoint ``path`` with its parameters loaded."""
-    from nbalex import checkpoint
-    state = checkpoint.load(path)
-    net = build_net(state["config_text"], backend, batch_size, gpus, int(state.get("seed", 0)))
-    net.load_params(state["params"])
-    return net, state
-
-
-def evaluate_checkpoint(checkpoint_path, data, *, ten_crop=False, batch_size=128,
-                        backend="auto", gpus=(0,), workers=2, progress=True):
-    """Top-1/top-5 error and loss of a checkpoint on packed ``data`` (centre crop or 10 crops).
-
-    Returns {"top1_error", "top5_error", "loss", "images"}.
-    """
-    from nbalex.backends import resolve
-    from nbalex.io.dataset import H5Dataset
-    from nbalex.io.loader import Loader
-    backend = resolve(backend)
-    views = 10 if ten_crop else 1
-    net, state = load_checkpoint(checkpoint_path, backend, batch_size * views, gpus)
-    classes = (state.get("extra") or {}).get("classes")
-    with H5Dataset(data) as dataset:
-        _check_data(net, dataset, data, classes=_extra_list(classes))
-    with Loader(data, batch_size, net.input_size, backend=backend, train=False, seed=0,
-                workers=workers, tower=_tower(net), view="ten" if ten_crop else "center",
-                drop_last=False, mean=_training_mean(state)) as loader:
-        return evaluate(net, loader, ten_crop=ten_crop, progress=progress)
-
-
-def _training_mean(state):
-    """The training set's mean image stored in a checkpoint, or None (the file's own mean)."""
-    mean = (state.get("extra") or {}).get("mean")
-    return None if mean is None else np.asarray(mean, np.float32)
-
-
-def predict(checkpoint_path, images, *, top=5, backend="auto", batch_size=16):
-    """Class probabilities of image files, prepared as the packer and centre crop do.
-
-    Needs only the checkpoint: its ``extra`` holds the class names and the training mean.
-    Returns one dict per image: {"image", "top": [{"class", "index", "probability"}, ...]}.
-    """
-    from nbalex.io.pack import load_and_resize
-    batch_size = max(1, min(batch_size, len(images)))
-    net, state = load_checkpoint(checkpoint_path, backend, batch_size)
-    extra = state.get("extra") or {}
-    if "classes" not in extra or "mean" not in extra:
-        raise ValueError(f"{checkpoint_path} has no class list or mean image "
-                         f"(it was not written by `nbalex train`)")
-    classes = _extra_list(extra["classes"])
-    mean = np.asarray(extra["mean"], dtype=np.float32)
-    size, crop = mean.shape[0], net.input_size
-    top = max(1, min(top, len(classes)))
-    results = []
-    for first in range(0, len(images), batch_size):
-        paths = images[first:first + batch_size]
-        x = np.stack([_centre_crop_input(load_and_resize(p, size), mean, crop) for p in paths])
-        probs = softmax(_host(net.forward(x, train=False)))
-        for path, row in zip(paths, probs):
-            best = np.argsort(-row, kind="stable")[:top]
-            results.append({"image": str(path), "top": [
-                {"class": classes[i], "index": int(i), "probability": float(row[i])}
-                for i in best]})
-    return results
-
-
-def _centre_crop_input(image, mean, crop):
-    """uint8 (S,S,3) image -> float32 (3,crop,crop) centre crop with the mean's crop removed."""
-    image = np.asarray(image)
-    if image.shape != mean.shape:
-        raise ValueError(f"resized image has shape {image.shape}, the mean image {mean.shape}")
-    y = (image.shape[0] - crop) // 2
-    x = (image.shape[1] - crop) // 2
-    window = (slice(y, y + crop), slice(x, x + crop))
-    centred = image[window].astype(np.float32) - mean[window]
-    return np.ascontiguousarray(centred.transpose(2, 0, 1))
-
-
-def _extra_list(value):
-    """A list of strings stored in a checkpoint's ``extra`` (None stays None)."""
-    if value is None:
-        return None
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in value]
 
 
 # ----------------------------------------------------------------------------- schedule

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from nbalex import plots
+from nbalex import inference
 from nbalex import train as training
 
 TINY = str(Path(__file__).parent / "configs" / "cli-tiny.toml")
@@ -23,7 +24,7 @@ TINY = str(Path(__file__).parent / "configs" / "cli-tiny.toml")
 def test_scores_match_a_sort_based_top_k(rng):
     probs = rng.dirichlet(np.ones(7), size=200)
     labels = rng.integers(0, 7, size=200)
-    scores = training.Scores()
+    scores = inference.Scores()
     scores.add(probs[:120], labels[:120])
     scores.add(probs[120:], labels[120:])
     result = scores.result()
@@ -36,7 +37,7 @@ def test_scores_match_a_sort_based_top_k(rng):
 
 
 def test_scores_count_ties_against_the_true_class():
-    scores = training.Scores()
+    scores = inference.Scores()
     scores.add(np.full((2, 6), 1 / 6), np.array([0, 5]))
     assert scores.result()["top1_error"] == 1.0 and scores.result()["top5_error"] == 1.0
     scores.add(np.array([[0.5, 0.1, 0.1, 0.1, 0.1, 0.1]]), np.array([1]))
@@ -45,9 +46,9 @@ def test_scores_count_ties_against_the_true_class():
 
 def test_softmax_rows_sum_to_one_and_ignore_shifts(rng):
     logits = rng.normal(size=(5, 9)) * 30
-    probs = training.softmax(logits)
+    probs = inference.softmax(logits)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-12)
-    np.testing.assert_allclose(training.softmax(logits + 1000.0), probs, rtol=1e-9)
+    np.testing.assert_allclose(inference.softmax(logits + 1000.0), probs, rtol=1e-9)
     assert np.all(np.argmax(probs, axis=1) == np.argmax(logits, axis=1))
 
 

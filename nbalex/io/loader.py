@@ -281,7 +281,7 @@ class Loader:
 
     def _host_batches(self, order, epoch, start):
         filled = self._filled_slots(order, start)
-        ds, c, v = self.dataset, self.crop_size, self.views
+        ds, v = self.dataset, self.views
         try:
             for batch, slot, indices in filled:
                 n = len(indices)

@@ -1,0 +1,153 @@
+"""Evaluation and prediction behind ``nbalex eval`` and ``nbalex predict``.
+
+A checkpoint written by ``nbalex train`` holds everything they need: the network's
+configuration and parameters, and in its ``extra`` the class names and the training set's
+mean image (subtracted from every image evaluated or predicted, as in training).
+"""
+
+import numpy as np
+
+from nbalex import runtime
+
+
+class Scores:
+    """Running top-1/top-5 error and cross-entropy over batches of class probabilities."""
+
+    def __init__(self):
+        self.images = 0
+        self.loss_sum = 0.0
+        self.top1_wrong = 0
+        self.top5_wrong = 0
+
+    def add(self, probs, labels):
+        """Count a batch: ``probs`` (N, K) rows summing to 1, ``labels`` (N,) ints."""
+        probs = np.asarray(probs, dtype=np.float64)
+        labels = np.asarray(labels, dtype=np.int64)
+        rows = np.arange(len(labels))
+        picked = probs[rows, labels]
+        self.loss_sum += float(-np.log(np.maximum(picked, 1e-30)).sum())
+        # rank = how many other classes score at least as high as the true one (a tie is an
+        # error: a network whose outputs are all equal must not look perfect)
+        rank = (probs >= picked[:, None]).sum(axis=1) - 1
+        self.top1_wrong += int((rank >= 1).sum())
+        self.top5_wrong += int((rank >= 5).sum())
+        self.images += len(labels)
+
+    def result(self):
+        n = max(self.images, 1)
+        return {"top1_error": self.top1_wrong / n, "top5_error": self.top5_wrong / n,
+                "loss": self.loss_sum / n, "images": self.images}
+
+
+def softmax(logits):
+    """Row-wise softmax in float64 (N, K) -> (N, K)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def evaluate(net, loader, ten_crop=False, should_stop=None, progress=False, desc="eval"):
+    """Top-1/top-5 error and mean loss of ``net`` over one pass of ``loader``.
+
+    With ``ten_crop`` the loader yields 10 views per image (rows i*10 .. i*10+9 belong to
+    image i) and the softmax is averaged over them.  ``should_stop()`` is polled after every
+    batch; when it says yes the pass is abandoned and ``None`` is returned.
+    """
+    scores = Scores()
+    with runtime.progress_bar(progress, getattr(loader, "batches_per_epoch", None), desc, unit="batch") as bar:
+        for x, labels in loader.epoch(0):
+            probs = softmax(runtime.to_host(net.forward(x, train=False)))
+            labels = runtime.to_host(labels)
+            if ten_crop:
+                probs = probs.reshape(len(labels), 10, -1).mean(axis=1)
+            scores.add(probs, labels)
+            bar.update(1)
+            if should_stop is not None and should_stop():
+                return None
+    return scores.result()
+
+
+def load_checkpoint(path, backend="auto", batch_size=1, gpus=(0,)):
+    """(net, state): the network saved in checkpoint ``path`` with its parameters loaded."""
+    from nbalex import checkpoint
+    state = checkpoint.load(path)
+    net = runtime.build_net(state["config_text"], backend, batch_size, gpus, int(state.get("seed", 0)))
+    net.load_params(state["params"])
+    return net, state
+
+
+def evaluate_checkpoint(checkpoint_path, data, *, ten_crop=False, batch_size=128,
+                        backend="auto", gpus=(0,), workers=2, progress=True):
+    """Top-1/top-5 error and loss of a checkpoint on packed ``data`` (centre crop or 10 crops).
+
+    Returns {"top1_error", "top5_error", "loss", "images"}.
+    """
+    from nbalex.backends import resolve
+    from nbalex.io.dataset import H5Dataset
+    from nbalex.io.loader import Loader
+    backend = resolve(backend)
+    views = 10 if ten_crop else 1
+    net, state = load_checkpoint(checkpoint_path, backend, batch_size * views, gpus)
+    classes = (state.get("extra") or {}).get("classes")
+    with H5Dataset(data) as dataset:
+        runtime.check_data(net, dataset, data, classes=_extra_list(classes))
+    with Loader(data, batch_size, net.input_size, backend=backend, train=False, seed=0,
+                workers=workers, tower=runtime.loader_tower(net), view="ten" if ten_crop else "center",
+                drop_last=False, mean=_training_mean(state)) as loader:
+        return evaluate(net, loader, ten_crop=ten_crop, progress=progress)
+
+
+def _training_mean(state):
+    """The training set's mean image stored in a checkpoint, or None (the file's own mean)."""
+    mean = (state.get("extra") or {}).get("mean")
+    return None if mean is None else np.asarray(mean, np.float32)
+
+
+def predict(checkpoint_path, images, *, top=5, backend="auto", batch_size=16):
+    """Class probabilities of image files, prepared as the packer and centre crop do.
+
+    Needs only the checkpoint: its ``extra`` holds the class names and the training mean.
+    Returns one dict per image: {"image", "top": [{"class", "index", "probability"}, ...]}.
+    """
+    from nbalex.io.pack import load_and_resize
+    batch_size = max(1, min(batch_size, len(images)))
+    net, state = load_checkpoint(checkpoint_path, backend, batch_size)
+    extra = state.get("extra") or {}
+    if "classes" not in extra or "mean" not in extra:
+        raise ValueError(f"{checkpoint_path} has no class list or mean image "
+                         f"(it was not written by `nbalex train`)")
+    classes = _extra_list(extra["classes"])
+    mean = np.asarray(extra["mean"], dtype=np.float32)
+    size, crop = mean.shape[0], net.input_size
+    top = max(1, min(top, len(classes)))
+    results = []
+    for first in range(0, len(images), batch_size):
+        paths = images[first:first + batch_size]
+        x = np.stack([_centre_crop_input(load_and_resize(p, size), mean, crop) for p in paths])
+        probs = softmax(runtime.to_host(net.forward(x, train=False)))
+        for path, row in zip(paths, probs):
+            best = np.argsort(-row, kind="stable")[:top]
+            results.append({"image": str(path), "top": [
+                {"class": classes[i], "index": int(i), "probability": float(row[i])}
+                for i in best]})
+    return results
+
+
+def _centre_crop_input(image, mean, crop):
+    """uint8 (S,S,3) image -> float32 (3,crop,crop) centre crop with the mean's crop removed."""
+    image = np.asarray(image)
+    if image.shape != mean.shape:
+        raise ValueError(f"resized image has shape {image.shape}, the mean image {mean.shape}")
+    y = (image.shape[0] - crop) // 2
+    x = (image.shape[1] - crop) // 2
+    window = (slice(y, y + crop), slice(x, x + crop))
+    centred = image[window].astype(np.float32) - mean[window]
+    return np.ascontiguousarray(centred.transpose(2, 0, 1))
+
+
+def _extra_list(value):
+    """A list of strings stored in a checkpoint's ``extra`` (None stays None)."""
+    if value is None:
+        return None
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in value]

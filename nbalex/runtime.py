@@ -1,0 +1,105 @@
+"""What training, evaluation and prediction share: a network that fits on its GPUs, a
+dataset checked against it, where the loader puts its batches, and progress bars.
+"""
+
+import contextlib
+import sys
+
+import numpy as np
+
+
+def to_host(array):
+    """A NumPy view of ``array`` (copied from the GPU when it is a device array)."""
+    if hasattr(array, "copy_to_host"):
+        return array.copy_to_host()
+    return np.asarray(array)
+
+
+def progress_bar(enabled, total, desc, initial=0, unit="batch"):
+    """A tqdm progress bar on stderr, or a do-nothing stand-in."""
+    if not enabled:
+        return contextlib.nullcontext(NoBar())
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr,
+                leave=False, dynamic_ncols=True)
+
+
+class NoBar:
+    """What the loops call on a progress bar, doing nothing (no progress shown)."""
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+
+def build_net(config, backend="auto", batch_size=128, gpus=(0,), seed=0):
+    """A :class:`nbalex.model.Net`, after checking that its buffers fit on the GPU.
+
+    ``config`` is a model name, a TOML path, or TOML text from a checkpoint.
+    """
+    from nbalex import model
+    from nbalex.backends import resolve
+    backend = resolve(backend)
+    if backend == "cuda":
+        _check_fits_on_gpu(config, batch_size, gpus)
+    return model.Net(config, backend=backend, batch_size=batch_size, gpus=tuple(gpus), seed=seed)
+
+
+def _check_fits_on_gpu(config, batch_size, gpus):
+    """Raise ValueError when a tower's arena for ``batch_size`` exceeds its GPU's free memory."""
+    from numba import config as numba_config
+    if numba_config.ENABLE_CUDASIM:
+        return
+    from numba import cuda
+    from nbalex import model
+    from nbalex.config import load_config
+    specs = load_config(config)[2]
+    need = model.arena_bytes(specs, batch_size, "cuda", towers=len(gpus))[0]
+    for gpu in sorted(set(gpus)):
+        with cuda.gpus[gpu]:
+            free, _total = cuda.current_context().get_memory_info()
+        towers_here = list(gpus).count(gpu)
+        if need * towers_here > free:
+            raise ValueError(f"batch size {batch_size} needs {need * towers_here / 2**30:.2f} GiB "
+                             f"on GPU {gpu}, which has {free / 2**30:.2f} GiB free; try a "
+                             f"smaller --batch-size")
+
+
+def check_data(net, dataset, path, classes=None):
+    """Raise ValueError when a packed dataset does not fit the network (or the class list)."""
+    if len(dataset.classes) != net.num_classes:
+        raise ValueError(f"{path} has {len(dataset.classes)} classes but the model "
+                         f"{net.name} has {net.num_classes} outputs")
+    if dataset.image_size < net.input_size:
+        raise ValueError(f"{path} holds {dataset.image_size}px images, smaller than the "
+                         f"model's {net.input_size}px input; pack it with a larger --size")
+    if classes is not None and list(dataset.classes) != list(classes):
+        raise ValueError(f"{path} has different classes from the training data "
+                         f"(pack it with --classes-from TRAIN.h5)")
+
+
+def loader_tower(net):
+    """Where the loader puts batches for ``net``: None on the host backends; on CUDA the
+    first tower's streams (so augmentation is ordered before the network's kernels) with
+    buffers of the loader's own, since the network's arena is sized for the network alone."""
+    towers = getattr(net, "towers", None)
+    return LoaderTower(towers[0]) if towers else None
+
+
+class LoaderTower:
+    """A tower's compute and copy streams plus an ``arena.alloc`` that allocates on its GPU.
+
+    The loader allocates its few device buffers once, when it is built, never per batch.
+    """
+
+    def __init__(self, tower):
+        self.tower = tower
+        self.compute_stream, self.copy_stream = tower.compute_stream, tower.copy_stream
+        self.arena = self
+
+    def alloc(self, shape, dtype=np.float32, name=None):
+        from numba import cuda
+        with self.tower.activate():
+            return cuda.device_array(shape, dtype)
