@@ -12,7 +12,8 @@
 #   3. python bench/write_results.py: bench/results/gpu-<card>-<date>.md and a short summary.
 # Each step has a time limit and its exit status is recorded; a failing step never stops
 # the others. Everything fits in NBALEX_SUITE_BUDGET seconds (default 535). Raw outputs go
-# to bench/results/raw/; with COPY_TO_DIR they and the markdown file are copied there too.
+# to bench/results/raw/; with COPY_TO_DIR the markdown file, steps.tsv, pytest.log and
+# raw.tar.gz (everything in bench/results/raw) are copied there.
 # NBALEX_SUITE_SKIP="tests,train" skips the steps named (tests, static, kernels-conv,
 # kernels-rest, sgemm, train).
 
@@ -110,8 +111,12 @@ except Exception:
 EOF
 
 # ---------------------------------------------------------------- the steps
-run_step tests 150 "$RAW/pytest.log" "$PY" -m pytest -q -p no:cacheprovider tests
-run_step static 45 "$RAW/static.json" "${NBALEX[@]}" bench static --json
+# pytest-xdist, when installed, spreads the test files over 4 processes (kernels compile
+# per process, so more workers mostly compile more)
+XDIST=()
+"$PY" -c "import xdist" 2> /dev/null && XDIST=(-n 4)
+run_step tests 150 "$RAW/pytest.log" "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests
+run_step static 60 "$RAW/static.json" "${NBALEX[@]}" bench static --json
 run_step kernels-conv 90 "$RAW/kernels-conv.json" \
     "${NBALEX[@]}" bench kernels --backend cuda --repeats 5 --layer conv1,conv2,conv3,conv4,conv5 --json
 run_step kernels-rest 90 "$RAW/kernels-rest.json" \
@@ -125,9 +130,10 @@ run_step train 90 "$RAW/train.json" "${NBALEX[@]}" bench train --steps 5 --warmu
 rc=$?
 # exit status 1 when any step was not ok (skipped steps included)
 awk -F'\t' 'NR > 1 && $2 !~ /^ok/ {bad = 1} END {exit bad ? 0 : 1}' "$STEPS" && rc=1
-if [ $# -ge 1 ]; then
+if [ $# -ge 1 ]; then   # four files: the table, the step list, the test log, the rest bundled
     mkdir -p "$1"
-    cp "$RAW"/* "$1"/ 2>/dev/null
     cp "$(cat "$RAW/results_path.txt" 2>/dev/null)" "$1"/ 2>/dev/null
+    cp "$STEPS" "$RAW/pytest.log" "$1"/ 2>/dev/null
+    tar -czf "$1/raw.tar.gz" -C "$(dirname "$RAW")" "$(basename "$RAW")"
 fi
 exit $rc

@@ -255,15 +255,29 @@ def cuda_modules():
     return [importlib.import_module(f"nbalex.cuda.{n}") for n in names if n != "static"]
 
 
-def analyze_all():
-    """:func:`analyze` over ``STATIC_SIGNATURES`` of every module that defines it."""
+def _analyze_entry(module_name, index):
+    """:func:`analyze` of entry ``index`` of ``module_name``'s ``STATIC_SIGNATURES`` (one row)."""
+    module = importlib.import_module(module_name)
+    return analyze([module.STATIC_SIGNATURES[index]], module=module)[0]
+
+
+def analyze_all(jobs=None):
+    """:func:`analyze` over ``STATIC_SIGNATURES`` of every module that defines it.
+
+    Kernels compile one by one (NVVM, ptxas and cuobjdump are single-threaded), so they are
+    spread over ``jobs`` processes (default: one per CPU core); rows keep module order.
+    """
     _check_not_simulator()
-    results = []
-    for module in cuda_modules():
-        entries = getattr(module, "STATIC_SIGNATURES", None)
-        if entries:
-            results.extend(analyze(entries, module=module))
-    return results
+    tasks = [(module.__name__, i) for module in cuda_modules()
+             for i in range(len(getattr(module, "STATIC_SIGNATURES", None) or ()))]
+    jobs = min(len(tasks), jobs or os.cpu_count() or 1)
+    if jobs <= 1:
+        return [_analyze_entry(name, i) for name, i in tasks]
+    import concurrent.futures
+    import multiprocessing
+    with concurrent.futures.ProcessPoolExecutor(
+            jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_analyze_entry, *zip(*tasks)))
 
 
 def format_table(rows):
@@ -285,9 +299,11 @@ def main(argv=None):
         description="Compile every nbalex CUDA kernel for sm_90 and report registers, spills, "
                     "shared memory, occupancy and the GEMM main loop's FFMA share.")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="compiler processes (default: one per CPU core)")
     args = parser.parse_args(argv)
     try:
-        rows = analyze_all()
+        rows = analyze_all(args.jobs)
     except (RuntimeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
