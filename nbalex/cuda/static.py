@@ -71,7 +71,8 @@ def _check_not_simulator():
 
 
 def find_tool(name):
-    """Path of ``ptxas`` or ``cuobjdump``: the pip NVIDIA packages first, then PATH."""
+    """Path of ``ptxas``, ``cuobjdump`` or ``nvdisasm``: the pip NVIDIA packages first, then
+    PATH, then the toolkit in $CUDA_HOME, $CUDA_PATH or /usr/local/cuda."""
     candidates = []
     try:
         import nvidia
@@ -86,6 +87,10 @@ def find_tool(name):
     found = shutil.which(name)
     if found:
         return found
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        path = os.path.join(home, "bin", name) if home else ""
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
     raise FileNotFoundError(
         f"{name} not found: install the CUDA 13 pieces (pip install 'numba-cuda[cu13]' "
         f"nvidia-cuda-nvcc nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm, the same version as "
