@@ -119,11 +119,19 @@ def cuda_available():
 
 
 def resolve(name):
-    """Map ``auto`` to ``cuda`` when a GPU is present, else ``cpu``; check the name."""
+    """Map ``auto`` to ``cuda`` when a GPU is present, else ``cpu``; check the name.
+
+    Asking for ``cuda`` where no GPU is usable (and the simulator is off) is a ValueError
+    that says so, rather than a driver error at the first kernel launch.
+    """
     if name in (None, "auto"):
         return "cuda" if cuda_available() else "cpu"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: choose one of auto, {', '.join(BACKENDS)}")
+    if name == "cuda" and not cuda_available():
+        raise ValueError("backend cuda needs an NVIDIA GPU with its driver, and none is usable "
+                         "here; use --backend cpu (or set NUMBA_ENABLE_CUDASIM=1 for the "
+                         "simulator)")
     return name
 
 

@@ -38,6 +38,13 @@ def test_auto_resolves_to_an_existing_backend():
         backends.resolve("tpu")
 
 
+def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(backends, "cuda_available", lambda: False)
+    assert backends.resolve("auto") == "cpu"
+    with pytest.raises(ValueError, match="backend cuda needs an NVIDIA GPU.*--backend cpu"):
+        backends.resolve("cuda")
+
+
 def test_dropout_rule_keeps_about_one_minus_p():
     keep = np.array([backends.dropout_keep(7, i, 0.3) for i in range(20000)])
     assert abs(keep.mean() - 0.7) < 0.02
