@@ -7,8 +7,7 @@ Two tables:
    LocalResponseNorm per group, autograd for the backward), the median of ``--repeats`` runs
    after a warm-up, and the ratio torch/nbalex (> 1: nbalex is faster);
 2. end to end: training images/s (forward + backward + SGD step) and inference images/s for
-   each ``--model``, nbalex's ``Net`` (or, when ``nbalex.model`` is not usable, the same
-   launchers chained layer by layer here) beside a PyTorch ``nn.Sequential`` + ``torch.optim.SGD``.
+   each ``--model``, nbalex's ``Net`` beside a PyTorch ``nn.Sequential`` + ``torch.optim.SGD``.
 
 Usage::
 
@@ -45,6 +44,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from nbalex.config import load_config  # noqa: E402
+from nbalex.model import Net  # noqa: E402
 from nbalex.cpu import (conv2d, dropout, linear, lrn, maxpool, relu, sgd,  # noqa: E402
                         softmax_xent)
 
@@ -165,8 +165,9 @@ def interleaved_ms(fns, repeats, warmup=1):
 # --------------------------------------------------------------------------- nbalex, chained
 
 class Chain:
-    """The config's layers over nbalex's CPU launchers, buffers allocated once (a stand-in for
-    ``nbalex.model.Net`` that also exposes each layer's forward/backward for timing)."""
+    """The config's layers over nbalex's CPU launchers, buffers allocated once: what
+    ``nbalex.model.Net`` runs, with each layer's forward and backward callable on its own
+    for the per-layer table."""
 
     def __init__(self, specs, batch, rng):
         self.specs, self.n = specs, batch
@@ -191,6 +192,8 @@ class Chain:
         ws = [conv2d.conv2d_workspace_size((batch, *s.in_shape), s.params[0].shape,
                                            s["stride"], s["pad"], s["groups"])
               for s in specs if s.type == "conv"]
+        ws += [linear.linear_workspace_size((batch, int(np.prod(s.in_shape))), s.params[0].shape)
+               for s in specs if s.type == "fc"]
         self.workspace = np.empty(max(ws + [0]), np.float32)
         self.acts = [np.zeros((batch, *s.out_shape), np.float32) for s in specs]
         self.grads_in = [np.zeros((batch, *s.in_shape), np.float32) for s in specs]
@@ -222,7 +225,8 @@ class Chain:
                                   workspace=self.workspace)
         elif s.type == "fc":
             linear.linear_forward(y, x.reshape(self.n, -1), self.param[f"{s.name}.weight"],
-                                  self.param[f"{s.name}.bias"], relu=s["relu"])
+                                  self.param[f"{s.name}.bias"], relu=s["relu"],
+                                  workspace=self.workspace)
         elif s.type == "lrn":
             lrn.lrn_forward(self._lrn_view(y, i), self._lrn_view(self.aux[i], i),
                             self._lrn_view(x, i), s["size"], s["alpha"], s["beta"], s["k"])
@@ -251,7 +255,8 @@ class Chain:
             x2 = x.reshape(self.n, -1)
             linear.linear_backward_weights(self.grad[f"{s.name}.weight"], self.grad[f"{s.name}.bias"],
                                            dy, x2)
-            linear.linear_backward_data(dx.reshape(self.n, -1), dy, self.param[f"{s.name}.weight"])
+            linear.linear_backward_data(dx.reshape(self.n, -1), dy, self.param[f"{s.name}.weight"],
+                                        workspace=self.workspace)
         elif s.type == "lrn":
             v = self._lrn_view
             lrn.lrn_backward(v(dx, i), v(dy, i), v(x, i), v(self.acts[i], i), v(self.aux[i], i),
@@ -303,8 +308,8 @@ class GroupedLRN(torch.nn.Module):
         return self.norm(x.reshape(n * self.groups, c // self.groups, h, w)).reshape(n, c, h, w)
 
 
-def torch_layers(specs, chain):
-    """One torch module per nbalex layer, with nbalex's initial parameters copied in."""
+def torch_layers(specs, params):
+    """One torch module per nbalex layer, with nbalex's initial ``params`` (name -> array) copied in."""
     mods = []
     for s in specs:
         if s.type == "conv":
@@ -320,8 +325,8 @@ def torch_layers(specs, chain):
             m = torch.nn.Dropout(s["p"])
         if s.type in ("conv", "fc"):
             with torch.no_grad():
-                m.weight.copy_(torch.from_numpy(chain.param[f"{s.name}.weight"]))
-                m.bias.copy_(torch.from_numpy(chain.param[f"{s.name}.bias"]))
+                m.weight.copy_(torch.from_numpy(params[f"{s.name}.weight"]))
+                m.bias.copy_(torch.from_numpy(params[f"{s.name}.bias"]))
             seq = [torch.nn.Flatten()] if s.type == "fc" and len(s.in_shape) > 1 else []
             seq.append(m)
             if s["relu"]:
@@ -336,7 +341,7 @@ def torch_layers(specs, chain):
 def layer_table(model, batch, repeats, rng):
     _, _, specs = load_config(model)
     chain = Chain(specs, batch, rng)
-    mods = torch_layers(specs, chain)
+    mods = torch_layers(specs, chain.param)
     for m in mods:
         m.train()
     x = rng.standard_normal((batch, *specs[0].in_shape)).astype(np.float32)
@@ -397,22 +402,10 @@ def layer_table(model, batch, repeats, rng):
     return rows
 
 
-def make_nbalex_net(model, batch, rng):
-    """nbalex.model.Net when it can be built, else the Chain above.  Returns (net, kind)."""
-    try:
-        from nbalex.model import Net
-        net = Net(model, backend="cpu", batch_size=batch)
-        return net, "nbalex.model.Net"
-    except Exception as err:  # not written yet or failing: fall back, and say so
-        _, _, specs = load_config(model)
-        return Chain(specs, batch, rng), f"launcher chain ({type(err).__name__}: {err})"[:80]
-
-
 def end_to_end(model, batch, repeats, rng):
     _, _, specs = load_config(model)
-    net, kind = make_nbalex_net(model, batch, rng)
-    chain_for_init = net if isinstance(net, Chain) else Chain(specs, 1, rng)
-    mods = torch_layers(specs, chain_for_init)
+    net = Net(model, backend="cpu", batch_size=batch)
+    mods = torch_layers(specs, net.params())
     tmodel = torch.nn.Sequential(*mods)
     opt = torch.optim.SGD(tmodel.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     x = rng.standard_normal((batch, *specs[0].in_shape)).astype(np.float32)
@@ -441,7 +434,7 @@ def end_to_end(model, batch, repeats, rng):
 
     t_nb, t_t = interleaved_ms([train_nb, train_t], repeats, warmup=2)
     i_nb, i_t = interleaved_ms([infer_nb, infer_t], repeats, warmup=2)
-    return dict(model=model, batch=batch, nbalex=kind,
+    return dict(model=model, batch=batch,
                 train_nbalex=1e3 * batch / t_nb, train_torch=1e3 * batch / t_t,
                 infer_nbalex=1e3 * batch / i_nb, infer_torch=1e3 * batch / i_t)
 
@@ -478,8 +471,6 @@ def print_end_to_end(results):
         print(f"{r['model']:<14}{r['batch']:>6}{r['train_nbalex']:>13.1f}{r['train_torch']:>12.1f}"
               f"{r['train_nbalex'] / r['train_torch']:>7.2f}{r['infer_nbalex']:>13.1f}"
               f"{r['infer_torch']:>12.1f}{r['infer_nbalex'] / r['infer_torch']:>7.2f}")
-    for r in results:
-        print(f"  {r['model']}: nbalex side = {r['nbalex']}")
 
 
 def main():
