@@ -8,6 +8,8 @@ display is needed.
 """
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +20,18 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def _write_png(path, write):
+    """``write(tmp)`` a PNG next to ``path``, then rename it onto ``path`` (atomic: a reader
+    or an interruption never sees half a picture)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def plot_curves(history, path):
@@ -41,8 +55,10 @@ def plot_curves(history, path):
         ax.legend()
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _write_png(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def filter_grid(weights, scale=None, gutter=2, columns=None):
@@ -79,4 +95,5 @@ def filter_grid(weights, scale=None, gutter=2, columns=None):
 def plot_filters(weights, path):
     """Write the first layer's filters (F, C, KH, KW) as a colour grid PNG (Figure 3)."""
     plt = _pyplot()
-    plt.imsave(path, filter_grid(weights))
+    grid = filter_grid(weights)
+    _write_png(path, lambda tmp: plt.imsave(tmp, grid, format="png"))

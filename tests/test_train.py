@@ -114,6 +114,19 @@ def test_plots_write_pngs(tmp_path, rng):
         assert img.format == "PNG" and img.width > img.height > 100
     with Image.open(tmp_path / "filters.png") as img:
         assert img.format == "PNG" and img.width == 3 * (5 * 8 + 2) + 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "filters.png"]
+
+
+def test_a_failed_plot_leaves_the_previous_png_whole(tmp_path, rng):
+    path = tmp_path / "filters.png"
+    plots.plot_filters(rng.normal(size=(6, 3, 5, 5)), path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError):
+        plots.plot_filters(rng.normal(size=(6, 3, 5)), path)   # not 4-D: fails before writing
+    with pytest.raises(ZeroDivisionError):
+        plots._write_png(path, lambda tmp: (tmp.write_bytes(b"half a pict"), 1 / 0))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["filters.png"]
 
 
 # ------------------------------------------------------------------ training runs
