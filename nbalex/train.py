@@ -24,6 +24,7 @@ raised; a second Ctrl-C stops at once without saving.
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -148,10 +149,13 @@ def _fresh_epoch():
 
 
 def _write_log(path, history):
-    """(Re)write the JSON-lines log from the epochs the checkpoint knows about."""
-    with open(path, "w") as f:
-        for row in history:
-            f.write(json.dumps(row) + "\n")
+    """(Re)write the JSON-lines log from the epochs the checkpoint knows about (atomically)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _append_log(path, row):
