@@ -8,19 +8,19 @@
 # nvidia-smi, then runs with the CUDA simulator off:
 #   1. the test suite on the real GPU (pytest -q tests, gpu-marked tests included),
 #   2. nbalex bench static --json, kernels --backend cuda --json (in two halves),
-#      sgemm --json, train --json,
+#      sgemm --json, train --json, and bench/elementwise_variants.py --json,
 #   3. python bench/write_results.py: bench/results/gpu-<card>-<date>.md and a short summary.
 # Each step has a time limit and its exit status is recorded; a failing step never stops
-# the others. Everything fits in NBALEX_SUITE_BUDGET seconds (default 535). Raw outputs go
+# the others. Everything fits in NBALEX_SUITE_BUDGET seconds (default 570). Raw outputs go
 # to bench/results/raw/; with COPY_TO_DIR the markdown file, steps.tsv, pytest.log and
 # raw.tar.gz (everything in bench/results/raw) are copied there.
 # NBALEX_SUITE_SKIP="tests,train" skips the steps named (tests, static, kernels-conv,
-# kernels-rest, sgemm, train).
+# kernels-rest, sgemm, train, variants).
 
 set -u
 cd "$(dirname "$0")/.."
 START=$(date +%s)
-BUDGET=${NBALEX_SUITE_BUDGET:-535}
+BUDGET=${NBALEX_SUITE_BUDGET:-570}
 RESERVE=15                       # seconds always kept for write_results.py
 RAW=bench/results/raw
 mkdir -p "$RAW"
@@ -124,6 +124,7 @@ run_step kernels-rest 90 "$RAW/kernels-rest.json" \
     --layer norm1,norm2,pool1,pool2,pool5,fc6,fc7,fc8,relu,dropout,softmax-xent,sgd --json
 run_step sgemm 45 "$RAW/sgemm.json" "${NBALEX[@]}" bench sgemm --repeats 5 --json
 run_step train 90 "$RAW/train.json" "${NBALEX[@]}" bench train --steps 5 --warmup 1 --json
+run_step variants 60 "$RAW/variants.json" "$PY" bench/elementwise_variants.py --json --repeats 20
 
 # ---------------------------------------------------------------- the results file
 "$PY" bench/write_results.py "$RAW"

@@ -4,7 +4,8 @@
 
 RAW_DIR holds what bench/gpu_suite.sh wrote: gpu.csv and nvidia-smi.txt (the card),
 steps.tsv (each step's status), pytest.log, and the JSON of ``nbalex bench static``,
-``kernels`` (kernels-*.json), ``sgemm`` and ``train``. A missing or unreadable output
+``kernels`` (kernels-*.json), ``sgemm`` and ``train``, and variants.json from
+``bench/elementwise_variants.py``. A missing or unreadable output
 becomes a line saying so; the file is written whatever failed. A short summary is printed
 last, and the markdown file's path is saved to RAW_DIR/results_path.txt.
 """
@@ -184,6 +185,24 @@ def train_section(raw):
     return out, summary
 
 
+def variants_section(raw):
+    """bench/elementwise_variants.py's rows: the unrolled elementwise kernels against ours."""
+    data, why = read_json(raw / "variants.json")
+    if why:
+        return [why], "variants: no results"
+    table = md_table(data, [("op", "op"), ("size", "size"), ("variant", "variant"),
+                            ("grid", "grid"), ("blocks", "blocks"), ("ms", "ms", 4),
+                            ("gbps", "GB/s", 0), ("vs_package", "vs package", 2),
+                            ("queued_ms", "queued ms", 4), ("queued_gbps", "queued GB/s", 0),
+                            ("queued_vs_package", "queued vs package", 2)])
+    wins = [f"{r['op']}/{r['size']} {r['variant']} ({r['grid']}) {r['queued_vs_package']:.2f}x"
+            for r in data if r.get("variant") != "package"
+            and (r.get("queued_vs_package") or 0) > 1.05]
+    summary = "variants: " + ("faster than ours: " + ", ".join(wins) if wins
+                              else "none faster than ours by more than 5%")
+    return [table], summary
+
+
 def render(raw):
     """(markdown text, card info, summary lines) for the raw outputs in ``raw``."""
     raw = Path(raw)
@@ -194,6 +213,7 @@ def render(raw):
     kernels, k_sum = kernels_section(raw)
     sgemm, s_sum = sgemm_section(raw)
     train, t_sum = train_section(raw)
+    variants, v_sum = variants_section(raw)
     static, why = read_json(raw / "static.json")
     versions = read_text(raw / "python.txt") or "not recorded\n"
     md = [f"# GPU suite: {card['name']}, {today}", "",
@@ -204,10 +224,11 @@ def render(raw):
           "", "## Steps", "", *steps, "", "## Tests", "", *tests,
           "", "## Kernels", "", *kernels, "", "## SGEMM against cuBLAS (TF32 off)", "", *sgemm,
           "", "## Training", "", *train,
+          "", "## Elementwise variants (bench/elementwise_variants.py)", "", *variants,
           "", "## Static analysis", "", why if why else generic_table(static), ""]
     bad = [r["step"] for r in step_rows if not r.get("status", "").startswith("ok")]
     summary = [f"{card['name']} (driver {card['driver']}, CUDA {card['cuda']}), {today}",
-               f"tests: {tests_line}", k_sum, s_sum, t_sum,
+               f"tests: {tests_line}", k_sum, s_sum, t_sum, v_sum,
                "steps not ok: " + (", ".join(bad) if bad else "none")]
     return "\n".join(md), card, summary
 

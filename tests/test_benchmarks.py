@@ -226,11 +226,18 @@ def test_write_results_turns_raw_outputs_into_a_markdown_file(tmp_path, capsys):
          "gflops": 9000.0, "gbs": 200.0, "torch_ms": 1.0, "torch_over_ours": 0.5, "check_error": 1e-7}]))
     (raw / "train.json").write_text(json.dumps({"model": "alexnet", "batch": 128,
                                                 "ours_images_per_s": 1000.0, "layers": []}))
+    (raw / "variants.json").write_text(json.dumps([
+        {"op": "relu_forward", "size": "conv1", "variant": variant, "grid": "package",
+         "blocks": 4096, "ms": 0.1, "gbps": 2900.0, "vs_package": 1.0, "queued_ms": 0.1,
+         "queued_gbps": 2900.0, "queued_vs_package": speedup}
+        for variant, speedup in (("package", 1.0), ("unroll4", 1.25))]))
     assert _write_results_module().main([str(raw), str(tmp_path)]) == 0
     [md] = list(tmp_path.glob("gpu-nvidia-test-card-*.md"))
     text = md.read_text()
     assert "| NVIDIA Test Card | 580.1 | 13.0 |" in text
     assert "| conv1 | forward | 2.000 |" in text and "RuntimeError: planted" in text
     assert "sgemm.json missing" in text and "static.json missing" in text
+    assert "| relu_forward | conv1 | unroll4 | package | 4096 |" in text
     summary = capsys.readouterr().out.strip().splitlines()
     assert summary[-1] == "steps not ok: sgemm" and "120 passed" in "\n".join(summary)
+    assert "variants: faster than ours: relu_forward/conv1 unroll4 (package) 1.25x" in summary
