@@ -130,9 +130,11 @@ def main():
               help="Validation images per class.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
 def synth(out_dir, classes, train_per_class, val_per_class, seed):
-    """Write a small synthetic image dataset as OUT_DIR/train/CLASS/*.png and OUT_DIR/val/...
+    """Write a small synthetic image dataset as OUT_DIR/train/CLASS/*.jpg and OUT_DIR/val/...
 
-    The classes differ in shape and colour, so a small network learns them in minutes.
+    Each class is one shape (disc, square, triangle, ...) at a random place, size, rotation
+    and colour on a textured background: colour says nothing about the class, so the network
+    has to learn spatial filters, and a small one does so in minutes.
     """
     from nbalex.io.synth import synth as write_synth
     summary = write_synth(out_dir, classes=classes, train_per_class=train_per_class,
