@@ -118,26 +118,28 @@ def cuda_available():
         return False
 
 
-def resolve(name):
+def resolve(name, need_device=True):
     """Map ``auto`` to ``cuda`` when a GPU is present, else ``cpu``; check the name.
 
     Asking for ``cuda`` where no GPU is usable (and the simulator is off) is a ValueError
-    that says so, rather than a driver error at the first kernel launch.
+    that says so, rather than a driver error at the first kernel launch; with
+    ``need_device=False`` (sizing memory, reading launcher rules) it is allowed.
     """
     if name in (None, "auto"):
         return "cuda" if cuda_available() else "cpu"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: choose one of auto, {', '.join(BACKENDS)}")
-    if name == "cuda" and not cuda_available():
+    if name == "cuda" and need_device and not cuda_available():
         raise ValueError("backend cuda needs an NVIDIA GPU with its driver, and none is usable "
                          "here; use --backend cpu (or set NUMBA_ENABLE_CUDASIM=1 for the "
                          "simulator)")
     return name
 
 
-def get_backend(name="auto"):
-    """The backend module (``nbalex.reference``, ``nbalex.cpu`` or ``nbalex.cuda``)."""
-    return importlib.import_module(f"nbalex.{resolve(name)}")
+def get_backend(name="auto", need_device=True):
+    """The backend module (``nbalex.reference``, ``nbalex.cpu`` or ``nbalex.cuda``);
+    ``need_device`` as in :func:`resolve`."""
+    return importlib.import_module(f"nbalex.{resolve(name, need_device)}")
 
 
 def signatures(module):

@@ -130,7 +130,8 @@ def arena_bytes(specs, batch_size, backend="cuda", towers=1, dtype=np.float32):
     layout = ParamLayout(specs, towers)
     sizers = [SizingArena() for _ in range(towers)]
     places = [HostPlace(i) for i in range(towers)]
-    _build(specs, steps, layout, get_backend(backend), places, sizers, batch_size, dtype, towers)
+    _build(specs, steps, layout, get_backend(backend, need_device=False), places, sizers,
+           batch_size, dtype, towers)
     return sizers[0].used, 3 * aligned(layout.size * np.dtype(dtype).itemsize)
 
 

@@ -43,6 +43,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
     assert backends.resolve("auto") == "cpu"
     with pytest.raises(ValueError, match="backend cuda needs an NVIDIA GPU.*--backend cpu"):
         backends.resolve("cuda")
+    assert backends.resolve("cuda", need_device=False) == "cuda"      # sizing, planning
 
 
 def test_dropout_rule_keeps_about_one_minus_p():

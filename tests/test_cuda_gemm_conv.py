@@ -11,6 +11,7 @@ backward-data.  The AlexNet-shaped cases need a real GPU.
 
 import numpy as np
 import pytest
+from numba import cuda
 from conftest import requires_gpu
 
 from nbalex.cuda import conv2d as cuda_conv
@@ -72,7 +73,7 @@ def test_conv2d_matches_reference(rng, n, c, h, w, f, kh, kw, stride, pad, group
 
 
 def test_conv2d_backward_weights_split_k(rng, monkeypatch):
-    """Several K slices meeting through atomic adds give the same gradient as one."""
+    """Several K slices, summed from the workspace, give the same gradient as one."""
     monkeypatch.setattr(gemm, "MIN_SPLIT_TILES", 3)
     splits, k_split = cuda_conv.backward_weights_splits((2, 2, 6, 6), (3, 2, 3, 3), 1, 1, 1)
     total = 2 * 6 * 6                       # the reduction runs over N*OH*OW
@@ -81,8 +82,44 @@ def test_conv2d_backward_weights_split_k(rng, monkeypatch):
     conv_case(rng, 2, 2, 6, 6, 3, 3, 3, 1, 1, 1, False)
 
 
-def test_conv2d_workspace_is_zero():
-    assert cuda_conv.conv2d_workspace_size((128, 3, 227, 227), (96, 3, 11, 11), 4, 0, 1) == 0
+def test_conv2d_workspace_holds_the_split_k_slices():
+    """conv1's backward-weights at batch 128 is a 3-block grid, so it is split; the workspace
+    holds one (dw, db) per slice.  A grid that fills the GPU needs none."""
+    x_shape, w_shape = (128, 3, 227, 227), (96, 3, 11, 11)
+    splits, _ = cuda_conv.backward_weights_splits(x_shape, w_shape, 4, 0, 1)
+    assert splits > 1
+    size = cuda_conv.conv2d_workspace_size(x_shape, w_shape, 4, 0, 1)
+    assert size == splits * (96 * 3 * 11 * 11 + 96)
+    assert size * 4 < 32 * 2**20                            # tens of MB at most
+    assert cuda_conv.conv2d_workspace_size((1, 2048, 4, 4), (2048, 2048, 1, 1), 1, 0, 1) == 0
+
+
+def test_conv2d_split_k_uses_the_given_workspace_deterministically(rng, monkeypatch):
+    """With a workspace (filled with NaN first) the split backward-weights writes every slice
+    before summing them, gives the reference's gradient, and the same bits twice; a short
+    workspace is refused."""
+    monkeypatch.setattr(gemm, "MIN_SPLIT_TILES", 3)
+    args = (1, 1, 1)
+    x = rng.standard_normal((2, 2, 6, 6)).astype(np.float32)
+    dy = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    size = cuda_conv.conv2d_workspace_size(x.shape, (3, 2, 3, 3), *args)
+    assert size == 3 * (3 * 2 * 3 * 3 + 3)
+    results = []
+    for _ in range(2):
+        ws = cuda.to_device(np.full(size, np.nan, np.float32))
+        dw, db = np.empty((3, 2, 3, 3), np.float32), np.empty(3, np.float32)
+        cuda_conv.conv2d_backward_weights(dw, db, dy, x, *args, workspace=ws)
+        assert not np.isnan(ws.copy_to_host()).any()
+        results.append((dw, db))
+    dw_ref, db_ref = np.empty((3, 2, 3, 3)), np.empty(3)
+    ref_conv.conv2d_backward_weights(dw_ref, db_ref, dy.astype(np.float64), x.astype(np.float64),
+                                     *args)
+    assert_close(results[0][0], dw_ref)
+    assert_close(results[0][1], db_ref)
+    assert all(np.array_equal(a, b) for a, b in zip(results[0], results[1]))
+    with pytest.raises(ValueError, match="workspace"):
+        cuda_conv.conv2d_backward_weights(dw, db, dy, x, *args,
+                                          workspace=cuda.to_device(np.zeros(size - 1, np.float32)))
 
 
 def test_conv2d_launchers_check_preconditions():
@@ -140,8 +177,8 @@ def test_linear_matches_reference(rng, n, m, k, relu):
 
 
 def test_linear_split_k_matches_reference(rng, monkeypatch):
-    """Forward (bias + ReLU after the atomically summed slices) and backward-data with K cut
-    into slices that are not multiples of each other, give the reference's result."""
+    """Forward (bias + ReLU while the slices are summed) and backward-data with K cut into
+    slices that are not multiples of each other, give the reference's result."""
     monkeypatch.setattr(gemm, "MIN_SPLIT_TILES", 2)
     n, m, k = 3, 37, 45
     splits, k_split = cuda_linear.split_k(n, m, k)            # forward: reduction over K
@@ -150,6 +187,30 @@ def test_linear_split_k_matches_reference(rng, monkeypatch):
     splits, k_split = cuda_linear.split_k(n, k, m)            # backward-data: over M
     assert splits == 2 and k_split % gemm.BK == 0 and m % k_split != 0
     linear_case(rng, n, m, k, True)
+
+
+def test_linear_split_k_uses_the_given_workspace_deterministically(rng, monkeypatch):
+    """linear_workspace_size covers both split passes; with a NaN-filled workspace the results
+    match the reference and repeat bit for bit; a short workspace is refused."""
+    monkeypatch.setattr(gemm, "MIN_SPLIT_TILES", 2)
+    n, m, k = 3, 37, 45
+    size = cuda_linear.linear_workspace_size((n, k), (m, k))
+    assert size == max(3 * n * m, 2 * n * k)
+    x, w, b, dy = (rng.standard_normal(s).astype(np.float32) for s in ((n, k), (m, k), (m,), (n, m)))
+    outs = []
+    for _ in range(2):
+        ws = cuda.to_device(np.full(size, np.nan, np.float32))
+        y, dx = np.empty((n, m), np.float32), np.empty((n, k), np.float32)
+        cuda_linear.linear_forward(y, x, w, b, relu=True, workspace=ws)
+        cuda_linear.linear_backward_data(dx, dy, w, workspace=ws)
+        outs.append((y, dx))
+    assert_close(outs[0][0], np.maximum(x.astype(np.float64) @ w.T.astype(np.float64) + b, 0))
+    assert_close(outs[0][1], dy.astype(np.float64) @ w.astype(np.float64))
+    assert all(np.array_equal(a, b) for a, b in zip(outs[0], outs[1]))
+    with pytest.raises(ValueError, match="workspace"):
+        cuda_linear.linear_forward(y, x, w, b, workspace=cuda.to_device(np.zeros(3 * n * m - 1,
+                                                                                 np.float32)))
+    assert cuda_linear.linear_workspace_size((2048, 9216), (4096, 9216)) == 0
 
 
 def test_linear_split_k_only_for_small_grids():

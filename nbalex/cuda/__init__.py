@@ -24,6 +24,6 @@ __all__ = [
     "augment_batch", "conv2d_backward_data", "conv2d_backward_weights", "conv2d_forward",
     "conv2d_workspace_size", "dropout_backward", "dropout_forward", "linear_backward_data",
     "linear_backward_weights", "linear_forward", "linear_workspace_size", "lrn_backward",
-    "lrn_forward", "maxpool_backward", "maxpool_forward", "relu_backward", "relu_forward", "sgd_update",
-    "softmax_xent_backward", "softmax_xent_forward",
+    "lrn_forward", "maxpool_backward", "maxpool_forward", "relu_backward", "relu_forward",
+    "sgd_update", "softmax_xent_backward", "softmax_xent_forward",
 ]

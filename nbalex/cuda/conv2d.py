@@ -3,8 +3,8 @@ implicit GEMMs on the register-blocked tile of :mod:`nbalex.cuda.gemm`.
 
 No im2col matrix is ever written: the operand loaders (:mod:`nbalex.cuda.conv2d_loaders`)
 gather each K tile straight from ``x``, ``w`` or ``dy`` while it is being loaded into shared
-memory, so
-:func:`conv2d_workspace_size` is 0.  Per group g (``blockIdx.z``), with ``Cg = C/groups``,
+memory.  Only backward-weights' split-K slices need a workspace
+(:func:`conv2d_workspace_size`).  Per group g (``blockIdx.z``), with ``Cg = C/groups``,
 ``Fg = F/groups``, ``P = OH*OW``:
 
 * forward:          C[f, (n,oh,ow)] = sum_{(c,kh,kw)} w[g*Fg+f, c, kh, kw] * x[n, g*Cg+c, oh*s-pad+kh, ow*s-pad+kw]
@@ -14,10 +14,10 @@ memory, so
                     in range (zero otherwise).  M = Cg, N = batch*H*W, K = Fg*KH*KW.
 * backward-weights: C[f, (c,kh,kw)] = sum_{(n,oh,ow)} dy[n, g*Fg+f, oh, ow] * x[n, g*Cg+c, oh*s-pad+kh, ow*s-pad+kw]
                     M = Fg, N = Cg*KH*KW, K = batch*P.  K is huge and M*N small, so K is split
-                    over ``blockIdx.z = g + groups*split`` and the slices are summed with
-                    atomic adds into a zeroed ``dw`` (the summation order, hence the last bits,
-                    may vary run to run).  ``db`` comes out of the same GEMM: im2col(x) gets
-                    an extra column of ones, whose column of C is sum(dy) = db.
+                    over ``blockIdx.z = g + groups*split``: each slice writes its partial dw
+                    and db into its own slice of the workspace, and a pass sums the slices in
+                    order (deterministic, unlike atomics).  ``db`` comes out of the same GEMM:
+                    im2col(x) gets an extra column of ones, whose column of C is sum(dy) = db.
 
 Index decoding inside the K loop uses :func:`nbalex.cuda.gemm.fast_div` (multiply + shift)
 with divisors prepared on the host in the geometry tuple
@@ -72,8 +72,9 @@ conv_backward_weights_kernel, _ = gemm.make_gemm_kernel(
 conv_backward_weights_kernel.__doc__ = """dw = sum over (image, oh, ow) of dy (x) im2col(x),
     and db = the sum of dy, as the GEMM's extra all-ones column of im2col(x).
 
-    dw (F*Cg*KH*KW,) and db (F,) accumulated atomically (the launcher zeroes both first; with
-    one K slice the result is the plain sum), dy (N*F*OH*OW,), x (N*C*H*W,), flat float32.
+    dw (splits*F*Cg*KH*KW,) and db (splits*F,) written, K slice s into slice s (with one
+    slice: dw and db themselves; with several, the workspace, summed by the launcher),
+    dy (N*F*OH*OW,), x (N*C*H*W,), flat float32.
     Grid (ceil((Cg*KH*KW+1)/128), ceil(Fg/128), groups*splits), 256 threads; each thread
     computes 8 filters x 8 (c, kh, kw) taps for its group and K slice.
     """
@@ -121,8 +122,13 @@ def _grid(m, n, z):
 
 
 def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
-    """Implicit GEMM needs no workspace: 0."""
-    return 0
+    """float32 elements of backward-weights' split-K slices: splits x (dw size + F), or 0
+    when it does not split (forward and backward-data need none)."""
+    splits, _ = backward_weights_splits(x_shape, w_shape, stride, pad, groups)
+    if splits == 1:
+        return 0
+    f, cg, kh, kw = (int(v) for v in w_shape)
+    return splits * (f * cg * kh * kw + f)
 
 
 def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, stream=None):
@@ -162,8 +168,17 @@ def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, 
     stream = stream_or_default(stream)
     splits, k_split = backward_weights_splits(x.shape, dw.shape, stride, pad, groups)
     geo = conv_geometry(x.shape, dw.shape, stride, pad, groups, splits=splits, k_split=k_split)
-    dw_flat = flat(dw)
-    gemm.zero_fill(dw_flat, stream)
-    gemm.zero_fill(db, stream)
     grid = _grid(geo[G_FG], geo[G_KK] + 1, groups * splits)
-    conv_backward_weights_kernel[grid, GEMM_THREADS, stream](dw_flat, flat(dy), flat(x), db, geo)
+    if splits == 1:
+        conv_backward_weights_kernel[grid, GEMM_THREADS, stream](flat(dw), flat(dy), flat(x), db,
+                                                                 geo)
+        return
+    size = conv2d_workspace_size(x.shape, dw.shape, stride, pad, groups)
+    if size >= 2 ** 31:
+        raise ValueError("conv2d split-K slices must have fewer than 2**31 elements")
+    parts = gemm.split_workspace(workspace, size)
+    dw_parts, db_parts = parts[:splits * dw.size], parts[splits * dw.size:]
+    conv_backward_weights_kernel[grid, GEMM_THREADS, stream](dw_parts, flat(dy), flat(x),
+                                                             db_parts, geo)
+    gemm.sum_slices(flat(dw), dw_parts, splits, stream)
+    gemm.sum_slices(db, db_parts, splits, stream)

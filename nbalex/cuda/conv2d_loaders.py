@@ -367,11 +367,13 @@ def bwd_w_fetch_x(x, geo, st, k, step, k_end, buf):
 
 @cuda.jit(device=True, inline="always")
 def bwd_w_store_dw(dw, db, geo, z, m, n, v):
-    """dw[g*Fg+m, n] += v, or db[g*Fg+m] += v for the ones column n = Cg*KH*KW, atomically:
-    the K slices (split-K) meet in a zeroed dw and db."""
+    """dw[s, g*Fg+m, n] = v, or db[s, g*Fg+m] = v for the ones column n = Cg*KH*KW, where
+    g = z % groups and s = z // groups is the K slice: with split-K, dw and db are the
+    workspace's (splits, F*Cg*KH*KW) and (splits, F) slices; unsplit, dw and db themselves."""
     if m < geo[G_FG] and n <= geo[G_KK]:
-        row = int32(z % geo[G_GROUPS] * geo[G_FG] + m)
+        split = int32(z // geo[G_GROUPS])
+        row = int32(split * geo[G_F] + z % geo[G_GROUPS] * geo[G_FG] + m)
         if n < geo[G_KK]:
-            cuda.atomic.add(dw, uint64(int32(row * int32(geo[G_KK]) + n)), v)
+            dw[uint64(int32(row * int32(geo[G_KK]) + n))] = v
         else:
-            cuda.atomic.add(db, uint64(row), v)
+            db[uint64(row)] = v

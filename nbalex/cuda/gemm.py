@@ -4,7 +4,7 @@ Every GEMM here computes ``C[m, n] = sum_k A[m, k] * B[k, n]`` where A, B and C 
 materialised: small device functions ("operand loaders") read A and B straight out of the
 layer's own arrays (for convolution, an implicit im2col gather from ``x`` or ``dy``), and a
 "store" device function writes each finished C element where the layer wants it (adding the
-bias, applying ReLU, or accumulating atomically for split-K).  :func:`make_gemm_kernel`
+bias, applying ReLU, or into its split-K slice of a workspace).  :func:`make_gemm_kernel`
 closes a kernel over those functions, so Numba specialises one kernel per use.
 
 Tiling (the register-blocked SGEMM scheme of cuda-convnet2 / MAGMA):
@@ -48,6 +48,7 @@ one C element, checking ``m < M`` and ``n < N`` itself.  ``geo`` is a tuple of i
 geometry the launcher builds.
 """
 
+import numpy as np
 from numba import config, cuda, float32, int32, int64, uint32, uint64
 
 BK = 8            # K depth of one shared-memory tile
@@ -126,7 +127,7 @@ def cdiv(a, b):
 SM_COUNT = 132           # H100 SXM: a grid with at least this many blocks is not split
 TARGET_BLOCKS = 264      # split-K aims for at most this many blocks: 2 per SM
 MIN_SPLIT_TILES = 16     # ...while giving every slice at least this many K tiles
-ZERO_THREADS = 256
+SUM_THREADS = 256
 
 
 def split_k(blocks, inner):
@@ -135,8 +136,10 @@ def split_k(blocks, inner):
     A grid of at least SM_COUNT blocks is not split (1, inner).  A smaller one gets
     ``TARGET_BLOCKS // blocks`` slices (so at most TARGET_BLOCKS blocks, 2 per SM), fewer if
     a slice would hold under MIN_SPLIT_TILES K tiles; ``k_split`` is a multiple of the K
-    tile, and ``splits`` is recounted from it so that every slice holds work.  The slices
-    add into a zero-filled output (:func:`zero_fill`) with atomics.
+    tile, and ``splits`` is recounted from it so that every slice holds work.  Slice z stores
+    its partial output into slice z of a workspace (``splits`` outputs end to end), and
+    :func:`sum_slices` adds them in slice order: the result does not depend on which block
+    finished first, so it is the same, bit for bit, on every run.
     """
     if blocks >= SM_COUNT:
         return 1, inner
@@ -149,19 +152,39 @@ def split_k(blocks, inner):
 
 
 @cuda.jit
-def zero_kernel(a):
-    """a[i] = 0 for every i of the flat float32 array a (grid-stride loop)."""
-    for i in range(cuda.grid(1), a.shape[0], cuda.gridsize(1)):
-        a[i] = float32(0.0)
+def sum_slices_kernel(out, parts, size, splits):
+    """out[i] = parts[i] + parts[size + i] + ... + parts[(splits-1)*size + i], summed in that
+    order, for every i < size (grid-stride loop; reads and writes coalesce along i).
+
+    out (size,) written, parts (splits*size,): flat float32.
+    """
+    for i in range(cuda.grid(1), size, cuda.gridsize(1)):
+        total = parts[i]
+        for z in range(1, splits):
+            total += parts[z * size + i]
+        out[i] = total
 
 
-def zero_fill(a, stream):
-    """Launch zero_kernel over the flat array a (a small array gets a small block)."""
-    threads = min(ZERO_THREADS, 32 * cdiv(a.size, 32))
-    zero_kernel[min(cdiv(a.size, threads), 1024), threads, stream](a)
+def sum_slices(out, parts, splits, stream):
+    """Launch sum_slices_kernel: the flat ``out`` = the sum of the ``splits`` slices of
+    ``parts`` (each ``out.size`` long), in slice order."""
+    size = out.size
+    threads = min(SUM_THREADS, 32 * cdiv(size, 32))
+    sum_slices_kernel[min(cdiv(size, threads), 1024), threads, stream](out, parts, size, splits)
 
 
-STATIC_SIGNATURES = [(zero_kernel, "void(float32[::1])", False, ZERO_THREADS)]
+def split_workspace(workspace, size):
+    """A flat float32 device view of ``size`` elements: the start of ``workspace``, or a new
+    device array when it is None (the ops façade; a network passes its arena's workspace)."""
+    if workspace is None:
+        return cuda.device_array(size, dtype=np.float32)
+    if str(workspace.dtype) != "float32" or len(workspace.shape) != 1 or workspace.size < size:
+        raise ValueError(f"workspace must be flat float32 with >= {size} elements")
+    return workspace[:size]
+
+
+STATIC_SIGNATURES = [(sum_slices_kernel, "void(float32[::1], float32[::1], int64, int64)", False,
+                      SUM_THREADS)]
 
 
 def make_gemm_kernel(setup_a, fetch_a, layout_a, setup_b, fetch_b, layout_b, krange, store,

@@ -14,12 +14,13 @@ is a plain strided row, read by :func:`nbalex.cuda.gemm.fetch_strided`.  ``geo``
 Split-K.  At AlexNet's batch of 128 the output tile grids of forward and backward-data are
 tiny (fc6 forward: 1 x 32 blocks on a 132-SM H100), so when the grid has fewer blocks than
 the GPU has SMs, :func:`split_k` cuts the reduction into ``splits`` slices of ``k_split``
-(a multiple of the K tile) over ``blockIdx.z``.  The slices are added atomically into an
-output the launcher zero-fills first (the summation order, hence the last bits, may vary run
-to run); the forward's bias + ReLU then runs as a separate elementwise pass on the same
-stream.  With one slice the kernels store directly, bias and ReLU fused, as before.  The
-forward kernel serves both cases (a run-time switch in its store); backward-data has a
-separate split kernel, because the switch costs its unsplit kernel registers.
+(a multiple of the K tile) over ``blockIdx.z``.  Slice z stores its partial product into
+slice z of the ``workspace`` (``linear_workspace_size`` elements: ``splits`` outputs end to
+end), and one elementwise pass sums the slices in order into the output, adding the
+forward's bias and ReLU on the way: deterministic, unlike atomics, and no zero-fill.  With
+one slice the kernels store directly, bias and ReLU fused.  The forward kernel serves both
+cases (a run-time switch in its store); backward-data has a separate split kernel, because
+the switch costs its unsplit kernel registers.
 """
 
 from numba import cuda, float32, int32, uint64
@@ -115,31 +116,30 @@ def store_into(rows, cols):
     return store_element
 
 
-def add_into(rows, cols):
-    """GEMM store of a split-K slice into a zeroed row-major (geo[rows], geo[cols]) output:
-    out[i, j] += v, atomically (the slices of one element meet here)."""
+def slice_into(rows, cols):
+    """GEMM store of split-K slice z: out is the workspace, slice z of it a row-major
+    (geo[rows], geo[cols]) output: out[z, i, j] = v."""
     @cuda.jit(device=True, inline="always")
-    def add_element(out, unused, geo, z, i, j, v):
+    def store_in_slice(out, unused, geo, z, i, j, v):
         if i < geo[rows] and j < geo[cols]:
-            cuda.atomic.add(out, uint64(int32(i * geo[cols] + j)), v)
-    return add_element
+            out[uint64(int32((z * geo[rows] + i) * geo[cols] + j))] = v
+    return store_in_slice
 
 
 # ---- forward: y = x @ w.T + b ------------------------------------------------------------
 
 @cuda.jit(device=True, inline="always")
 def fwd_store_y(y, b, geo, z, i, j, v):
-    """y[i, j] = v + b[j], ReLU'd when asked; with split-K, y[i, j] += v atomically (bias
-    and ReLU come later, from linear_bias_relu_kernel)."""
+    """y[i, j] = v + b[j], ReLU'd when asked; with split-K, y is the workspace and slice z
+    gets y[z, i, j] = v (bias and ReLU come later, from linear_sum_bias_relu_kernel)."""
     if i < geo[G_N] and j < geo[G_M]:
-        at = uint64(int32(i * geo[G_M] + j))
         if geo[G_SPLITS] > 1:
-            cuda.atomic.add(y, at, v)
+            y[uint64(int32((z * geo[G_N] + i) * geo[G_M] + j))] = v
         else:
             v += b[uint64(j)]
             if geo[G_RELU] != 0 and v < float32(0.0):
                 v = float32(0.0)
-            y[at] = v
+            y[uint64(int32(i * geo[G_M] + j))] = v
 
 
 linear_forward_kernel, GEMM_THREADS = gemm.make_gemm_kernel(
@@ -150,8 +150,9 @@ linear_forward_kernel.__doc__ = """y = x @ w.T + b (ReLU'd if geo[G_RELU]).
 
     y (N*M,), x (N*K,), w (M*K,), b (M,): flat float32.  Grid (ceil(M/128), ceil(N/128),
     splits), 256 threads; each thread computes 8 rows x 8 features of y over K slice
-    blockIdx.z.  One slice: y written, bias and ReLU fused.  Several: the slice's partial
-    product accumulated atomically into a zeroed y, no bias or ReLU.
+    blockIdx.z.  One slice: y written, bias and ReLU fused.  Several: the first argument is
+    the workspace (splits*N*M,) and slice z's partial product is written to its slice z,
+    no bias or ReLU.
     """
 
 
@@ -173,12 +174,12 @@ linear_backward_data_kernel.__doc__ = """dx = dy @ w.
 linear_backward_data_split_kernel, _ = gemm.make_gemm_kernel(
     rows_of(G_N, G_M, sliced=True), fetch_unit_stride, K_FAST,
     columns_of(G_K, sliced=True), fetch_at_stride(G_K), ROW_FAST,
-    reduce_over_m_slice, add_into(G_N, G_K), name="linear_backward_data_split_kernel",
+    reduce_over_m_slice, slice_into(G_N, G_K), name="linear_backward_data_split_kernel",
     min_blocks=1)
-linear_backward_data_split_kernel.__doc__ = """dx += dy[:, slice] @ w[slice, :], slice z.
+linear_backward_data_split_kernel.__doc__ = """parts[z] = dy[:, slice z] @ w[slice z, :].
 
-    dx (N*K,) accumulated atomically (the launcher zeroes it first), dy (N*M,), w (M*K,),
-    flat float32; the 4th argument is unused (pass w).  Grid (ceil(K/128), ceil(N/128),
+    parts (splits*N*K,) the workspace, slice z written, dy (N*M,), w (M*K,), flat float32;
+    the 4th argument is unused (pass w).  Grid (ceil(K/128), ceil(N/128),
     splits), 256 threads; each thread computes 8x8 of dx over M rows [z*k_split,
     min((z+1)*k_split, M)), z = blockIdx.z.
     """
@@ -212,13 +213,19 @@ def linear_bias_grad_kernel(db, dy, n_rows, m_cols):
 
 
 @cuda.jit
-def linear_bias_relu_kernel(y, b, m_cols, relu):
-    """y[i, j] = y[i, j] + b[j], then max(., 0) when relu != 0: the forward epilogue after a
-    split-K GEMM.  y (N*M,) flat float32 updated in place, b (M,); grid-stride loop, each
-    thread handling elements i*M + j = its grid index, + grid size, ...
+def linear_sum_bias_relu_kernel(y, parts, b, m_cols, splits, relu):
+    """y[i, j] = parts[0, i, j] + ... + parts[splits-1, i, j] (in that order) + b[j], then
+    max(., 0) when relu != 0: the forward epilogue after a split-K GEMM.
+
+    y (N*M,) written, parts (splits*N*M,) the workspace, b (M,): flat float32; grid-stride
+    loop, each thread handling elements i*M + j = its grid index, + grid size, ...
     """
-    for at in range(cuda.grid(1), y.shape[0], cuda.gridsize(1)):
-        v = y[at] + b[at % m_cols]
+    size = y.shape[0]
+    for at in range(cuda.grid(1), size, cuda.gridsize(1)):
+        v = parts[at]
+        for z in range(1, splits):
+            v += parts[z * size + at]
+        v += b[at % m_cols]
         if relu != 0 and v < float32(0.0):
             v = float32(0.0)
         y[at] = v
@@ -232,8 +239,8 @@ STATIC_SIGNATURES = [
     (linear_backward_weights_kernel, _GEMM_SIG, True, GEMM_THREADS),
     (linear_bias_grad_kernel, "void(float32[::1], float32[::1], int64, int64)", False,
      BIAS_THREADS),
-    (linear_bias_relu_kernel, "void(float32[::1], float32[::1], int64, int64)", False,
-     BIAS_THREADS),
+    (linear_sum_bias_relu_kernel,
+     "void(float32[::1], float32[::1], float32[::1], int64, int64, int64)", False, BIAS_THREADS),
 ]
 
 
@@ -266,8 +273,22 @@ def _check_sizes(n, m, k):
 
 
 def linear_workspace_size(x_shape, w_shape):
-    """The GEMM kernels read and write the operands in place: 0."""
-    return 0
+    """float32 elements for the split-K slices of forward (splits x N*M) or backward-data
+    (splits x N*K), whichever is larger; 0 when neither splits."""
+    n, k, m = int(x_shape[0]), int(x_shape[1]), int(w_shape[0])
+    fwd_splits, _ = split_k(n, m, k)
+    data_splits, _ = split_k(n, k, m)
+    return max(fwd_splits * n * m if fwd_splits > 1 else 0,
+               data_splits * n * k if data_splits > 1 else 0)
+
+
+def _slices(workspace, splits, size):
+    """The workspace's first splits*size elements (allocated when None), or None unsplit."""
+    if splits == 1:
+        return None
+    if splits * size >= 2 ** 31:
+        raise ValueError("linear layer split-K slices must have fewer than 2**31 elements")
+    return gemm.split_workspace(workspace, splits * size)
 
 
 def linear_forward(y, x, w, b, relu=False, workspace=None, stream=None):
@@ -279,15 +300,14 @@ def linear_forward(y, x, w, b, relu=False, workspace=None, stream=None):
     _check_sizes(n, m, k)
     stream = stream_or_default(stream)
     splits, k_split = split_k(n, m, k)
-    y_flat = flat(y)
-    if splits > 1:
-        gemm.zero_fill(y_flat, stream)
+    parts = _slices(workspace, splits, n * m)
     linear_forward_kernel[_grid(n, m, splits), GEMM_THREADS, stream](
-        y_flat, flat(x), flat(w), b, (n, m, k, int(bool(relu)), splits, k_split))
-    if splits > 1:
+        flat(y) if parts is None else parts, flat(x), flat(w), b,
+        (n, m, k, int(bool(relu)), splits, k_split))
+    if parts is not None:
         threads = min(BIAS_THREADS, 32 * gemm.cdiv(y.size, 32))
-        linear_bias_relu_kernel[min(gemm.cdiv(y.size, threads), 1024), threads, stream](
-            y_flat, b, m, int(bool(relu)))
+        linear_sum_bias_relu_kernel[min(gemm.cdiv(y.size, threads), 1024), threads, stream](
+            flat(y), parts, b, m, splits, int(bool(relu)))
 
 
 def linear_backward_data(dx, dy, w, workspace=None, stream=None):
@@ -298,13 +318,13 @@ def linear_backward_data(dx, dy, w, workspace=None, stream=None):
     _check_sizes(n, m, k)
     stream = stream_or_default(stream)
     splits, k_split = split_k(n, k, m)
-    dx_flat = flat(dx)
-    kernel = linear_backward_data_kernel
-    if splits > 1:
-        gemm.zero_fill(dx_flat, stream)
-        kernel = linear_backward_data_split_kernel
+    parts = _slices(workspace, splits, n * k)
+    kernel = linear_backward_data_kernel if parts is None else linear_backward_data_split_kernel
     kernel[_grid(n, k, splits), GEMM_THREADS, stream](
-        dx_flat, flat(dy), flat(w), flat(w), (n, m, k, 0, splits, k_split))
+        flat(dx) if parts is None else parts, flat(dy), flat(w), flat(w),
+        (n, m, k, 0, splits, k_split))
+    if parts is not None:
+        gemm.sum_slices(flat(dx), parts, splits, stream)
 
 
 def linear_backward_weights(dw, db, dy, x, workspace=None, stream=None):
