@@ -18,16 +18,7 @@ from nbalex.cuda import static
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tools_present():
-    try:
-        for tool in ("ptxas", "cuobjdump", "nvdisasm"):
-            static.find_tool(tool)
-        return True
-    except FileNotFoundError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _tools_present(),
+pytestmark = pytest.mark.skipif(not static.tools_present(),
                                 reason="ptxas/cuobjdump/nvdisasm (CUDA 13 pip packages) missing")
 
 

@@ -28,15 +28,6 @@ def run_example(name, *args):
     return run.stdout
 
 
-def _tools_present():
-    try:
-        for tool in ("ptxas", "cuobjdump", "nvdisasm"):
-            static.find_tool(tool)
-        return True
-    except FileNotFoundError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def tour():
     return run_example("ops_tour.py")
@@ -86,7 +77,7 @@ def test_write_a_kernel_matches_numpy():
     assert "OK: bit for bit equal to NumPy" in out
 
 
-@pytest.mark.skipif(not _tools_present(),
+@pytest.mark.skipif(not static.tools_present(),
                     reason="ptxas/cuobjdump/nvdisasm (CUDA 13 pip packages) missing")
 def test_write_a_kernel_static_report():
     out = run_example("write_a_kernel.py", "--static")        # re-executes without the simulator

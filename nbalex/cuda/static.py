@@ -97,6 +97,16 @@ def find_tool(name):
         f"nvidia-nvvm) or put the CUDA toolkit's bin on PATH")
 
 
+def tools_present():
+    """True when ptxas, cuobjdump and nvdisasm can all be found (see :func:`find_tool`)."""
+    try:
+        for tool in ("ptxas", "cuobjdump", "nvdisasm"):
+            find_tool(tool)
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def occupancy(registers, shared_bytes, threads):
     """Fraction of an H100 SM's 64 warp slots a kernel can fill (formula in the module doc)."""
     warps = -(-threads // 32)
