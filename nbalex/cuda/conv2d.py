@@ -68,7 +68,7 @@ conv_backward_data_unit_stride_kernel.__doc__ = (
 conv_backward_weights_kernel, _ = gemm.make_gemm_kernel(
     bwd_w_setup_dy, bwd_w_fetch_dy, K_FAST, bwd_w_setup_x, bwd_w_fetch_x, K_FAST,
     bwd_w_krange, bwd_w_store_dw, name="conv_backward_weights_kernel",
-    min_blocks=1)  # its loader state does not fit 128 registers (2 blocks/SM) without spills
+    min_blocks=2)  # int32 loader state, no per-thread wrap ends: 128 registers, no spills
 conv_backward_weights_kernel.__doc__ = """dw = sum over (image, oh, ow) of dy (x) im2col(x),
     and db = the sum of dy, as the GEMM's extra all-ones column of im2col(x).
 

@@ -11,7 +11,7 @@ section per pass, and the geometry tuple they all read.
 from numba import cuda, float32, int32, uint64
 
 from nbalex.cuda import gemm
-from nbalex.cuda.gemm import fast_div, fetch_strided, inside
+from nbalex.cuda.gemm import fast_div, fast_div32, fetch_strided, inside
 
 # Geometry tuple layout (int64): see conv_geometry.
 (G_N, G_C, G_H, G_W, G_F, G_KH, G_KW, G_OH, G_OW, G_S, G_PAD, G_GROUPS, G_CG, G_FG, G_KK,
@@ -317,17 +317,36 @@ def bwd_w_krange(geo, z):
 
 @cuda.jit(device=True, inline="always")
 def bwd_w_setup_dy(dy, geo, z, m):
-    """Row m (filter m of group z % groups) of A[f, (image,oh,ow)] = dy[image, g*Fg+f, oh, ow]."""
+    """Row m (filter m of group z % groups) of A[f, (image,oh,ow)] = dy[image, g*Fg+f, oh, ow]:
+    (offset of dy[0, g*Fg+m, 0, 0] as int32, valid)."""
     g = z % geo[G_GROUPS]
-    return ((g * geo[G_FG] + m) * geo[G_OH] * geo[G_OW], m < geo[G_FG])
+    return (int32((g * geo[G_FG] + m) * geo[G_OH] * geo[G_OW]), m < geo[G_FG])
 
 
 @cuda.jit(device=True, inline="always")
 def bwd_w_fetch_dy(dy, geo, st, k, step, k_end, buf):
     """dy at rows k, k+1, ... = (image, oh*OW+ow) of row st (step is 1): runs of OH*OW, then
-    the next image, F*OH*OW further on."""
+    the next image, F*OH*OW further on.
+
+    k is divided once, in 32 bits; each next element steps the offset by one, jumping
+    (F-1)*OH*OW at the end of a run.  All indices are int32.
+    """
     p = int32(geo[G_OH] * geo[G_OW])
-    fetch_runs(dy, st[0], st[1], p, geo[G_F] * p, geo[G_P_MUL], geo[G_P_SH], k, k_end, buf)
+    left = int32(k_end - k)
+    k = int32(k)
+    img = fast_div32(k, geo[G_P_MUL], geo[G_P_SH])
+    r = int32(k - img * p)
+    jump = int32(int32(geo[G_F] - 1) * p)
+    off = int32(st[0] + k + img * jump)
+    for e in range(buf.shape[0]):
+        ok = st[1] & (int32(e) < left)
+        v = dy[uint64(off if ok else int32(0))]
+        buf[e] = v if ok else float32(0.0)
+        r = int32(r + int32(1))
+        off = int32(off + int32(1))
+        wrap = r == p
+        r = int32(0) if wrap else r
+        off = int32(off + jump) if wrap else off
 
 
 @cuda.jit(device=True, inline="always")
@@ -347,22 +366,38 @@ def bwd_w_setup_x(x, geo, z, n):
 @cuda.jit(device=True, inline="always")
 def bwd_w_fetch_x(x, geo, st, k, step, k_end, buf):
     """x[image, c, oh*s+kh-pad, ow*s+kw-pad] at rows k, k+1, ... = (image, oh, ow) (step is
-    1), 0 in the padding; each next row steps iw by s, carrying into ih and the image."""
+    1), 0 in the padding.
+
+    k is decoded once, in 32 bits; each next row steps ow, carrying into oh and the image.
+    (ih, iw) are recomputed from (oh, ow) per row, so that the wraps compare against OW and
+    OH, the same for every thread, rather than against per-thread ends that would stay in
+    registers across the K loop.  All indices are int32.
+    """
     s = int32(geo[G_S])
     hgt = int32(geo[G_H])
     wid = int32(geo[G_W])
-    img, oh, ow = decode_pixel(geo, k)
-    ih = int32(oh * s + st[1])
-    iw = int32(ow * s + st[2])
-    ih_end = int32(geo[G_OH] * s + st[1])
-    iw_end = int32(geo[G_OW] * s + st[2])
-    plane = int32(st[0] + img * geo[G_C] * geo[G_H] * geo[G_W])
+    ohgt = int32(geo[G_OH])
+    owid = int32(geo[G_OW])
     image = int32(geo[G_C] * geo[G_H] * geo[G_W])
     left = int32(k_end - k)
+    k = int32(k)
+    img = fast_div32(k, geo[G_P_MUL], geo[G_P_SH])
+    pix = int32(k - img * int32(geo[G_OH] * geo[G_OW]))
+    oh = fast_div32(pix, geo[G_OW_MUL], geo[G_OW_SH])
+    ow = int32(pix - oh * owid)
+    plane = int32(st[0] + img * image)
     for e in range(buf.shape[0]):
-        v = load_pixel(x, plane, ih, iw, hgt, wid, st[3] & (int32(e) < left))
-        buf[e] = float32(1.0) if st[4] & (int32(e) < left) else v
-        ih, iw, plane = next_pixel(ih, iw, plane, s, st[1], st[2], ih_end, iw_end, image)
+        inl = int32(e) < left
+        v = load_pixel(x, plane, int32(oh * s + st[1]), int32(ow * s + st[2]), hgt, wid,
+                       st[3] & inl)
+        buf[e] = float32(1.0) if st[4] & inl else v
+        ow = int32(ow + int32(1))
+        wrap = ow == owid
+        ow = int32(0) if wrap else ow
+        oh = int32(oh + int32(1)) if wrap else oh
+        wrap = oh == ohgt
+        oh = int32(0) if wrap else oh
+        plane = int32(plane + image) if wrap else plane
 
 
 @cuda.jit(device=True, inline="always")

@@ -71,6 +71,15 @@ def fast_div(n, magic, shift):
     return (int64(n) * magic) >> shift
 
 
+@cuda.jit(device=True, inline="always")
+def fast_div32(n, magic, shift):
+    """fast_div as int32, with both factors masked to 32 bits (magic < 2**32): one
+    32 x 32 -> 64-bit multiply and a shift, where fast_div's int64 operands cost a full
+    64-bit multiply (and the registers to hold them) inside a K loop."""
+    low = uint64(0xFFFFFFFF)
+    return int32(((uint64(n) & low) * (uint64(magic) & low)) >> uint64(shift))
+
+
 if config.ENABLE_CUDASIM:
     @cuda.jit(device=True, inline="always")
     def inside(i, n):
