@@ -114,14 +114,17 @@ def fetch_strided(src, base, stride, valid, k, step, k_end, buf):
     """buf[e] = src[base + (k + e*step)*stride] where valid and k + e*step < k_end, else 0.
 
     The loader of a plain row-major operand (a row of A or B at a fixed stride in k); the
-    index is carried in int32 (operands have fewer than 2**31 elements).
+    index is carried in int32 (operands have fewer than 2**31 elements) and widened to 64
+    bits as an unsigned 32-bit value: sign extension would cost every element a shift and a
+    second select for the high word, and the registers to hold them; zero-extended, the
+    address is one shift-and-add with a zero high word (``LEA.HI.X ... RZ``).
     """
     idx = int32(base + k * stride)
     delta = int32(step * stride)
     left = int32(k_end - k)
     for e in range(buf.shape[0]):
         ok = valid & (int32(e * step) < left)
-        v = src[uint64(idx if ok else int32(0))]
+        v = src[uint64(uint32(idx if ok else int32(0)))]
         buf[e] = v if ok else float32(0.0)
         idx = int32(idx + delta)
 

@@ -20,7 +20,7 @@ end), and one elementwise pass sums the slices in order into the output, adding 
 forward's bias and ReLU on the way: deterministic, unlike atomics, and no zero-fill.  With
 one slice the kernels store directly, bias and ReLU fused.  The forward kernel serves both
 cases (a run-time switch in its store); backward-data has a separate split kernel, because
-the switch costs its unsplit kernel registers.
+the switch makes its unsplit kernel spill.
 """
 
 from numba import cuda, float32, int32, uint64
@@ -162,7 +162,7 @@ linear_backward_data_kernel, _ = gemm.make_gemm_kernel(
     rows_of(G_N, G_M), fetch_unit_stride, K_FAST,        # A = dy: row i is dy[i, :]
     columns_of(G_K), fetch_at_stride(G_K), ROW_FAST,     # B = w: column j is w[:, j]
     reduce_over_m, store_into(G_N, G_K), name="linear_backward_data_kernel",
-    min_blocks=1)  # at 128 registers (2 blocks/SM) ptxas spills a few bytes here
+    min_blocks=2)  # 128 registers, no spills (141 unbounded): zero-extended load indices
 linear_backward_data_kernel.__doc__ = """dx = dy @ w.
 
     dx (N*K,) written, dy (N*M,), w (M*K,), flat float32; the 4th argument is unused (pass
@@ -170,12 +170,13 @@ linear_backward_data_kernel.__doc__ = """dx = dy @ w.
     """
 
 # A kernel of its own rather than a run-time switch in the one above: folding the slice
-# start into the loaders' offsets costs the unsplit kernel 8 registers (139 -> 147).
+# start into the loaders' offsets and switching the store makes that kernel spill 16 bytes
+# at 128 registers; this one fits 2 blocks/SM without spills (145 registers unbounded).
 linear_backward_data_split_kernel, _ = gemm.make_gemm_kernel(
     rows_of(G_N, G_M, sliced=True), fetch_unit_stride, K_FAST,
     columns_of(G_K, sliced=True), fetch_at_stride(G_K), ROW_FAST,
     reduce_over_m_slice, slice_into(G_N, G_K), name="linear_backward_data_split_kernel",
-    min_blocks=1)
+    min_blocks=2)
 linear_backward_data_split_kernel.__doc__ = """parts[z] = dy[:, slice z] @ w[slice z, :].
 
     parts (splits*N*K,) the workspace, slice z written, dy (N*M,), w (M*K,), flat float32;
