@@ -58,9 +58,18 @@ def test_describe_arena_bytes_is_what_the_net_allocates():
 def test_alexnet_training_step_fits_in_3_gb_on_one_tower():
     d = describe("alexnet", batch_size=128, backend="reference")
     assert d["arena_bytes"] < 3 * 2**30
-    # on the GPU the arena adds the split-K workspace (tens of MB), and sizing it needs no GPU
+    # on the GPU the arena adds the split-K workspace (tens of MB)
     cuda = describe("alexnet", batch_size=128, backend="cuda")
     assert d["arena_bytes"] < cuda["arena_bytes"] < d["arena_bytes"] + 64 * 2**20
+
+
+def test_sizing_a_cuda_arena_needs_no_gpu(monkeypatch):
+    from nbalex import backends
+    monkeypatch.setattr(backends, "cuda_available", lambda: False)
+    planned = describe("alexnet", batch_size=128, backend="cuda")
+    assert planned["arena_bytes"] > describe("alexnet", batch_size=128, backend="reference")["arena_bytes"]
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+        Net(TINY, backend="cuda", batch_size=2)
 
 
 BASE = """
