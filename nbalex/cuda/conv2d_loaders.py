@@ -329,7 +329,8 @@ def bwd_w_fetch_dy(dy, geo, st, k, step, k_end, buf):
     the next image, F*OH*OW further on.
 
     k is divided once, in 32 bits; each next element steps the offset by one, jumping
-    (F-1)*OH*OW at the end of a run.  All indices are int32.
+    (F-1)*OH*OW at the end of a run.  All indices are int32.  (fetch_runs' walk, written
+    out: calling fetch_runs costs this kernel 16 bytes of spill at 128 registers.)
     """
     p = int32(geo[G_OH] * geo[G_OW])
     left = int32(k_end - k)
