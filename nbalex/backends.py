@@ -109,6 +109,22 @@ def dropout_keep(seed, index, p):
     return (u >> 8) >= dropout_threshold(p)
 
 
+def workspace_view(workspace, size, allocate):
+    """The first ``size`` elements of a caller's ``workspace`` (flat float32, NumPy or device
+    array), or ``allocate(size)`` when it is None; a ValueError when it does not qualify."""
+    if workspace is None:
+        return allocate(size)
+    if str(workspace.dtype) != "float32" or len(workspace.shape) != 1 or workspace.size < size:
+        raise ValueError(f"workspace must be flat float32 with >= {size} elements")
+    return workspace[:size]
+
+
+def host_array(size):
+    """A new flat float32 NumPy array: the host backends' ``allocate`` for workspace_view."""
+    import numpy as np
+    return np.empty(size, np.float32)
+
+
 def cuda_available():
     """True when a real CUDA GPU is usable, or the simulator is switched on."""
     try:

@@ -42,6 +42,8 @@ only C/G = 48 rows tall.)
 
 import numpy as np
 
+from nbalex.backends import host_array, workspace_view
+
 from . import im2col as k
 from . import workers
 
@@ -125,10 +127,7 @@ def _buffers(workspace, x_shape, w_shape, stride, pad, groups):
     n, c, f, cg, kh, kw, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
     nb, cols_size, yt_size, dw_size = _per_worker(x_shape, w_shape, stride, pad, groups)
     size = conv2d_workspace_size(x_shape, w_shape, stride, pad, groups)
-    if workspace is None:
-        workspace = np.empty(size, np.float32)
-    elif workspace.dtype != np.float32 or workspace.ndim != 1 or workspace.size < size:
-        raise ValueError(f"workspace must be flat float32 with >= {size} elements")
+    workspace = workspace_view(workspace, size, host_array)
     per = size // workers.WORKERS
     slices = []
     for t in range(workers.WORKERS):
@@ -143,11 +142,8 @@ def _buffers(workspace, x_shape, w_shape, stride, pad, groups):
 
 def _tap_buffers(workspace, x_shape, w_shape, pad, groups):
     """(filters, [(rows, acc)] per worker) flat slices of the workspace (or allocated)."""
-    size = conv2d_workspace_size(x_shape, w_shape, 1, pad, groups)
-    if workspace is None:
-        workspace = np.empty(size, np.float32)
-    elif workspace.dtype != np.float32 or workspace.ndim != 1 or workspace.size < size:
-        raise ValueError(f"workspace must be flat float32 with >= {size} elements")
+    workspace = workspace_view(workspace, conv2d_workspace_size(x_shape, w_shape, 1, pad, groups),
+                               host_array)
     filters, rows, acc = _tap_sizes(x_shape, w_shape, pad, groups)
     per = rows + acc
     slices = []

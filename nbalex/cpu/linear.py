@@ -11,6 +11,8 @@ None), and one parallel pass transposes them into y (adding bias and ReLU) or dx
 import numpy as np
 from numba import njit, prange
 
+from nbalex.backends import host_array, workspace_view
+
 from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
 
 
@@ -21,12 +23,7 @@ def linear_workspace_size(x_shape, w_shape):
 
 def transposed(workspace, shape):
     """A (rows, cols) float32 view of the start of ``workspace`` (allocated when None)."""
-    size = shape[0] * shape[1]
-    if workspace is None:
-        return np.empty(shape, np.float32)
-    if workspace.dtype != np.float32 or workspace.ndim != 1 or workspace.size < size:
-        raise ValueError(f"workspace must be flat float32 with >= {size} elements")
-    return workspace[:size].reshape(shape)
+    return workspace_view(workspace, shape[0] * shape[1], host_array).reshape(shape)
 
 
 @njit(parallel=True, fastmath=True, cache=True)

@@ -173,10 +173,8 @@ def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, 
         conv_backward_weights_kernel[grid, GEMM_THREADS, stream](flat(dw), flat(dy), flat(x), db,
                                                                  geo)
         return
-    size = conv2d_workspace_size(x.shape, dw.shape, stride, pad, groups)
-    if size >= 2 ** 31:
-        raise ValueError("conv2d split-K slices must have fewer than 2**31 elements")
-    parts = gemm.split_workspace(workspace, size)
+    parts = gemm.split_workspace(workspace,
+                                 conv2d_workspace_size(x.shape, dw.shape, stride, pad, groups))
     dw_parts, db_parts = parts[:splits * dw.size], parts[splits * dw.size:]
     conv_backward_weights_kernel[grid, GEMM_THREADS, stream](dw_parts, flat(dy), flat(x),
                                                              db_parts, geo)

@@ -51,6 +51,8 @@ geometry the launcher builds.
 import numpy as np
 from numba import config, cuda, float32, int32, int64, uint32, uint64
 
+from nbalex.backends import workspace_view
+
 BK = 8            # K depth of one shared-memory tile
 TM = 8            # rows of C per thread
 TN = 8            # columns of C per thread
@@ -186,13 +188,12 @@ def sum_slices(out, parts, splits, stream):
 
 
 def split_workspace(workspace, size):
-    """A flat float32 device view of ``size`` elements: the start of ``workspace``, or a new
-    device array when it is None (the ops façade; a network passes its arena's workspace)."""
-    if workspace is None:
-        return cuda.device_array(size, dtype=np.float32)
-    if str(workspace.dtype) != "float32" or len(workspace.shape) != 1 or workspace.size < size:
-        raise ValueError(f"workspace must be flat float32 with >= {size} elements")
-    return workspace[:size]
+    """A flat float32 device view of ``size`` elements for split-K slices: the start of
+    ``workspace``, or a new device array when it is None (the ops façade; a network passes
+    its arena's workspace).  The slices are indexed in int32, so size must be < 2**31."""
+    if size >= 2 ** 31:
+        raise ValueError("split-K slices must have fewer than 2**31 elements")
+    return workspace_view(workspace, size, lambda n: cuda.device_array(n, dtype=np.float32))
 
 
 STATIC_SIGNATURES = [(sum_slices_kernel, "void(float32[::1], float32[::1], int64, int64)", False,

@@ -285,11 +285,7 @@ def linear_workspace_size(x_shape, w_shape):
 
 def _slices(workspace, splits, size):
     """The workspace's first splits*size elements (allocated when None), or None unsplit."""
-    if splits == 1:
-        return None
-    if splits * size >= 2 ** 31:
-        raise ValueError("linear layer split-K slices must have fewer than 2**31 elements")
-    return gemm.split_workspace(workspace, splits * size)
+    return None if splits == 1 else gemm.split_workspace(workspace, splits * size)
 
 
 def linear_forward(y, x, w, b, relu=False, workspace=None, stream=None):
