@@ -161,13 +161,18 @@ def _filters_by_kernel_row(filters, w):
     return wr
 
 
+def _tap_plan(x_shape, w_shape, pad, groups, workspace):
+    """What the three stride-1 passes share: the sizes (c, f, kh, kw, fg = F/G, kq = C/G*KW,
+    ow, p_out = OH*OW, span = padded H * OW), and the workspace as _tap_buffers carves it."""
+    n, c, f, cg, kh, kw, oh, ow = _geometry(x_shape, w_shape, 1, pad, groups)
+    sizes = (c, f, kh, kw, f // groups, cg * kw, ow, oh * ow, (x_shape[2] + 2 * pad) * ow)
+    return sizes, *_tap_buffers(workspace, x_shape, w_shape, pad, groups)
+
+
 def _tap_forward(y, x, w, b, pad, groups, relu, workspace):
     """conv2d_forward, stride 1: per image tap_rows, KH accumulating GEMMs into y[n], bias."""
-    f, cg, kh, kw = w.shape
-    c, fg, kq = x.shape[1], f // groups, cg * kw
-    oh, ow = y.shape[2], y.shape[3]
-    p_out, span = oh * ow, (x.shape[2] + 2 * pad) * ow
-    filters, slices = _tap_buffers(workspace, x.shape, w.shape, pad, groups)
+    (c, f, kh, kw, fg, kq, ow, p_out, span), filters, slices = _tap_plan(
+        x.shape, w.shape, pad, groups, workspace)
     wr = _filters_by_kernel_row(filters, w)
 
     def work(t, lo, hi):
@@ -188,11 +193,8 @@ def _tap_forward(y, x, w, b, pad, groups, relu, workspace):
 def _tap_backward_data(dx, dy, w, pad, groups, workspace):
     """conv2d_backward_data, stride 1: per image KH GEMMs into overlapping windows of rows,
     then tap_rows_adjoint writes dx[n]."""
-    f, cg, kh, kw = w.shape
-    c, fg, kq = dx.shape[1], f // groups, cg * kw
-    oh, ow = dy.shape[2], dy.shape[3]
-    p_out, span = oh * ow, (dx.shape[2] + 2 * pad) * ow
-    filters, slices = _tap_buffers(workspace, dx.shape, w.shape, pad, groups)
+    (c, f, kh, kw, fg, kq, ow, p_out, span), filters, slices = _tap_plan(
+        dx.shape, w.shape, pad, groups, workspace)
     wr = _filters_by_kernel_row(filters, w)
 
     def work(t, lo, hi):
@@ -214,10 +216,9 @@ def _tap_backward_data(dx, dy, w, pad, groups, workspace):
 def _tap_backward_weights(dw, db, dy, x, pad, groups, workspace):
     """conv2d_backward_weights, stride 1: each worker sums its images' (C/G*KW, F/G) GEMMs per
     kernel row and group into its accumulator; the calling thread adds them up into dw."""
-    n, c, f, cg, kh, kw, oh, ow = _geometry(x.shape, dw.shape, 1, pad, groups)
-    fg, kq, p_out = f // groups, cg * kw, oh * ow
-    span = (x.shape[2] + 2 * pad) * ow
-    _, slices = _tap_buffers(workspace, x.shape, dw.shape, pad, groups)
+    (c, f, kh, kw, fg, kq, ow, p_out, span), _, slices = _tap_plan(
+        x.shape, dw.shape, pad, groups, workspace)
+    n, cg = x.shape[0], dw.shape[1]
 
     def work(t, lo, hi):
         flat_rows, flat_acc = slices[t]
