@@ -173,8 +173,7 @@ def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, 
         conv_backward_weights_kernel[grid, GEMM_THREADS, stream](flat(dw), flat(dy), flat(x), db,
                                                                  geo)
         return
-    parts = gemm.split_workspace(workspace,
-                                 conv2d_workspace_size(x.shape, dw.shape, stride, pad, groups))
+    parts = gemm.split_workspace(workspace, splits * (dw.size + f))   # conv2d_workspace_size
     dw_parts, db_parts = parts[:splits * dw.size], parts[splits * dw.size:]
     conv_backward_weights_kernel[grid, GEMM_THREADS, stream](dw_parts, flat(dy), flat(x),
                                                              db_parts, geo)
