@@ -8,7 +8,7 @@ DEMO   ?= demo
 # Set NBALEX_TORCH= (empty) to skip it; the tests that need it then say so.
 NBALEX_TORCH ?= torch==2.13.0
 
-.PHONY: test demo install bench-static clean
+.PHONY: test demo clean-demo install bench-static clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,8 @@ test: $(VENV)/.installed
 # demo: 6 synthetic classes, alexnet-mini on the CPU in a few minutes.  The step schedule
 # (lr/10 after epoch 12) replaces the paper's plateau rule here: with a 180-image validation
 # set the first epochs sit at chance and the plateau rule cut the rate before learning began.
-demo: $(VENV)/.installed
+# Each run starts from nothing (the previous demo folder is cleared first), so it can be repeated.
+demo: $(VENV)/.installed clean-demo
 	$(VENV)/bin/nbalex synth $(DEMO)/images --classes 6 --train-per-class 120 --val-per-class 30
 	$(VENV)/bin/nbalex pack $(DEMO)/images/train $(DEMO)/train.h5 --size 64
 	$(VENV)/bin/nbalex pack $(DEMO)/images/val $(DEMO)/val.h5 --size 64 --classes-from $(DEMO)/train.h5
@@ -40,5 +41,9 @@ demo: $(VENV)/.installed
 bench-static: $(VENV)/.installed
 	$(VENV)/bin/nbalex bench static
 
-clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache
+# clean-demo clears the demo's data and run folder and keeps .venv; clean removes both.
+clean-demo:
+	rm -rf $(DEMO)
+
+clean: clean-demo
+	rm -rf $(VENV) .pytest_cache
