@@ -5,6 +5,11 @@ numba copies around the launch), checks them with the ``check_*`` functions belo
 raises ``ValueError`` naming the argument), and launches on an explicit stream.
 """
 
+import contextlib
+import importlib
+import pkgutil
+import time
+
 import numpy as np
 from numba import cuda
 
@@ -61,3 +66,86 @@ def check_array(name, arr, dtype=np.float32, shape=None):
 def flat(arr):
     """A 1-D view of a C-contiguous array (device or host), no copy."""
     return arr.reshape(arr.size)
+
+
+# ---- counting launches (benchmarks, the sanitizer script) ---------------------------------
+
+def is_kernel(obj):
+    """True for a ``@cuda.jit`` kernel (real or simulated), False for device functions."""
+    options = getattr(obj, "targetoptions", None)
+    if isinstance(options, dict) and hasattr(obj, "configure"):
+        return not options.get("device", False)
+    if type(obj).__name__ == "FakeCUDAKernel":
+        return not getattr(obj, "_device", True)
+    return False
+
+
+class LaunchLog:
+    """What :func:`record_launches` saw: one ``(kernel name, grid, block, host seconds)`` per
+    launch, the host seconds being the time the launch call took to return (argument
+    marshalling and enqueueing, not the kernel's run time, which is asynchronous)."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __len__(self):
+        return len(self.launches)
+
+    def names(self):
+        return [entry[0] for entry in self.launches]
+
+    def host_seconds(self):
+        return sum(entry[3] for entry in self.launches)
+
+    def clear(self):
+        self.launches.clear()
+
+
+class _CountingKernel:
+    """Stands in for a kernel in its module: ``kernel[config](*args)`` is logged, then run."""
+
+    def __init__(self, kernel, name, log):
+        self._kernel, self._name, self._log = kernel, name, log
+
+    def __getitem__(self, config):
+        configured = self._kernel[config]
+
+        def launch(*args):
+            t0 = time.perf_counter()
+            result = configured(*args)
+            self._log.launches.append((self._name, _dims(config, 0), _dims(config, 1),
+                                       time.perf_counter() - t0))
+            return result
+        return launch
+
+    def __getattr__(self, attr):
+        return getattr(self._kernel, attr)
+
+
+def _dims(config, i):
+    value = config[i] if isinstance(config, tuple) and len(config) > i else None
+    return tuple(value) if isinstance(value, (tuple, list)) else value
+
+
+@contextlib.contextmanager
+def record_launches(log=None):
+    """Log every kernel launch of ``nbalex.cuda`` while the context is active; yields the
+    :class:`LaunchLog`.  Each module's kernels are replaced by loggers for the duration and
+    put back on exit (launchers look their kernels up in their module at call time)."""
+    import nbalex.cuda as package
+
+    log = LaunchLog() if log is None else log
+    saved = []
+    try:
+        for info in pkgutil.iter_modules(package.__path__):
+            if info.name == "static":
+                continue
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            for name, value in list(vars(module).items()):
+                if is_kernel(value):
+                    saved.append((module, name, value))
+                    setattr(module, name, _CountingKernel(value, getattr(value, "__name__", name), log))
+        yield log
+    finally:
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)

@@ -107,6 +107,34 @@ def tools_present():
         return False
 
 
+PINNED_CUDA = "13.5"
+"""The CUDA release (ptxas and NVVM) the static thresholds in tests/test_cuda_static.py were
+measured with; another release may allocate registers differently."""
+
+
+def toolchain():
+    """{"ptxas": release or None, "nvvm": the nvidia-nvvm package's version or None,
+    "pinned": PINNED_CUDA, "matches": bool}: ``matches`` when ptxas is found and both
+    known versions are release PINNED_CUDA."""
+    from importlib import metadata
+
+    ptxas = nvvm = None
+    try:
+        run = subprocess.run([find_tool("ptxas"), "--version"], capture_output=True, text=True,
+                             timeout=30)
+        found = re.search(r"release (\d+\.\d+)", run.stdout)
+        ptxas = found.group(1) if found else None
+    except (FileNotFoundError, OSError, subprocess.SubprocessError):
+        pass
+    try:
+        nvvm = metadata.version("nvidia-nvvm")
+    except metadata.PackageNotFoundError:
+        pass
+    same = (ptxas == PINNED_CUDA
+            and (nvvm is None or nvvm == PINNED_CUDA or nvvm.startswith(PINNED_CUDA + ".")))
+    return {"ptxas": ptxas, "nvvm": nvvm, "pinned": PINNED_CUDA, "matches": same}
+
+
 def occupancy(registers, shared_bytes, threads):
     """Fraction of an H100 SM's 64 warp slots a kernel can fill (formula in the module doc)."""
     warps = -(-threads // 32)
