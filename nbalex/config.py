@@ -18,10 +18,15 @@ type's fields (see :data:`LAYER_FIELDS`; ``None`` marks a required field)::
     relu = true
 
 The last layer must be ``fc``: its outputs are the logits and the loss is softmax
-cross-entropy.  A mistake raises :class:`ConfigError` with a one-line message naming the
-layer and the field.
+cross-entropy.  Its ``outputs`` may be the string ``"classes"``: the layer then *follows the
+data*.  :func:`sized_to` rewrites such a config for a dataset's class count (training does,
+so the checkpoint's config text states the count); until then the top-level ``classes``
+field is the count used.  A mistake (including a NaN or infinite number) raises
+:class:`ConfigError` with a one-line message naming the layer and the field.
 """
 
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +45,7 @@ _PARAM_FIELDS = {
 LAYER_FIELDS = {
     "conv": {"filters": None, "kernel": None, "stride": 1, "pad": 0, "groups": 1,
              "relu": False, **_PARAM_FIELDS},
-    "fc": {"outputs": None, "relu": False, **_PARAM_FIELDS},
+    "fc": {"outputs": None, "relu": False, **_PARAM_FIELDS},   # outputs: int or "classes"
     "lrn": {"size": 5, "alpha": 1e-4, "beta": 0.75, "k": 2.0, "groups": 1},
     "maxpool": {"size": 3, "stride": 2},
     "dropout": {"p": 0.5},
@@ -48,7 +53,12 @@ LAYER_FIELDS = {
 """Every layer type's fields and defaults (None = required)."""
 
 TOP_FIELDS = {"name": None, "image_size": None, "input_size": None, "input_channels": 3,
-              "init_std": 0.01, "layers": None}
+              "init_std": 0.01, "classes": "unset", "layers": None}
+"""Top-level fields (None = required; ``classes`` is needed only where the last layer follows
+the data and no dataset has sized it)."""
+
+FOLLOWS_DATA = "classes"
+"""The value of the last layer's ``outputs`` that sizes it to the data's class count."""
 
 
 class ConfigError(ValueError):
@@ -121,6 +131,8 @@ def _number(where, key, value, *, integer=False, minimum=None, positive=False):
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
         raise ConfigError(f"{where}: field {key!r} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{where}: field {key!r} must be a finite number, got {value!r}")
     if positive and value <= 0:
         raise ConfigError(f"{where}: field {key!r} must be > 0, got {value!r}")
     if minimum is not None and value < minimum:
@@ -153,6 +165,10 @@ def check_config(config, origin="<config>"):
     if top["input_size"] > top["image_size"]:
         raise ConfigError(f"{origin}: input_size {top['input_size']} is larger than image_size {top['image_size']}")
     _number(origin, "init_std", top["init_std"], minimum=0)
+    if top["classes"] == "unset":
+        top["classes"] = None
+    else:
+        _number(origin, "classes", top["classes"], integer=True, positive=True)
     layers = top["layers"]
     if not isinstance(layers, list) or not layers or not all(isinstance(t, dict) for t in layers):
         raise ConfigError(f"{origin}: 'layers' must be a non-empty array of tables ([[layers]])")
@@ -175,6 +191,10 @@ def check_config(config, origin="<config>"):
         spec = _LAYER_CHECKS[kind](where, name, fields, shape, top)
         specs.append(spec)
         shape = spec.out_shape
+    for spec, table in zip(specs[:-1], layers):
+        if table.get("outputs") == FOLLOWS_DATA:
+            raise ConfigError(f"{origin}: layer {spec.name!r}: field 'outputs' can be "
+                              f"{FOLLOWS_DATA!r} only on the last layer (the logits)")
     if specs[-1].type != "fc":
         raise ConfigError(f"{origin}: layer {specs[-1].name!r}: field 'type' of the last layer must be "
                           "'fc' (its outputs are the logits)")
@@ -217,6 +237,12 @@ def _check_conv(where, name, f, shape, top):
 
 
 def _check_fc(where, name, f, shape, top):
+    if f["outputs"] == FOLLOWS_DATA:
+        if top["classes"] is None:
+            raise ConfigError(f"{where}: field 'outputs' follows the data ({FOLLOWS_DATA!r}) but "
+                              f"no class count is known: set the top-level field 'classes' or "
+                              f"size it to a dataset")
+        f = {**f, "outputs": top["classes"]}
     _number(where, "outputs", f["outputs"], integer=True, positive=True)
     if not isinstance(f["relu"], bool):
         raise ConfigError(f"{where}: field 'relu' must be true or false")
@@ -261,3 +287,65 @@ def _check_dropout(where, name, f, shape, top):
 
 _LAYER_CHECKS = {"conv": _check_conv, "fc": _check_fc, "lrn": _check_lrn,
                  "maxpool": _check_maxpool, "dropout": _check_dropout}
+
+
+# ------------------------------------------------------------------ sizing to the data
+def follows_data(source):
+    """Whether the last layer of a config (name, path or text) takes the data's class count."""
+    text, origin = resolve_source(source)
+    return _last_outputs(text, origin) == FOLLOWS_DATA
+
+
+def _last_outputs(text, origin):
+    try:
+        layers = tomllib.loads(text).get("layers")
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{origin}: not valid TOML: {err}") from None
+    if not isinstance(layers, list) or not layers or not isinstance(layers[-1], dict):
+        return None
+    return layers[-1].get("outputs")
+
+
+def sized_to(source, classes):
+    """The TOML text of a config (name, path or text) sized for ``classes`` classes.
+
+    A config whose last layer says ``outputs = "classes"`` gets its top-level ``classes``
+    field set (added or replaced; comments are kept); one with a fixed output count is
+    returned as it is (checking it against the data is the caller's job).  A config file
+    without a ``name`` gets its file name, so the text stands alone (e.g. in a checkpoint).
+    Raises :class:`ConfigError` when the result is not a valid config.
+    """
+    text, origin = resolve_source(source)
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    top_end = next((i for i, line in enumerate(lines) if line.lstrip().startswith("[")), len(lines))
+    parsed_top = _top_keys(text, origin)
+    if "name" not in parsed_top and origin.endswith(".toml"):
+        lines.insert(0, f"name = {_toml_string(Path(origin).stem)}\n")
+        top_end += 1
+    if _last_outputs(text, origin) == FOLLOWS_DATA:
+        classes = _number(origin, "classes", classes, integer=True, positive=True)
+        line = f"classes = {classes}   # sized to the training data\n"
+        found = [i for i in range(top_end) if re.match(r"\s*classes\s*=", lines[i])]
+        if found:
+            lines[found[0]] = line
+        else:
+            lines.insert(top_end, line)
+    sized = "".join(lines)
+    config, _, specs = load_config(sized)
+    if _last_outputs(text, origin) == FOLLOWS_DATA and config.get("classes") != classes:
+        raise ConfigError(f"{origin}: could not set the top-level field 'classes' (write it "
+                          f"as one 'classes = N' line before the first table)")
+    return sized
+
+
+def _top_keys(text, origin):
+    try:
+        return set(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{origin}: not valid TOML: {err}") from None
+
+
+def _toml_string(value):
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
