@@ -71,7 +71,8 @@ def main(argv=None):
 
     out = data / f"synth{args.images}_{args.size}.h5"
     for workers in sorted({1, args.workers}):
-        summary = pack(folder / "train", out, size=args.size, workers=workers, progress=False)
+        summary = pack(folder / "train", out, size=args.size, workers=workers, progress=False,
+                       force=True)
         rows.append(("pack (decode, stats, HDF5 write)", workers, summary["images_per_s"]))
 
     with H5Dataset(out) as ds:

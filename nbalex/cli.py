@@ -18,6 +18,7 @@ import click
 
 BACKENDS = click.Choice(["auto", "cuda", "cpu", "reference"])
 BENCHMARKS = ("kernels", "sgemm", "train")   # modules of nbalex.benchmarks, loaded on demand
+SHOW_SKIPPED = 10             # skipped files pack names on stderr; the rest are counted
 
 
 # ------------------------------------------------------------------------ error handling
@@ -122,14 +123,18 @@ def main():
 @cli.command(epilog=_examples("nbalex synth demo/images --classes 6 --train-per-class 120 "
                              "--val-per-class 30"))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--classes", default=10, show_default=True, type=click.IntRange(1),
-              help="Number of classes.")
+@click.option("--classes", default=10, show_default=True, type=int,
+              callback=lambda ctx, param, value: _synth_classes(value),
+              help="Number of classes, 1 to 10: one shape each (disc, square, triangle, plus, "
+                   "ring, stripes, checker, star, diagonal cross, frame).")
 @click.option("--train-per-class", default=100, show_default=True, type=click.IntRange(1),
               help="Training images per class.")
 @click.option("--val-per-class", default=20, show_default=True, type=click.IntRange(1),
               help="Validation images per class.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
-def synth(out_dir, classes, train_per_class, val_per_class, seed):
+@click.option("--force", is_flag=True, help="OUT_DIR may hold an earlier synth's images: "
+              "remove them first (without it a non-empty OUT_DIR is refused).")
+def synth(out_dir, classes, train_per_class, val_per_class, seed, force):
     """Write a small synthetic image dataset as OUT_DIR/train/CLASS/*.jpg and OUT_DIR/val/...
 
     Each class is one shape (disc, square, triangle, ...) at a random place, size, rotation
@@ -138,9 +143,19 @@ def synth(out_dir, classes, train_per_class, val_per_class, seed):
     """
     from nbalex.io.synth import synth as write_synth
     summary = write_synth(out_dir, classes=classes, train_per_class=train_per_class,
-                          val_per_class=val_per_class, seed=seed)
+                          val_per_class=val_per_class, seed=seed, force=force)
     click.echo(f"wrote {summary['train']} training and {summary['val']} validation images of "
                f"{len(summary['classes'])} classes under {out_dir}")
+
+
+def _synth_classes(value):
+    """--classes of synth: 1 up to the number of shapes synth can draw."""
+    from nbalex.io.synth import class_names
+    try:
+        class_names(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
 
 
 @cli.command(epilog=_examples("nbalex pack ~/imagenet/train train.h5 --workers 8",
@@ -153,20 +168,32 @@ def synth(out_dir, classes, train_per_class, val_per_class, seed):
               help="Decoding processes [default: the number of CPUs].")
 @click.option("--classes-from", type=H5, callback=_hdf5_file,
               help="Use this packed file's class list (pack validation data this way).")
-def pack(src, out, size, workers, classes_from):
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (never the "
+              "--classes-from file).")
+def pack(src, out, size, workers, classes_from, force):
     """Pack a folder of images (SRC/CLASS/IMAGE) into one HDF5 file OUT.
 
     Stores uint8 images, labels, class names, the per-pixel mean and the RGB PCA that the
-    training loader needs.  Unreadable images are skipped and counted.
+    training loader needs.  Unreadable images are skipped, counted and named; a class left
+    with no image is warned about.  An existing OUT is refused unless --force.
     """
     from nbalex.io.pack import pack as write_pack
     summary = write_pack(src, out, size=size, workers=workers, classes_from=classes_from,
-                         progress=True)
+                         progress=True, force=force)
     click.echo(f"packed {summary['images']} images of {summary['classes']} classes "
                f"({summary['size']}x{summary['size']}) into {out}: {summary['skipped']} skipped, "
                f"{summary['seconds']:.1f} s")
-    for line in summary.get("skipped_files", [])[:10]:
+    for line in summary["notes"]:
+        click.echo(f"note: {line}", err=True)
+    skipped = summary["skipped_files"]
+    for line in skipped[:SHOW_SKIPPED]:
         click.echo(f"  skipped {line}", err=True)
+    if len(skipped) > SHOW_SKIPPED:
+        click.echo(f"  ... and {len(skipped) - SHOW_SKIPPED} more (all listed in the file's "
+                   f"skipped_files)", err=True)
+    for name in summary["empty_classes"]:
+        click.echo(f"warning: class {name} has no images in {out} (an empty folder, or every "
+                   f"file unreadable)", err=True)
 
 
 # --------------------------------------------------------------------------- training
@@ -276,26 +303,45 @@ def evaluate(checkpoint, data, ten_crop, batch_size, backend, workers, as_json):
 
 
 @cli.command(epilog=_examples("nbalex predict --checkpoint demo/run/checkpoint.h5 --top 3 "
-                             "photo.jpg other.png"))
+                             "photo.jpg other.png",
+                             "nbalex predict --checkpoint demo/run/checkpoint.h5 --json "
+                             "demo/images/val"))
 @click.option("--checkpoint", required=True, type=H5, callback=_hdf5_file,
               help="A checkpoint written by `nbalex train` (holds classes and mean image).")
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--top", default=5, show_default=True, type=click.IntRange(1),
               help="How many classes to list per image.")
 @click.option("--backend", type=BACKENDS, default="auto", show_default=True,
               help="auto = cuda when a GPU is present, else cpu.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one entry per image.")
-def predict(checkpoint, images, top, backend, as_json):
-    """The most likely classes of image files, with their probabilities."""
+@click.option("--json", "as_json", is_flag=True, help='Print a JSON list, one entry per image: '
+              '{"image", "top": [...]}, or {"image", "error"} for one that could not be read.')
+@click.pass_context
+def predict(ctx, checkpoint, images, top, backend, as_json):
+    """The most likely classes of image files, with their probabilities.
+
+    IMAGES are files or folders (every image file under a folder, recursively, in sorted
+    order).  Every readable image is answered; each unreadable one is named on stderr and
+    the exit status is then 1.
+    """
     from nbalex.inference import predict as run_predict
-    results = run_predict(checkpoint, list(images), top=top, backend=backend)
+    notes = []
+    results = run_predict(checkpoint, list(images), top=top, backend=backend, notes=notes)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    failed = [r for r in results if "error" in r]
     if as_json:
         click.echo(json.dumps(results))
-        return
-    for result in results:
-        click.echo(result["image"])
-        for rank, guess in enumerate(result["top"], 1):
-            click.echo(f"  {rank}. {guess['class']:<24} {100 * guess['probability']:6.2f}%")
+    else:
+        for result in results:
+            if "error" in result:
+                continue
+            click.echo(result["image"])
+            for rank, guess in enumerate(result["top"], 1):
+                click.echo(f"  {rank}. {guess['class']:<24} {100 * guess['probability']:6.2f}%")
+    for result in failed:
+        click.echo(f"Error: cannot read {result['image']}: {result['error']}", err=True)
+    if failed:
+        ctx.exit(1)
 
 
 # ------------------------------------------------------------------------------ info

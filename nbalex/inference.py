@@ -104,13 +104,20 @@ def _training_mean(state):
     return None if mean is None else np.asarray(mean, np.float32)
 
 
-def predict(checkpoint_path, images, *, top=5, backend="auto", batch_size=16):
+def predict(checkpoint_path, images, *, top=5, backend="auto", batch_size=16, notes=None):
     """Class probabilities of image files, prepared as the packer and centre crop do.
 
-    Needs only the checkpoint: its ``extra`` holds the class names and the training mean.
-    Returns one dict per image: {"image", "top": [{"class", "index", "probability"}, ...]}.
+    ``images``: files and folders; a folder stands for every image file under it (recursively,
+    sorted: :func:`nbalex.io.image.image_files`).  Needs only the checkpoint: its ``extra``
+    holds the class names and the training mean.  Returns one dict per image, in order:
+    {"image", "top": [{"class", "index", "probability"}, ...]} for an image that was read,
+    {"image", "error": one line} for one that could not be.  Remarks on images that were
+    read (such as a decompression-bomb size) are appended to the list ``notes`` if given.
     """
-    from nbalex.io.pack import load_and_resize
+    from nbalex.io.image import image_files, load_and_resize
+    images = image_files(images)
+    if not images:
+        raise ValueError("no images to predict")
     batch_size = max(1, min(batch_size, len(images)))
     net, state = load_checkpoint(checkpoint_path, backend, batch_size)
     extra = state.get("extra") or {}
@@ -121,16 +128,30 @@ def predict(checkpoint_path, images, *, top=5, backend="auto", batch_size=16):
     mean = np.asarray(extra["mean"], dtype=np.float32)
     size, crop = mean.shape[0], net.input_size
     top = max(1, min(top, len(classes)))
-    results = []
-    for first in range(0, len(images), batch_size):
-        paths = images[first:first + batch_size]
-        x = np.stack([_centre_crop_input(load_and_resize(p, size), mean, crop) for p in paths])
-        probs = softmax(runtime.to_host(net.forward(x, train=False)))
-        for path, row in zip(paths, probs):
+    results, pending = [None] * len(images), []
+
+    def run(batch):
+        probs = softmax(runtime.to_host(net.forward(np.stack([x for _, x in batch]), train=False)))
+        for (i, _), row in zip(batch, probs):
             best = np.argsort(-row, kind="stable")[:top]
-            results.append({"image": str(path), "top": [
-                {"class": classes[i], "index": int(i), "probability": float(row[i])}
-                for i in best]})
+            results[i] = {"image": images[i], "top": [
+                {"class": classes[k], "index": int(k), "probability": float(row[k])}
+                for k in best]}
+
+    for i, path in enumerate(images):
+        try:
+            image = load_and_resize(path, size, notes)
+        except MemoryError:
+            raise
+        except Exception as exc:  # unreadable: named in its place, the others still answered
+            results[i] = {"image": path, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+            continue
+        pending.append((i, _centre_crop_input(image, mean, crop)))
+        if len(pending) == batch_size:
+            run(pending)
+            pending = []
+    if pending:
+        run(pending)
     return results
 
 

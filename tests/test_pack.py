@@ -185,18 +185,18 @@ def test_dataset_rejects_files_it_cannot_use(tmp_path):
 
 
 def _raise_on_third(real):
-    def load(path, size):
+    def load(path, size, notes=None):
         if os.path.basename(str(path)).endswith("_00002.jpg"):
             raise MemoryError("simulated worker failure")
-        return real(path, size)
+        return real(path, size, notes)
     return load
 
 
 def _exit_on_third(real):
-    def load(path, size):
+    def load(path, size, notes=None):
         if os.path.basename(str(path)).endswith("_00002.jpg"):
             os._exit(3)                                       # a worker killed mid-way
-        return real(path, size)
+        return real(path, size, notes)
     return load
 
 

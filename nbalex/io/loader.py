@@ -19,26 +19,27 @@ with exactly the batches it would have produced.
 import contextlib
 import ctypes
 import importlib
-import multiprocessing
-import signal
+import os
 import queue
 from collections import deque
 
 import numpy as np
 
 from nbalex.backends import resolve
+from nbalex.io import children
 from nbalex.io.augment import TEN_VIEWS, epoch_order, eval_draws, train_draws
 from nbalex.io.dataset import H5Dataset
 from nbalex.io.errors import DataError
 
 # fork: no re-import of the caller's main module; readers only use h5py and NumPy, never CUDA
-START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+START_METHOD = children.START_METHOD
 EXTRA_SLOTS = 3               # host slots beyond one per reader: consumed, staged, ready
 
 
-def _reader_main(path, buffer, slot_shape, tasks, results):
-    """Reader process: for each (ticket, slot, indices) task read the images into that slot."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the training loop's to handle
+def _reader_main(parent_pid, path, buffer, slot_shape, tasks, results):
+    """Reader process: for each (ticket, slot, indices) task read the images into that slot.
+    It dies with ``parent_pid`` and leaves Ctrl-C and SIGTERM to the training loop."""
+    children.worker_init(parent_pid)
     slots = np.frombuffer(buffer, np.uint8).reshape((-1,) + tuple(slot_shape))
     try:
         dataset = H5Dataset(path)
@@ -80,13 +81,13 @@ class _Readers:
             self.buffer = np.empty(nbytes, np.uint8)
             self.slots = self.buffer.reshape((num_slots,) + tuple(slot_shape))
             return
-        ctx = multiprocessing.get_context(START_METHOD)
+        ctx = children.context(START_METHOD)
         self._shared = ctx.RawArray(ctypes.c_uint8, nbytes)
         self.buffer = np.frombuffer(self._shared, np.uint8)
         self.slots = self.buffer.reshape((num_slots,) + tuple(slot_shape))
         self.tasks, self.results = ctx.Queue(), ctx.Queue()
         for _ in range(workers):
-            args = (path, self._shared, tuple(slot_shape), self.tasks, self.results)
+            args = (os.getpid(), path, self._shared, tuple(slot_shape), self.tasks, self.results)
             proc = ctx.Process(target=_reader_main, args=args, daemon=True)
             proc.start()
             self.procs.append(proc)
@@ -122,7 +123,7 @@ class _Readers:
         for proc in self.procs:
             proc.join(timeout=5)
             if proc.is_alive():
-                proc.terminate()
+                proc.kill()                # readers ignore SIGTERM
                 proc.join()
         if self.procs:
             self.tasks.close()

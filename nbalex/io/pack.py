@@ -1,17 +1,21 @@
 """Pack an ImageNet-style folder (one sub-folder per class) into the HDF5 layout of DESIGN.md §3.
 
-Every image is decoded (JPEG draft mode when it helps), converted to RGB, its shorter side
-resized to ``size`` with a Lanczos filter and the centre square kept, all in one
-``Image.resize(..., box=...)`` call: :func:`load_and_resize` is that per-image pipeline.
-Decoding runs in worker processes, which also sum each chunk's pixels and pixel products
-(exact integers); the main process writes the images in order, adds them to the per-pixel
-mean (float64) and the sums, and at the end takes the PCA of the RGB covariance.  Files that
-cannot be decoded are skipped, counted and listed.  The output is written to a temporary file
-beside ``out`` and renamed at the end, so an interrupted pack leaves nothing behind.
+Every image goes through :func:`nbalex.io.image.load_and_resize` (upright, RGB, shorter side
+resized, centre square), the path ``predict`` uses too.  Decoding runs in worker processes
+(:mod:`nbalex.io.children`: they die with the packer), which also sum each chunk's pixels
+and pixel products (exact integers); the main process writes the images in order, adds them
+to the per-pixel mean (float64) and the sums, and at the end takes the PCA of the RGB
+covariance.  Files that cannot be decoded are skipped, counted and listed.
+
+The output is written to a temporary file ``.OUT.tmp-PID`` beside ``out`` and renamed at the
+end.  For its whole run a packer holds a lock (``flock`` on ``.OUT.lock``), so a second pack
+to the same OUT is refused while one runs, and a pack that gets the lock knows every
+``.OUT.tmp-*`` left there belongs to a dead packer and removes it.  An existing OUT is
+replaced only with ``force``; OUT that is the ``classes_from`` file never.
 """
 
-import multiprocessing
-import signal
+import contextlib
+import fcntl
 import os
 import sys
 import time
@@ -22,58 +26,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 from numba import njit
-from PIL import Image
 from tqdm import tqdm
 
+from nbalex.io import children
 from nbalex.io.errors import DataError
+from nbalex.io.image import (ALPHA_BACKGROUND, RESAMPLE, REDUCING_GAP,  # noqa: F401 (re-exported)
+                             centre_square, load_and_resize, to_rgb)
 
-# fork: no re-import of the caller's main module; workers only use PIL and NumPy
-START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+START_METHOD = children.START_METHOD
 CHUNK = 16                    # images per worker task
-RESAMPLE = Image.Resampling.LANCZOS
-REDUCING_GAP = 3.0            # Pillow reduces by an integer factor first, then Lanczos
-ALPHA_BACKGROUND = (255, 255, 255)
-
-
-def to_rgb(img):
-    """``img`` as an RGB image: transparency composited over white, 16-bit grey scaled to 8-bit."""
-    if img.mode == "P" or (img.mode in ("L", "RGB") and "transparency" in img.info):
-        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if img.mode.startswith("I;16"):
-        grey = np.asarray(img, dtype=np.float64) / 257.0
-        return Image.fromarray(np.rint(grey).astype(np.uint8), "L").convert("RGB")
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def centre_square(width, height):
-    """The centred square box (left, top, right, bottom) of side min(width, height)."""
-    side = min(width, height)
-    left, top = (width - side) / 2.0, (height - side) / 2.0
-    return (left, top, left + side, top + side)
-
-
-def load_and_resize(path, size):
-    """Decode ``path``; its centre square, shorter side resized to ``size``: uint8 (size, size, 3).
-
-    JPEGs are decoded in draft mode (DCT scaling by 1/2, 1/4 or 1/8) when the scaled image
-    keeps both sides >= ``size``; Pillow picks the largest such scale.  Raises whatever PIL
-    raises for an unreadable file.
-    """
-    with Image.open(path) as img:
-        width, height = img.size
-        box = centre_square(width, height)
-        if img.format == "JPEG" and min(width, height) >= 2 * size:
-            drafted = img.draft("RGB", (size, size))
-            if drafted is not None:           # the box maps the original onto the drafted image
-                sx, sy = drafted[1][2] / width, drafted[1][3] / height
-                box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        rgb = to_rgb(img)
-        out = rgb.resize((size, size), RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
-        return np.asarray(out, dtype=np.uint8)
 
 
 @njit(cache=True)
@@ -121,11 +82,12 @@ def covariance(stats):
 
 
 def decode_chunk(paths, size):
-    """Worker task: decode ``paths``; (images (k,S,S,3), ok bool (len(paths),), errors, stats)."""
-    images, ok, errors = [], [], []
+    """Worker task: decode ``paths``; (images (k,S,S,3), ok bool (len(paths),), errors, stats,
+    notes): ``errors`` one line per unreadable file, ``notes`` one line per remark on a kept one."""
+    images, ok, errors, notes = [], [], [], []
     for path in paths:
         try:
-            image = load_and_resize(path, size)
+            image = load_and_resize(path, size, notes)
         except MemoryError:
             raise
         except Exception as exc:  # corrupt, truncated, not an image: reported, never fatal
@@ -135,7 +97,7 @@ def decode_chunk(paths, size):
         ok.append(True)
         images.append(image)
     stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
-    return stacked, np.array(ok, dtype=bool), errors, pixel_stats(stacked)
+    return stacked, np.array(ok, dtype=bool), errors, pixel_stats(stacked), notes
 
 
 def read_classes(h5_path):
@@ -181,14 +143,10 @@ def _pca(cov):
     return np.clip(eigval, 0.0, None), eigvec * np.where(signs == 0, 1.0, signs)
 
 
-def _ignore_sigint():
-    """Decoder processes leave Ctrl-C to the parent, which removes its temporary file."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _executor(workers):
-    context = multiprocessing.get_context(START_METHOD)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_ignore_sigint)
+    """Decoder processes that die with the packer and leave Ctrl-C and SIGTERM to it."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=children.context(START_METHOD),
+                               initializer=children.worker_init, initargs=(os.getpid(),))
 
 
 def _decoded_chunks(items, size, workers):
@@ -208,23 +166,89 @@ def _decoded_chunks(items, size, workers):
                 future.cancel()
 
 
-def pack(src, out, size=256, workers=None, classes_from=None, progress=True):
+def check_out(out, classes_from=None, force=False):
+    """Refuse to write ``out`` when it is the ``classes_from`` file (also through a link),
+    always, or when it exists and ``force`` is false: DataError, before any work starts."""
+    out = Path(out)
+    if classes_from is not None and out.exists() and os.path.samefile(out, classes_from):
+        raise DataError(f"{out} is the --classes-from file {classes_from}: packing into it "
+                        f"would replace the class list it is read for; choose another OUT")
+    if out.is_dir():
+        raise DataError(f"{out} is a folder; OUT must be a file name")
+    if out.exists() and not force:
+        raise DataError(f"{out} already exists; pass --force to replace it")
+
+
+@contextlib.contextmanager
+def out_lock(out):
+    """Hold ``.OUT.lock`` beside ``out`` (fcntl.flock) for the block; DataError when another
+    live packer holds it.  Inside the block, temporary files ``.OUT.tmp-*`` are a dead
+    packer's: they are removed on entry.  The lock file is removed on exit."""
+    out = Path(out)
+    lock_path = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataError(f"{out} is being written by another `nbalex pack` "
+                            f"(it holds {lock_path})") from None
+        try:       # the file we locked may have been removed by a packer that just finished
+            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    children.close_in_workers(fd)     # the lock ends with this process, not with its workers
+    try:
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        yield
+    finally:
+        children.keep_in_workers(fd)
+        with contextlib.suppress(FileNotFoundError):
+            lock_path.unlink()
+        os.close(fd)
+
+
+def pack(src, out, size=256, workers=None, classes_from=None, progress=True, force=False):
     """Pack the ImageNet-style folder ``src`` into the HDF5 file ``out``; returns a summary dict.
 
     ``classes_from`` names an already packed (training) file whose class list and label
-    numbering are reused.  ``workers`` decoding processes (default: every core).
+    numbering are reused.  ``workers`` decoding processes (default: every core).  An
+    existing ``out`` is replaced only with ``force`` (see :func:`check_out`).  The summary
+    holds counts, ``skipped_files`` ("path: reason" lines), ``notes`` (remarks on kept
+    files, such as a decompression-bomb size) and ``empty_classes`` (classes left with no
+    image).
     """
     t0 = time.perf_counter()
     size = int(size)
     if size < 1:
         raise DataError(f"size must be a positive number of pixels, got {size}")
+    check_out(out, classes_from, force)
     classes, items = list_source(src, classes_from)
     workers = max(1, int(workers or os.cpu_count() or 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    with out_lock(out):
+        check_out(out, classes_from, force)          # another packer may have just written it
+        result = _write(src, out, size, workers, classes, items, progress)
+    seconds = time.perf_counter() - t0
+    counts = np.bincount(np.asarray(result.pop("labels"), np.int64), minlength=len(classes))
+    result.update(out=str(out), classes=len(classes), size=size, workers=workers,
+                  seconds=seconds, images_per_s=len(items) / seconds if seconds > 0 else float("inf"),
+                  empty_classes=[c for c, n in zip(classes, counts) if n == 0])
+    return result
+
+
+def _write(src, out, size, workers, classes, items, progress):
+    """Decode ``items`` into a temporary file beside ``out``, renamed to ``out`` when complete."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     pixel_stats(np.zeros((1, 1, 1, 3), np.uint8))   # compile once here; forked workers inherit it
-    good_files, good_labels, skipped = [], [], []
+    good_files, good_labels, skipped, notes = [], [], [], []
     stats = (0, np.zeros(3, np.int64), np.zeros((3, 3), np.int64))
     mean_sum = np.zeros((size, size, 3), np.float64)
     try:
@@ -236,12 +260,14 @@ def pack(src, out, size=256, workers=None, classes_from=None, progress=True):
                        file=sys.stderr, disable=not progress)
             start = 0
             with bar:
-                for batch, ok, errors, chunk_stats in _decoded_chunks(items, size, workers):
+                for batch, ok, errors, chunk_stats, chunk_notes in _decoded_chunks(
+                        items, size, workers):
                     chunk = items[start:start + len(ok)]
                     n = len(good_files)
                     images[n:n + len(batch)] = batch
                     mean_sum += batch.sum(axis=0, dtype=np.float64)
                     stats = merge_stats(stats, chunk_stats)
+                    notes.extend(chunk_notes)
                     errs = iter(errors)
                     for (path, label), good in zip(chunk, ok):
                         if good:
@@ -273,7 +299,5 @@ def pack(src, out, size=256, workers=None, classes_from=None, progress=True):
     finally:
         if tmp.exists():
             tmp.unlink()
-    seconds = time.perf_counter() - t0
-    return {"out": str(out), "images": count, "classes": len(classes), "skipped": len(skipped),
-            "skipped_files": skipped, "size": size, "workers": workers, "seconds": seconds,
-            "images_per_s": len(items) / seconds if seconds > 0 else float("inf")}
+    return {"images": count, "skipped": len(skipped), "skipped_files": skipped,
+            "notes": notes, "labels": good_labels}

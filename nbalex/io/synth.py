@@ -8,9 +8,12 @@ average colour says nothing about it: telling classes apart needs spatial filter
 are stored at a random size and aspect ratio (``min_size``..``max_size`` per side) so packing
 exercises resize and crop; the shape always lies inside the centre square that packing keeps.
 Everything is drawn from ``numpy.random.default_rng((seed, split, class, index))``: the same
-seed writes the same files.
+seed writes the same files.  ``out_dir`` must be empty (or new); with ``force`` what an earlier
+synth wrote there is removed first, so no class of an earlier, larger dataset is left behind.
 """
 
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -110,20 +113,68 @@ def draw_image(shape, rng, min_size=48, max_size=96):
     return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
 
 
+MAX_CLASSES = len(SHAPES)
+
+
 def class_names(classes):
     """Folder names for ``classes`` classes, numbered so that sorting keeps their order."""
-    if not 1 <= classes <= len(SHAPES):
-        raise ValueError(f"classes must be between 1 and {len(SHAPES)}, got {classes}")
+    if not 1 <= classes <= MAX_CLASSES:
+        raise ValueError(f"synth draws {MAX_CLASSES} shapes ({', '.join(SHAPES)}): "
+                         f"choose 1 to {MAX_CLASSES} classes, got {classes}")
     return [f"{k:02d}_{SHAPES[k]}" for k in range(classes)]
 
 
+def _written_by_synth(split_dir):
+    """(entries synth wrote, entries it did not) directly under ``out_dir/<split>``."""
+    ours, foreign = [], []
+    for entry in sorted(split_dir.iterdir()):
+        name = entry.name
+        mine = entry.is_dir() and name in class_names(MAX_CLASSES) and all(
+            f.is_file() and re.fullmatch(re.escape(name) + r"_\d{5}\.jpg", f.name)
+            for f in entry.iterdir())
+        (ours if mine else foreign).append(entry)
+    return ours, foreign
+
+
+def clear_previous(out_dir, force):
+    """Make ``out_dir`` ready for synth: it must be new or empty; with ``force`` the class
+    folders an earlier synth wrote under train/ and val/ are removed.  ValueError when the
+    folder is not empty without ``force``, or holds files synth did not write (nothing is
+    removed then)."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a folder")
+    if not any(out_dir.iterdir()):
+        return
+    if not force:
+        raise ValueError(f"{out_dir} is not empty; pass --force to replace what an earlier "
+                         f"`nbalex synth` wrote there")
+    remove, foreign = [], []
+    for split in SPLITS:
+        if (out_dir / split).is_dir():
+            ours, theirs = _written_by_synth(out_dir / split)
+            remove += ours
+            foreign += theirs
+    if foreign:
+        raise ValueError(f"{out_dir} holds {len(foreign)} entries synth did not write, such as "
+                         f"{foreign[0]}; remove them yourself or choose another folder")
+    for folder in remove:
+        shutil.rmtree(folder)
+
+
 def synth(out_dir, classes=10, train_per_class=100, val_per_class=20, seed=0,
-          min_size=48, max_size=96, quality=(75, 95)):
-    """Write ``out_dir/{train,val}/<class>/*.jpg``; returns a summary dict."""
+          min_size=48, max_size=96, quality=(75, 95), force=False):
+    """Write ``out_dir/{train,val}/<class>/*.jpg``; returns a summary dict.
+
+    ``out_dir`` must be new or empty; ``force`` first removes an earlier synth's classes
+    (:func:`clear_previous`)."""
     if not 8 <= min_size <= max_size:
         raise ValueError(f"need 8 <= min_size <= max_size, got {min_size}, {max_size}")
     names = class_names(classes)
     out_dir = Path(out_dir)
+    clear_previous(out_dir, force)
     counts = {"train": train_per_class, "val": val_per_class}
     for split, per_class in counts.items():
         for k, name in enumerate(names):
