@@ -42,6 +42,7 @@ only C/G = 48 rows tall.)
 
 import numpy as np
 
+from nbalex import checks
 from nbalex.backends import host_array, workspace_view
 
 from . import im2col as k
@@ -62,15 +63,9 @@ def output_size(size, kernel, stride, pad):
 
 
 def _geometry(x_shape, w_shape, stride, pad, groups):
-    n, c, h, w_ = x_shape
-    f, cg, kh, kw = w_shape
-    if stride < 1 or pad < 0 or groups < 1:
-        raise ValueError(f"need stride >= 1, pad >= 0, groups >= 1; got {stride}, {pad}, {groups}")
-    if c % groups or f % groups or c // groups != cg:
-        raise ValueError(f"x {tuple(x_shape)} and w {tuple(w_shape)} do not fit groups={groups}")
-    oh, ow = output_size(h, kh, stride, pad), output_size(w_, kw, stride, pad)
-    if oh < 1 or ow < 1:
-        raise ValueError(f"kernel {kh}x{kw} larger than padded input {h}x{w_} (pad {pad})")
+    """(N, C, F, C/G, KH, KW, OH, OW), the rules checked by nbalex.checks.conv2d_geometry."""
+    n, c, _, _, f, cg, kh, kw, oh, ow = checks.conv2d_geometry(x_shape, w_shape, stride, pad,
+                                                              groups)
     return n, c, f, cg, kh, kw, oh, ow
 
 
@@ -108,6 +103,7 @@ def _per_worker(x_shape, w_shape, stride, pad, groups):
     return nb, rows * nb * p_out, f * nb * p_out, f * cg * kh * kw
 
 
+@checks.checked(checks.conv2d_workspace_size, "cpu")
 def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
     """float32 elements the launchers use.
 
@@ -252,6 +248,7 @@ def _filter_major(dyt, dy, n0, m):
     return dyt
 
 
+@checks.checked(checks.conv2d_forward, "cpu")
 def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, stream=None):
     """y (N,F,OH,OW) <- conv(x, w) + b, then max(y, 0) if ``relu``.  y is overwritten."""
     n, c, f, cg, kh, kw, oh, ow = _geometry(x.shape, w.shape, stride, pad, groups)
@@ -285,6 +282,7 @@ def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, 
     workers.run(work, n)
 
 
+@checks.checked(checks.conv2d_backward_data, "cpu")
 def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=None):
     """dx (N,C,H,W) <- dL/dx given dy (N,F,OH,OW).  dx is overwritten."""
     n, c, f, cg, kh, kw, oh, ow = _geometry(dx.shape, w.shape, stride, pad, groups)
@@ -313,6 +311,7 @@ def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=
     workers.run(work, n)
 
 
+@checks.checked(checks.conv2d_backward_weights, "cpu")
 def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, stream=None):
     """dw (F,C/G,KH,KW), db (F,) <- dL/dw, dL/db.  Both overwritten, never accumulated.
 

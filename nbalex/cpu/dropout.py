@@ -1,13 +1,14 @@
 """Inverted dropout on the CPU with the counter-based mask of ``nbalex.backends``.
 
-mask[i] = 1 iff (mix32(i ^ mix32(seed ^ 0x9E3779B9)) >> 8) >= floor(p * 2**24), i the flat
-C-order index; y = x * mask / (1-p).  The hash runs in uint64 registers, masked back to 32
+mask[i] = 1 iff (mix32((offset + i) ^ mix32(seed ^ 0x9E3779B9)) >> 8) >= floor(p * 2**24), i
+the flat C-order index; y = x * mask / (1-p).  The hash runs in uint64 registers, masked back to 32
 bits after every multiply, which is exactly the wrap-around uint32 arithmetic of the contract.
 """
 
 import numpy as np
 from numba import njit, prange
 
+from nbalex import checks
 from nbalex.backends import dropout_threshold, mix32
 
 from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
@@ -32,12 +33,14 @@ def _mix32(x):
 
 
 @njit(parallel=True, cache=True)
-def dropout_forward_kernel(y, mask, x, seed_mix, threshold, keep_prob):
-    """Flat arrays: write mask[i] (the hash rule) and y[i] = x[i] * mask[i] / keep_prob."""
+def dropout_forward_kernel(y, mask, x, seed_mix, offset, threshold, keep_prob):
+    """Flat arrays: write mask[i] (the hash rule for element offset + i) and
+    y[i] = x[i] * mask[i] / keep_prob."""
     s = np.uint64(seed_mix)
+    base = np.uint64(offset)
     thr = np.uint64(threshold)
     for i in prange(x.shape[0]):
-        u = _mix32((np.uint64(i) & _LOW32) ^ s)
+        u = _mix32(((base + np.uint64(i)) & _LOW32) ^ s)
         keep = (u >> _S8) >= thr
         mask[i] = 1 if keep else 0
         y[i] = x[i] / keep_prob if keep else np.float32(0.0)
@@ -50,20 +53,16 @@ def dropout_backward_kernel(dx, dy, mask, keep_prob):
         dx[i] = dy[i] / keep_prob if mask[i] != 0 else np.float32(0.0)
 
 
-def _check_p(p):
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-
-
-def dropout_forward(y, mask, x, p, seed, stream=None):
-    """mask (uint8) <- keep mask for (seed, p); y <- x * mask / (1-p).  Both overwritten."""
-    _check_p(p)
+@checks.checked(checks.dropout_forward, "cpu")
+def dropout_forward(y, mask, x, p, seed, offset=0, stream=None):
+    """mask (uint8) <- keep mask for (seed, p), element i hashed as offset + i;
+    y <- x * mask / (1-p).  Both overwritten."""
     seed_mix = mix32((int(seed) & 0xFFFFFFFF) ^ 0x9E3779B9)
     dropout_forward_kernel(y.reshape(-1), mask.reshape(-1), x.reshape(-1), seed_mix,
-                           dropout_threshold(p), np.float32(1.0 - p))
+                           int(offset) & 0xFFFFFFFF, dropout_threshold(p), np.float32(1.0 - p))
 
 
+@checks.checked(checks.dropout_backward, "cpu")
 def dropout_backward(dx, dy, mask, p, stream=None):
     """dx <- dy * mask / (1-p).  dx is overwritten; it may be dy."""
-    _check_p(p)
     dropout_backward_kernel(dx.reshape(-1), dy.reshape(-1), mask.reshape(-1), np.float32(1.0 - p))

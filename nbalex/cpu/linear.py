@@ -11,11 +11,13 @@ None), and one parallel pass transposes them into y (adding bias and ReLU) or dx
 import numpy as np
 from numba import njit, prange
 
+from nbalex import checks
 from nbalex.backends import host_array, workspace_view
 
 from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
 
 
+@checks.checked(checks.linear_workspace_size, "cpu")
 def linear_workspace_size(x_shape, w_shape):
     """float32 elements for y.T (N*M) or dx.T (N*K): N * max(M, K)."""
     return int(x_shape[0]) * max(int(w_shape[0]), int(w_shape[1]))
@@ -68,6 +70,7 @@ def column_sums(db, dy):
             db[m] = s
 
 
+@checks.checked(checks.linear_forward, "cpu")
 def linear_forward(y, x, w, b, relu=False, workspace=None, stream=None):
     """y (N,M) <- x @ w.T + b, then max(y, 0) when relu.  y is overwritten."""
     yt = transposed(workspace, (y.shape[1], y.shape[0]))
@@ -75,6 +78,7 @@ def linear_forward(y, x, w, b, relu=False, workspace=None, stream=None):
     transpose_bias_relu(y, yt, b, relu)
 
 
+@checks.checked(checks.linear_backward_data, "cpu")
 def linear_backward_data(dx, dy, w, workspace=None, stream=None):
     """dx (N,K) <- dy @ w, computed as dx.T = w.T @ dy.T (the faster orientation, as above)."""
     dxt = transposed(workspace, (dx.shape[1], dx.shape[0]))
@@ -82,6 +86,7 @@ def linear_backward_data(dx, dy, w, workspace=None, stream=None):
     transpose_into(dx, dxt)
 
 
+@checks.checked(checks.linear_backward_weights, "cpu")
 def linear_backward_weights(dw, db, dy, x, workspace=None, stream=None):
     """dw (M,K) <- dy.T @ x, db (M,) <- dy.sum(0).  Both overwritten."""
     np.matmul(dy.T, x, out=dw)

@@ -17,6 +17,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from nbalex import checks
+
 from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
 
 
@@ -47,7 +49,8 @@ def lrn_forward_kernel(y, scale, x, half, alpha, beta, k, three_quarters):
                 v = x[n, cc, t]
                 acc += v * v
             s = k + alpha * acc
-            scale[n, c, t] = s
+            if scale is not None:      # None (inference): compiled without the store
+                scale[n, c, t] = s
             y[n, c, t] = x[n, c, t] * _neg_pow(s, beta, three_quarters)
 
 
@@ -82,13 +85,16 @@ def _as3d(a):
     return a.reshape(a.shape[0], a.shape[1], -1)
 
 
+@checks.checked(checks.lrn_forward, "cpu")
 def lrn_forward(y, scale, x, size, alpha, beta, k, stream=None):
-    """y, scale (shaped like x (N,C,...)) <- normalised x and its denominator base (written)."""
+    """y, scale (shaped like x (N,C,...)) <- normalised x and its denominator base (written);
+    ``scale`` None (inference) is not kept."""
     f32 = np.float32
-    lrn_forward_kernel(_as3d(y), _as3d(scale), _as3d(x), size // 2, f32(alpha), f32(beta), f32(k),
+    lrn_forward_kernel(_as3d(y), None if scale is None else _as3d(scale), _as3d(x), size // 2, f32(alpha), f32(beta), f32(k),
                        beta == 0.75)
 
 
+@checks.checked(checks.lrn_backward, "cpu")
 def lrn_backward(dx, dy, x, y, scale, size, alpha, beta, k, stream=None):
     """dx (shaped like x) <- dL/dx from dy and the forward's x, y, scale.  dx is overwritten."""
     f32 = np.float32

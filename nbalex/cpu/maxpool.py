@@ -9,6 +9,8 @@ plane, so overlapping windows never race.
 
 from numba import njit, prange
 
+from nbalex import checks
+
 from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
 
 
@@ -34,7 +36,8 @@ def maxpool_forward_kernel(y, idx, x, size, stride):
                             best = v
                             arg = (h0 + p) * w + w0 + q
                 y[n, c, i, j] = best
-                idx[n, c, i, j] = arg
+                if idx is not None:      # None (inference): compiled without the store
+                    idx[n, c, i, j] = arg
 
 
 @njit(parallel=True, cache=True)
@@ -55,14 +58,14 @@ def maxpool_backward_kernel(dx, dy, idx):
             dst[where[t]] += g[t]
 
 
+@checks.checked(checks.maxpool_forward, "cpu")
 def maxpool_forward(y, idx, x, size, stride, stream=None):
-    """y, idx (N,C,OH,OW) <- window maxima of x and their positions.  Both overwritten."""
-    n, c, h, w = x.shape
-    if y.shape[2] != (h - size) // stride + 1 or y.shape[3] != (w - size) // stride + 1:
-        raise ValueError(f"y {y.shape} does not match x {x.shape}, size {size}, stride {stride}")
+    """y, idx (N,C,OH,OW) <- window maxima of x and their positions.  Both overwritten;
+    ``idx`` None (inference) skips the positions."""
     maxpool_forward_kernel(y, idx, x, size, stride)
 
 
+@checks.checked(checks.maxpool_backward, "cpu")
 def maxpool_backward(dx, dy, idx, size, stride, stream=None):
     """dx (N,C,H,W) <- dy routed to idx, summed where windows overlap.  dx is overwritten."""
     maxpool_backward_kernel(dx, dy, idx)

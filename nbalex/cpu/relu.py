@@ -3,6 +3,8 @@
 import numpy as np
 from numba import njit, prange
 
+from nbalex import checks
+
 from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
 
 
@@ -21,11 +23,13 @@ def relu_backward_kernel(dx, dy, y):
         dx[i] = dy[i] if y[i] > 0.0 else np.float32(0.0)
 
 
+@checks.checked(checks.relu_forward, "cpu")
 def relu_forward(y, x, stream=None):
     """y = max(x, 0), any shape, C-contiguous; y may be x."""
     relu_forward_kernel(y.reshape(-1), x.reshape(-1))
 
 
+@checks.checked(checks.relu_backward, "cpu")
 def relu_backward(dx, dy, y, stream=None):
     """dx = dy * (y > 0); dx may be dy."""
     relu_backward_kernel(dx.reshape(-1), dy.reshape(-1), y.reshape(-1))

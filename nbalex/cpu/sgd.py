@@ -11,6 +11,8 @@ Tensor t spans [offsets[t], offsets[t+1]) of w, dw and v (all flat float32, same
 import numpy as np
 from numba import njit, prange
 
+from nbalex import checks
+
 from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
 
 
@@ -26,6 +28,7 @@ def sgd_kernel(w, dw, v, offsets, steps, decays, momentum):
             w[i] += vi
 
 
+@checks.checked(checks.sgd_update, "cpu")
 def sgd_update(w, dw, v, lr, momentum, weight_decay, offsets=None, lr_mults=None,
                decay_mults=None, stream=None):
     """w, v (flat 1-D float32) updated in place from dw; offsets None = one tensor, mults 1."""

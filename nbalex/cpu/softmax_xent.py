@@ -12,6 +12,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from nbalex import checks
+
 from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
 
 
@@ -46,13 +48,13 @@ def softmax_xent_backward_kernel(dlogits, probs, labels):
         dlogits[n, labels[n]] = (probs[n, labels[n]] - np.float32(1.0)) * inv_n
 
 
+@checks.checked(checks.softmax_xent_forward, "cpu")
 def softmax_xent_forward(losses, probs, logits, labels, stream=None):
     """losses (N,), probs (N,K) <- per-example loss and softmax of logits.  Both overwritten."""
-    if labels.min() < 0 or labels.max() >= logits.shape[1]:
-        raise ValueError(f"labels must lie in [0, {logits.shape[1]})")
     softmax_xent_forward_kernel(losses, probs, logits, labels)
 
 
+@checks.checked(checks.softmax_xent_backward, "cpu")
 def softmax_xent_backward(dlogits, probs, labels, stream=None):
     """dlogits (N,K) <- (probs - onehot(labels)) / N.  dlogits is overwritten."""
     softmax_xent_backward_kernel(dlogits, probs, labels)

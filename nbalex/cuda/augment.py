@@ -7,7 +7,8 @@ so every backend applies the same numbers.
 import numpy as np
 from numba import cuda, float32
 
-from nbalex.cuda.launch import check_dtype, stream_or_default
+from nbalex import checks
+from nbalex.cuda.launch import stream_or_default
 
 THREADS_PER_BLOCK = 256
 
@@ -38,6 +39,7 @@ def augment_batch_kernel(out, images, crop_y, crop_x, flip, rgb_shift, mean):
             out[b, c, i, j] = float32(images[b, y, x, c]) - mean[y, x, c] + rgb_shift[b, c]
 
 
+@checks.checked(checks.augment_batch, "cuda")
 def augment_batch(out, images, crop_y, crop_x, flip, rgb_shift, mean, stream=None):
     """Launch :func:`augment_batch_kernel` on ``stream``; all arrays are device arrays.
 
@@ -45,18 +47,7 @@ def augment_batch(out, images, crop_y, crop_x, flip, rgb_shift, mean, stream=Non
     (B,S,S,3), crop_y/crop_x int32 (B,), flip uint8 (B,), rgb_shift float32 (B,3), mean
     float32 (S,S,3).  Crop offsets must lie in 0..S-Cr (checked by the host code that draws them).
     """
-    batch, channels, crop, crop_w = out.shape
-    size = images.shape[1]
-    if channels != 3 or crop != crop_w or images.shape[0] != batch or images.shape[3] != 3:
-        raise ValueError(f"augment_batch: out {out.shape} and images {images.shape} do not match")
-    if tuple(mean.shape) != (size, size, 3) or tuple(rgb_shift.shape) != (batch, 3) or crop > size:
-        raise ValueError(f"augment_batch: mean {mean.shape} or rgb_shift {rgb_shift.shape} "
-                         "has the wrong shape")
-    for name, arr, dtype in (("out", out, np.float32), ("images", images, np.uint8),
-                             ("crop_y", crop_y, np.int32), ("crop_x", crop_x, np.int32),
-                             ("flip", flip, np.uint8), ("rgb_shift", rgb_shift, np.float32),
-                             ("mean", mean, np.float32)):
-        check_dtype(name, arr, dtype)
+    batch, crop = out.shape[0], out.shape[2]
     if batch == 0:
         return
     blocks = (batch * crop * crop + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK

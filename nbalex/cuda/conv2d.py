@@ -24,6 +24,7 @@ with divisors prepared on the host in the geometry tuple
 :func:`nbalex.cuda.conv2d_loaders.conv_geometry`.
 """
 
+from nbalex import checks
 from nbalex.cuda import gemm
 from nbalex.cuda.conv2d_loaders import (
     GEO_SIG, G_CG, G_FG, G_KK, G_N, G_OH, G_OW, conv_geometry,
@@ -32,7 +33,7 @@ from nbalex.cuda.conv2d_loaders import (
     bwd_data_fetch_dy_unit_stride, bwd_data_store_dx,
     bwd_w_krange, bwd_w_setup_dy, bwd_w_fetch_dy, bwd_w_setup_x, bwd_w_fetch_x, bwd_w_store_dw)
 from nbalex.cuda.gemm import K_FAST
-from nbalex.cuda.launch import check_array, check_ndim, flat, stream_or_default
+from nbalex.cuda.launch import flat, stream_or_default
 
 
 # ---- kernels: one GEMM per pass, built from that pass's loaders -----------------------
@@ -91,26 +92,11 @@ STATIC_SIGNATURES = [
 
 # ---- launchers ---------------------------------------------------------------------
 
-def _check_conv(x_name, x_arr, w_name, w_arr, stride, pad, groups):
-    """Check an image-shaped (N,C,H,W) and a filter-shaped (F,C/G,KH,KW) argument (float32,
-    C-contiguous) against stride, pad and groups; return (N, F, OH, OW)."""
-    check_array(x_name, x_arr)
-    check_array(w_name, w_arr)
-    check_ndim(x_name, x_arr, 4)
-    check_ndim(w_name, w_arr, 4)
-    x_shape, w_shape = tuple(x_arr.shape), tuple(w_arr.shape)
-    n, c, h, w = x_shape
-    f, cg, kh, kw = w_shape
-    if min(x_shape) < 1 or min(w_shape) < 1:
-        raise ValueError(f"empty tensors are not supported: x {tuple(x_shape)}, w {tuple(w_shape)}")
-    if int(stride) < 1 or int(pad) < 0 or int(groups) < 1:
-        raise ValueError(f"need stride >= 1, pad >= 0, groups >= 1; got {stride}, {pad}, {groups}")
-    if c % groups or f % groups or c // groups != cg:
-        raise ValueError(f"x {tuple(x_shape)} and w {tuple(w_shape)} do not fit groups={groups}")
-    oh = (h + 2 * pad - kh) // stride + 1
-    ow = (w + 2 * pad - kw) // stride + 1
-    if oh < 1 or ow < 1:
-        raise ValueError(f"kernel {kh}x{kw} larger than padded input {h}x{w} (pad {pad})")
+def _conv_sizes(x_shape, w_shape, stride, pad, groups):
+    """(N, F, OH, OW) of a convolution (rules: nbalex.checks.conv2d_geometry), refusing
+    tensors of 2**31 elements or more (the kernels index in int32)."""
+    n, c, h, w, f, cg, kh, kw, oh, ow = checks.conv2d_geometry(x_shape, w_shape, stride, pad,
+                                                               groups)
     if max(n * c * h * w, n * f * oh * ow, f * cg * kh * kw) >= 2 ** 31:
         raise ValueError("conv2d tensors must have fewer than 2**31 elements")
     return n, f, oh, ow
@@ -121,6 +107,7 @@ def _grid(m, n, z):
     return (gemm.cdiv(n, bn), gemm.cdiv(m, bm), z)
 
 
+@checks.checked(checks.conv2d_workspace_size, "cuda")
 def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
     """float32 elements of backward-weights' split-K slices: splits x (dw size + F), or 0
     when it does not split (forward and backward-data need none)."""
@@ -131,21 +118,20 @@ def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
     return splits * (f * cg * kh * kw + f)
 
 
+@checks.checked(checks.conv2d_forward, "cuda")
 def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, stream=None):
     """y (N,F,OH,OW) = conv(x, w) + b, ReLU'd when ``relu``; float32, C-contiguous."""
-    n, f, oh, ow = _check_conv("x", x, "w", w, stride, pad, groups)
-    check_array("b", b, shape=(f,))
-    check_array("y", y, shape=(n, f, oh, ow))
+    n, f, oh, ow = _conv_sizes(x.shape, w.shape, stride, pad, groups)
     geo = conv_geometry(x.shape, w.shape, stride, pad, groups, relu=relu)
     grid = _grid(geo[G_FG], n * oh * ow, groups)
     conv_forward_kernel[grid, GEMM_THREADS, stream_or_default(stream)](
         flat(y), flat(w), flat(x), b, geo)
 
 
+@checks.checked(checks.conv2d_backward_data, "cuda")
 def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=None):
     """dx (N,C,H,W) = gradient of the convolution w.r.t. x, given dy (N,F,OH,OW); overwritten."""
-    n, f, oh, ow = _check_conv("dx", dx, "w", w, stride, pad, groups)
-    check_array("dy", dy, shape=(n, f, oh, ow))
+    n, f, oh, ow = _conv_sizes(dx.shape, w.shape, stride, pad, groups)
     geo = conv_geometry(dx.shape, w.shape, stride, pad, groups)
     grid = _grid(geo[G_CG], n * dx.shape[2] * dx.shape[3], groups)
     kernel = conv_backward_data_unit_stride_kernel if stride == 1 else conv_backward_data_kernel
@@ -160,11 +146,10 @@ def backward_weights_splits(x_shape, w_shape, stride, pad, groups):
     return gemm.split_k(blocks, geo[G_N] * geo[G_OH] * geo[G_OW])
 
 
+@checks.checked(checks.conv2d_backward_weights, "cuda")
 def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, stream=None):
     """dw (F,C/G,KH,KW) and db (F,) = gradients w.r.t. w and b; both overwritten."""
-    n, f, oh, ow = _check_conv("x", x, "dw", dw, stride, pad, groups)
-    check_array("dy", dy, shape=(n, f, oh, ow))
-    check_array("db", db, shape=(f,))
+    n, f, oh, ow = _conv_sizes(x.shape, dw.shape, stride, pad, groups)
     stream = stream_or_default(stream)
     splits, k_split = backward_weights_splits(x.shape, dw.shape, stride, pad, groups)
     geo = conv_geometry(x.shape, dw.shape, stride, pad, groups, splits=splits, k_split=k_split)

@@ -10,8 +10,9 @@ to a plain 32-bit multiply on the device.
 import numpy as np
 from numba import cuda, float32, uint8, uint32, uint64
 
+from nbalex import checks
 from nbalex.backends import dropout_threshold, mix32 as mix32_host
-from nbalex.cuda.launch import check_array, flat, grid_1d, stream_or_default, THREADS_PER_BLOCK
+from nbalex.cuda.launch import flat, grid_1d, stream_or_default, THREADS_PER_BLOCK
 
 SEED_SALT = 0x9E3779B9
 """XORed into the seed before it is mixed (see nbalex.backends.dropout_keep)."""
@@ -35,20 +36,21 @@ def mix32(x):
 
 
 @cuda.jit
-def dropout_forward_kernel(y, mask, x, seed_mix, threshold, keep):
+def dropout_forward_kernel(y, mask, x, seed_mix, offset, threshold, keep):
     """Draw the mask and apply it: for every flat index i,
-    mask[i] = 1 if (mix32((i mod 2**32) ^ seed_mix) >> 8) >= threshold else 0,
+    mask[i] = 1 if (mix32((offset + i mod 2**32) ^ seed_mix) >> 8) >= threshold else 0,
     y[i] = x[i] / keep if kept else 0.
 
     x, y: 1-D float32; mask: 1-D uint8 (all the same length), y and mask written; y may be x.
-    seed_mix = mix32(seed ^ 0x9E3779B9), computed once on the host; threshold = floor(p*2**24);
+    seed_mix = mix32(seed ^ 0x9E3779B9), computed once on the host; offset (uint32) = the
+    index of x[0] in the whole batch (data parallelism); threshold = floor(p*2**24);
     keep = 1-p (a division, not a multiply by 1/keep: bit for bit the reference's y).
     One grid-stride loop over the elements.
     """
     start = cuda.grid(1)
     step = cuda.gridsize(1)
     for i in range(start, x.shape[0], step):
-        u = mix32(uint32(uint64(i) & uint64(0xFFFFFFFF)) ^ seed_mix)
+        u = mix32(uint32((uint64(offset) + uint64(i)) & uint64(0xFFFFFFFF)) ^ seed_mix)
         if (u >> uint32(8)) >= threshold:
             mask[i] = uint8(1)
             y[i] = x[i] / keep
@@ -72,38 +74,30 @@ def dropout_backward_kernel(dx, dy, mask, keep):
 
 STATIC_SIGNATURES = [
     (dropout_forward_kernel,
-     "void(float32[::1], uint8[::1], float32[::1], uint32, uint32, float32)", False),
+     "void(float32[::1], uint8[::1], float32[::1], uint32, uint32, uint32, float32)", False),
     (dropout_backward_kernel, "void(float32[::1], float32[::1], uint8[::1], float32)", False),
 ]
 
 
-def _check_dropout(src_name, src, dst_name, dst, mask, p):
-    """src and dst float32, mask uint8, all C-contiguous and of src's shape, 0 <= p < 1;
-    return the keep probability 1-p as float32."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    check_array(src_name, src)
-    check_array(dst_name, dst, shape=src.shape)
-    check_array("mask", mask, dtype="uint8", shape=src.shape)
-    return np.float32(1.0 - p)
-
-
-def dropout_forward(y, mask, x, p, seed, stream=None):
-    """y = x * mask / (1-p) with mask (uint8, 1 = kept) drawn from (seed, flat index); any
-    shape, float32; y and mask are written, y may be x."""
-    keep = _check_dropout("x", x, "y", y, mask, p)
+@checks.checked(checks.dropout_forward, "cuda")
+def dropout_forward(y, mask, x, p, seed, offset=0, stream=None):
+    """y = x * mask / (1-p) with mask (uint8, 1 = kept) drawn from (seed, offset + flat
+    index); any shape, float32; y and mask are written, y may be x."""
+    keep = np.float32(1.0 - p)
     if x.size == 0:
         return
     seed_mix = np.uint32(mix32_host((int(seed) & 0xFFFFFFFF) ^ SEED_SALT))
     threshold = np.uint32(dropout_threshold(p))
     dropout_forward_kernel[grid_1d(x.size), THREADS_PER_BLOCK, stream_or_default(stream)](
-        flat(y), flat(mask), flat(x), seed_mix, threshold, keep)
+        flat(y), flat(mask), flat(x), seed_mix, np.uint32(int(offset) & 0xFFFFFFFF), threshold,
+        keep)
 
 
+@checks.checked(checks.dropout_backward, "cuda")
 def dropout_backward(dx, dy, mask, p, stream=None):
     """dx = dy * mask / (1-p), any shape, float32 (mask: uint8 from dropout_forward);
     dx may be dy."""
-    keep = _check_dropout("dy", dy, "dx", dx, mask, p)
+    keep = np.float32(1.0 - p)
     if dy.size == 0:
         return
     dropout_backward_kernel[grid_1d(dy.size), THREADS_PER_BLOCK, stream_or_default(stream)](

@@ -25,9 +25,10 @@ the switch makes its unsplit kernel spill.
 
 from numba import cuda, float32, int32, uint64
 
+from nbalex import checks
 from nbalex.cuda import gemm
 from nbalex.cuda.gemm import K_FAST, ROW_FAST, fetch_strided
-from nbalex.cuda.launch import check_array, check_ndim, flat, stream_or_default
+from nbalex.cuda.launch import flat, stream_or_default
 
 G_N, G_M, G_K, G_RELU, G_SPLITS, G_KSPLIT = range(6)
 GEO_SIG = "UniTuple(int64, 6)"
@@ -257,22 +258,13 @@ def split_k(rows, cols, inner):
     return gemm.split_k(gemm.cdiv(rows, gemm.BM) * gemm.cdiv(cols, gemm.BN), inner)
 
 
-def _check_operands(a_name, a, b_name, b):
-    """Both 2-D, float32 and C-contiguous; return their shapes."""
-    check_array(a_name, a)
-    check_array(b_name, b)
-    check_ndim(a_name, a, 2)
-    check_ndim(b_name, b, 2)
-    return a.shape, b.shape
-
-
 def _check_sizes(n, m, k):
-    if n < 1 or m < 1 or k < 1:
-        raise ValueError(f"linear layer sizes must be positive, got N={n}, M={m}, K={k}")
+    """Refuse tensors of 2**31 elements or more (the kernels index in int32)."""
     if max(n * m, n * k, m * k) >= 2 ** 31:
         raise ValueError("linear layer tensors must have fewer than 2**31 elements")
 
 
+@checks.checked(checks.linear_workspace_size, "cuda")
 def linear_workspace_size(x_shape, w_shape):
     """float32 elements for the split-K slices of forward (splits x N*M) or backward-data
     (splits x N*K), whichever is larger; 0 when neither splits."""
@@ -288,12 +280,10 @@ def _slices(workspace, splits, size):
     return None if splits == 1 else gemm.split_workspace(workspace, splits * size)
 
 
+@checks.checked(checks.linear_forward, "cuda")
 def linear_forward(y, x, w, b, relu=False, workspace=None, stream=None):
     """y (N,M) = x (N,K) @ w (M,K).T + b (M,), ReLU'd when ``relu``; y is overwritten."""
-    (n, k), (m, _) = _check_operands("x", x, "w", w)
-    check_array("w", w, shape=(m, k))
-    check_array("b", b, shape=(m,))
-    check_array("y", y, shape=(n, m))
+    (n, k), m = x.shape, w.shape[0]
     _check_sizes(n, m, k)
     stream = stream_or_default(stream)
     splits, k_split = split_k(n, m, k)
@@ -307,11 +297,10 @@ def linear_forward(y, x, w, b, relu=False, workspace=None, stream=None):
             flat(y), parts, b, m, splits, int(bool(relu)))
 
 
+@checks.checked(checks.linear_backward_data, "cuda")
 def linear_backward_data(dx, dy, w, workspace=None, stream=None):
     """dx (N,K) = dy (N,M) @ w (M,K); dx is overwritten."""
-    (n, m), (_, k) = _check_operands("dy", dy, "w", w)
-    check_array("w", w, shape=(m, k))
-    check_array("dx", dx, shape=(n, k))
+    (n, m), k = dy.shape, w.shape[1]
     _check_sizes(n, m, k)
     stream = stream_or_default(stream)
     splits, k_split = split_k(n, k, m)
@@ -324,12 +313,10 @@ def linear_backward_data(dx, dy, w, workspace=None, stream=None):
         gemm.sum_slices(flat(dx), parts, splits, stream)
 
 
+@checks.checked(checks.linear_backward_weights, "cuda")
 def linear_backward_weights(dw, db, dy, x, workspace=None, stream=None):
     """dw (M,K) = dy.T @ x and db (M,) = dy summed over the batch; both overwritten."""
-    (n, m), (_, k) = _check_operands("dy", dy, "x", x)
-    check_array("x", x, shape=(n, k))
-    check_array("dw", dw, shape=(m, k))
-    check_array("db", db, shape=(m,))
+    (n, m), k = dy.shape, x.shape[1]
     _check_sizes(n, m, k)
     stream = stream_or_default(stream)
     linear_backward_weights_kernel[_grid(m, k), GEMM_THREADS, stream](

@@ -17,7 +17,8 @@ import math
 import numpy as np
 from numba import cuda, float32, float64
 
-from nbalex.cuda.launch import check_array, grid_1d, stream_or_default, THREADS_PER_BLOCK
+from nbalex import checks
+from nbalex.cuda.launch import grid_1d, stream_or_default, THREADS_PER_BLOCK
 
 
 @cuda.jit(device=True, inline="always")
@@ -33,10 +34,11 @@ def lrn_forward_kernel(y, scale, x, half, alpha, beta, k):
     y[n,c,s] = x[n,c,s] * scale[n,c,s]**(-beta).
 
     x, y, scale: (N, C, S) float32, S = every spatial position flattened; y and scale are
-    written and must not alias x.  One thread per column (n, s), grid-stride over the N*S
+    written and must not alias x.  A scale with no elements (inference) is not written.  One thread per column (n, s), grid-stride over the N*S
     columns; it writes y and scale for all C channels.
     """
     n_img, channels, plane = x.shape
+    keep = scale.shape[0] != 0
     for col in range(cuda.grid(1), n_img * plane, cuda.gridsize(1)):
         n, s = split_column(col, plane)
         window = float64(0.0)  # sum of squares over the window of channel 0: [0, half]
@@ -46,7 +48,8 @@ def lrn_forward_kernel(y, scale, x, half, alpha, beta, k):
         for c in range(channels):
             v = x[n, c, s]
             sc = k + alpha * float32(max(window, 0.0))  # rounding must not make it negative
-            scale[n, c, s] = sc
+            if keep:
+                scale[n, c, s] = sc
             y[n, c, s] = v * math.pow(sc, -beta)
             entering = c + half + 1
             if entering < channels:
@@ -96,40 +99,30 @@ STATIC_SIGNATURES = [
 
 def _columns(x):
     """(N, C, S): x's shape with every axis after the channels flattened into S."""
-    if len(x.shape) < 2:
-        raise ValueError(f"LRN needs an (N, C, ...) array, got shape {tuple(x.shape)}")
     n, c = x.shape[0], x.shape[1]
     return n, c, int(np.prod(x.shape[2:], dtype=np.int64))
 
 
-def _check_lrn(size, x, *others):
-    """size >= 1; x and the (name, array) pairs in others float32, C-contiguous, others of
-    x's shape.  Return (size // 2, (N, C, S))."""
-    if int(size) < 1:
-        raise ValueError(f"LRN size must be at least 1, got {size}")
-    check_array("x", x)
-    for name, arr in others:
-        check_array(name, arr, shape=x.shape)
-    return int(size) // 2, _columns(x)
-
-
+@checks.checked(checks.lrn_forward, "cuda")
 def lrn_forward(y, scale, x, size, alpha, beta, k, stream=None):
     """y = x * scale**(-beta), scale = k + alpha * (window sum of x**2), for any (N, C, ...)
     float32 x; y and scale (same shape, not aliasing x) are written, scale is kept for the
-    backward pass."""
-    half, cols = _check_lrn(size, x, ("y", y), ("scale", scale))
+    backward pass (None: not kept, for inference)."""
+    half, cols = int(size) // 2, _columns(x)
     if x.size == 0:
         return
+    kept = cuda.device_array((0, 0, 0), np.float32) if scale is None else scale.reshape(cols)
     lrn_forward_kernel[grid_1d(cols[0] * cols[2]), THREADS_PER_BLOCK, stream_or_default(stream)](
-        y.reshape(cols), scale.reshape(cols), x.reshape(cols), half,
+        y.reshape(cols), kept, x.reshape(cols), half,
         np.float32(alpha), np.float32(beta), np.float32(k))
 
 
+@checks.checked(checks.lrn_backward, "cuda")
 def lrn_backward(dx, dy, x, y, scale, size, alpha, beta, k, stream=None):
     """dx from dy and the forward pass's x, y and scale (all the same shape, float32);
     dx is written and must be a different buffer from dy, y and scale.  ``k`` is unused
     here (it is already inside scale) but kept for the shared launcher signature."""
-    half, cols = _check_lrn(size, x, ("dx", dx), ("dy", dy), ("y", y), ("scale", scale))
+    half, cols = int(size) // 2, _columns(x)
     if x.size == 0:
         return
     lrn_backward_kernel[grid_1d(cols[0] * cols[2]), THREADS_PER_BLOCK, stream_or_default(stream)](

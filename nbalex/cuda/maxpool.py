@@ -5,10 +5,11 @@ backward pass is a gather, not a scatter: each input element sums the dy of the 
 that contain it and chose it.  No atomics, so the result is the same on every run.
 """
 
+import numpy as np
 from numba import cuda, float32, int32
 
-from nbalex.cuda.launch import (THREADS_PER_BLOCK, check_array, check_ndim, grid_1d,
-                                stream_or_default)
+from nbalex import checks
+from nbalex.cuda.launch import THREADS_PER_BLOCK, grid_1d, stream_or_default
 
 
 @cuda.jit(device=True, inline="always")
@@ -25,11 +26,12 @@ def maxpool_forward_kernel(y, idx, x, size, stride):
     window order.
 
     x (P,H,W) float32, P = N*C planes; y (P,OH,OW) float32 and idx (P,OH,OW) int32 are
-    written.  One thread per output element, grid-stride over P*OH*OW in C order (adjacent
+    written (an idx with no elements, for inference, is not).  One thread per output element, grid-stride over P*OH*OW in C order (adjacent
     threads take adjacent ow, so the stores are coalesced).
     """
     planes, height, width = x.shape
     out_h, out_w = y.shape[1], y.shape[2]
+    keep = idx.shape[0] != 0
     for i in range(cuda.grid(1), planes * out_h * out_w, cuda.gridsize(1)):
         p, oh, ow = unravel(i, out_h, out_w)
         h0 = oh * stride
@@ -43,7 +45,8 @@ def maxpool_forward_kernel(y, idx, x, size, stride):
                     best = v
                     best_at = (h0 + dh) * width + w0 + dw
         y[p, oh, ow] = best
-        idx[p, oh, ow] = int32(best_at)
+        if keep:
+            idx[p, oh, ow] = int32(best_at)
 
 
 @cuda.jit
@@ -94,37 +97,23 @@ def _planes(a):
     return a.reshape(n * c, h, w)
 
 
-def _check_pool(x_name, x, y_name, y, idx, size, stride):
-    """Check the input-shaped (N,C,H,W) float32 argument x against the window, then the
-    pooled-shaped y (float32) and idx (int32) against it; all C-contiguous."""
-    check_array(x_name, x)
-    check_ndim(x_name, x, 4)
-    n, c, height, width = x.shape
-    if size < 1 or stride < 1:
-        raise ValueError(f"pool size and stride must be positive, got {size}, {stride}")
-    if height < size or width < size:
-        raise ValueError(f"pool window {size} is larger than the input plane {height}x{width}")
-    out_shape = (n, c, pooled_size(height, size, stride), pooled_size(width, size, stride))
-    check_array(y_name, y, shape=out_shape)
-    check_array("idx", idx, dtype="int32", shape=out_shape)
-
-
+@checks.checked(checks.maxpool_forward, "cuda")
 def maxpool_forward(y, idx, x, size, stride, stream=None):
     """y, idx = max pool of x (N,C,H,W) float32 with a size x size window every stride;
-    y float32 and idx int32 (N,C,OH,OW) are written."""
+    y float32 and idx int32 (N,C,OH,OW) are written; idx None (inference) is not kept."""
     size, stride = int(size), int(stride)
-    _check_pool("x", x, "y", y, idx, size, stride)
     if y.size == 0:
         return
+    kept = cuda.device_array((0, 0, 0), np.int32) if idx is None else _planes(idx)
     maxpool_forward_kernel[grid_1d(y.size), THREADS_PER_BLOCK, stream_or_default(stream)](
-        _planes(y), _planes(idx), _planes(x), size, stride)
+        _planes(y), kept, _planes(x), size, stride)
 
 
+@checks.checked(checks.maxpool_backward, "cuda")
 def maxpool_backward(dx, dy, idx, size, stride, stream=None):
     """dx (N,C,H,W) float32 is overwritten with dy (N,C,OH,OW) routed to each window's argmax
     idx (int32, from maxpool_forward), summed where windows overlap."""
     size, stride = int(size), int(stride)
-    _check_pool("dx", dx, "dy", dy, idx, size, stride)
     if dx.size == 0:
         return
     maxpool_backward_kernel[grid_1d(dx.size), THREADS_PER_BLOCK, stream_or_default(stream)](

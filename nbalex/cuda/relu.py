@@ -6,7 +6,8 @@ kernels serve the layers where it stands alone, and the backward pass everywhere
 
 from numba import cuda, float32
 
-from nbalex.cuda.launch import check_array, flat, grid_1d, stream_or_default, THREADS_PER_BLOCK
+from nbalex import checks
+from nbalex.cuda.launch import flat, grid_1d, stream_or_default, THREADS_PER_BLOCK
 
 
 @cuda.jit
@@ -41,21 +42,18 @@ STATIC_SIGNATURES = [
 ]
 
 
+@checks.checked(checks.relu_forward, "cuda")
 def relu_forward(y, x, stream=None):
     """y = max(x, 0), any shape, float32; ``y`` may be ``x`` (in place)."""
-    check_array("x", x)
-    check_array("y", y, shape=x.shape)
     if x.size == 0:
         return
     relu_forward_kernel[grid_1d(x.size), THREADS_PER_BLOCK, stream_or_default(stream)](
         flat(y), flat(x))
 
 
+@checks.checked(checks.relu_backward, "cuda")
 def relu_backward(dx, dy, y, stream=None):
     """dx = dy * (y > 0), any shape, float32; ``dx`` may be ``dy`` (in place)."""
-    check_array("y", y)
-    check_array("dy", dy, shape=y.shape)
-    check_array("dx", dx, shape=y.shape)
     if y.size == 0:
         return
     relu_backward_kernel[grid_1d(y.size), THREADS_PER_BLOCK, stream_or_default(stream)](

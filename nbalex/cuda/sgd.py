@@ -11,6 +11,7 @@ loop.  Without ``offsets`` a kernel variant with no multipliers updates the whol
 import numpy as np
 from numba import cuda
 
+from nbalex import checks
 from nbalex.cuda.launch import (THREADS_PER_BLOCK, check_array, check_shape, grid_1d,
                                 stream_or_default)
 
@@ -65,6 +66,7 @@ STATIC_SIGNATURES = [
 ]
 
 
+@checks.checked(checks.sgd_update, "cuda")
 def sgd_update(w, dw, v, lr, momentum, weight_decay, offsets=None, lr_mults=None,
                decay_mults=None, stream=None):
     """One SGD step in place on flat float32 w and v from the gradient dw (the paper's rule,

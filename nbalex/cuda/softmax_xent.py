@@ -12,8 +12,8 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from nbalex.cuda.launch import (THREADS_PER_BLOCK, check_array, check_ndim, grid_1d,
-                                stream_or_default)
+from nbalex import checks
+from nbalex.cuda.launch import THREADS_PER_BLOCK, grid_1d, stream_or_default
 
 ROW_THREADS = 128
 """Threads per row in the forward kernel (a power of two: the tree halves it)."""
@@ -106,15 +106,11 @@ STATIC_SIGNATURES = [
 ]
 
 
+@checks.checked(checks.softmax_xent_forward, "cuda")
 def softmax_xent_forward(losses, probs, logits, labels, stream=None):
     """probs = softmax(logits) row-wise and losses = per-sample cross-entropy, for logits
     (N, K) float32 and labels (N,) int32; probs (N, K) and losses (N,) are written."""
-    check_array("logits", logits)
-    check_ndim("logits", logits, 2)
     n, k = logits.shape
-    check_array("labels", labels, dtype="int32", shape=(n,))
-    check_array("probs", probs, shape=(n, k))
-    check_array("losses", losses, shape=(n,))
     if n == 0 or k == 0:
         return
     blocks = min(n, MAX_ROW_BLOCKS)
@@ -122,14 +118,11 @@ def softmax_xent_forward(losses, probs, logits, labels, stream=None):
         losses, probs, logits, labels)
 
 
+@checks.checked(checks.softmax_xent_backward, "cuda")
 def softmax_xent_backward(dlogits, probs, labels, stream=None):
     """dlogits = (probs - onehot(labels)) / N for probs (N, K) float32 and labels (N,) int32;
     dlogits (N, K) is written (it may be probs)."""
-    check_array("probs", probs)
-    check_ndim("probs", probs, 2)
     n, k = probs.shape
-    check_array("labels", labels, dtype="int32", shape=(n,))
-    check_array("dlogits", dlogits, shape=(n, k))
     if n == 0 or k == 0:
         return
     softmax_xent_backward_kernel[grid_1d(n * k), THREADS_PER_BLOCK, stream_or_default(stream)](

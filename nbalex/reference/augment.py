@@ -15,8 +15,10 @@ Math, with y = crop_y[b], x = crop_x[b], jj = Cr-1-j if flip[b] else j::
     out[b, c, i, j] = images[b, y+i, x+jj, c] - mean[y+i, x+jj, c] + rgb_shift[b, c]
 """
 
+from nbalex import checks
 
 
+@checks.checked(checks.augment_batch, "reference")
 def augment_batch(out, images, crop_y, crop_x, flip, rgb_shift, mean, stream=None):
     """out (B,3,Cr,Cr) <- cropped, maybe mirrored, mean-subtracted, colour-shifted images."""
     crop = out.shape[2]

@@ -24,21 +24,12 @@ from, one filter tap (p, q) at a time, because patches overlap when stride < ker
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from nbalex import checks
+
 
 def output_size(size, kernel, stride, pad):
     """Output length along one axis: floor((size + 2*pad - kernel) / stride) + 1."""
     return (size + 2 * pad - kernel) // stride + 1
-
-
-def _check(x_shape, w_shape, stride, pad, groups):
-    n, c, h, w_ = x_shape
-    f, c_per_group, kh, kw = w_shape
-    if stride < 1 or pad < 0 or groups < 1:
-        raise ValueError(f"need stride >= 1, pad >= 0, groups >= 1; got {stride}, {pad}, {groups}")
-    if c % groups or f % groups or c // groups != c_per_group:
-        raise ValueError(f"x {x_shape} and w {w_shape} do not fit groups={groups}")
-    if output_size(h, kh, stride, pad) < 1 or output_size(w_, kw, stride, pad) < 1:
-        raise ValueError(f"kernel {kh}x{kw} larger than padded input {h}x{w_} (pad {pad})")
 
 
 def _patches(x, kh, kw, stride, pad):
@@ -48,18 +39,19 @@ def _patches(x, kh, kw, stride, pad):
     return windows[:, :, ::stride, ::stride]                   # keep every stride-th one
 
 
+@checks.checked(checks.conv2d_workspace_size, "reference")
 def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
     """The reference needs no caller-provided workspace: 0."""
     return 0
 
 
+@checks.checked(checks.conv2d_forward, "reference")
 def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, stream=None):
     """y (N,F,OH,OW) <- conv(x, w) + b, then max(y, 0) if ``relu``.  y is overwritten.
 
     Per group g: y[:, group g's filters] = tensordot(patches of group g's channels, w_g)
     contracting over (channel, p, q).
     """
-    _check(x.shape, w.shape, stride, pad, groups)
     f, c_per_group, kh, kw = w.shape
     f_per_group = f // groups
     cols = _patches(x, kh, kw, stride, pad)                     # (N, C, OH, OW, KH, KW)
@@ -73,6 +65,7 @@ def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, 
         np.maximum(y, 0, out=y)
 
 
+@checks.checked(checks.conv2d_backward_data, "reference")
 def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=None):
     """dx (N,C,H,W) <- dL/dx given dy = dL/dy (N,F,OH,OW).  dx is overwritten.
 
@@ -81,7 +74,6 @@ def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=
     dx is dxp without its padding.
     """
     n, c, h, w_ = dx.shape
-    _check(dx.shape, w.shape, stride, pad, groups)
     f, c_per_group, kh, kw = w.shape
     f_per_group = f // groups
     oh, ow = dy.shape[2], dy.shape[3]
@@ -98,13 +90,13 @@ def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=
     dx[...] = dxp[:, :, pad:pad + h, pad:pad + w_]
 
 
+@checks.checked(checks.conv2d_backward_weights, "reference")
 def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, stream=None):
     """dw (F,C/G,KH,KW) and db (F,) <- dL/dw, dL/db.  Both overwritten, never accumulated.
 
     dw[f, c, p, q] = sum_{n, i, j} dy[n, f, i, j] * patches[n, c, i, j, p, q]   (per group)
     db[f]          = sum_{n, i, j} dy[n, f, i, j]
     """
-    _check(x.shape, dw.shape, stride, pad, groups)
     f, c_per_group, kh, kw = dw.shape
     f_per_group = f // groups
     cols = _patches(x, kh, kw, stride, pad)                     # (N, C, OH, OW, KH, KW)

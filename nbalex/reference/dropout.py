@@ -3,7 +3,7 @@
 Shapes: x, y, mask, dy, dx all alike; mask is uint8 (1 = kept).  With keep probability
 1 - p, kept units are scaled by 1/(1-p) in training so nothing changes at test time::
 
-    mask[i] = dropout_keep(seed, i, p)         i = flat C-order index
+    mask[i] = dropout_keep(seed, offset + i, p)     i = flat C-order index
     y       = x * mask / (1 - p)
     dx      = dy * mask / (1 - p)
 
@@ -16,6 +16,7 @@ the 32-bit hardware multiply does.
 
 import numpy as np
 
+from nbalex import checks
 from nbalex.backends import dropout_threshold, mix32
 
 
@@ -30,27 +31,24 @@ def mix32_array(x):
     return x
 
 
-def keep_mask(shape, p, seed):
-    """uint8 array of ``shape``: 1 where dropout_keep(seed, flat index, p) holds."""
+def keep_mask(shape, p, seed, offset=0):
+    """uint8 array of ``shape``: 1 where dropout_keep(seed, offset + flat index, p) holds."""
     s = np.uint32(mix32((int(seed) & 0xFFFFFFFF) ^ 0x9E3779B9))
-    index = (np.arange(int(np.prod(shape)), dtype=np.uint64) & 0xFFFFFFFF).astype(np.uint32)
+    index = np.arange(int(offset), int(offset) + int(np.prod(shape)), dtype=np.uint64)
+    index = (index & np.uint64(0xFFFFFFFF)).astype(np.uint32)
     u = mix32_array(index ^ s)
     return ((u >> np.uint32(8)) >= dropout_threshold(p)).astype(np.uint8).reshape(shape)
 
 
-def _check_p(p):
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-
-
-def dropout_forward(y, mask, x, p, seed, stream=None):
-    """mask <- the keep mask for (seed, p); y <- x * mask / (1-p).  Both overwritten."""
-    _check_p(p)
-    mask[...] = keep_mask(x.shape, p, seed)
+@checks.checked(checks.dropout_forward, "reference")
+def dropout_forward(y, mask, x, p, seed, offset=0, stream=None):
+    """mask <- the keep mask for (seed, p), element i hashed as offset + i; y <- x * mask /
+    (1-p).  Both overwritten."""
+    mask[...] = keep_mask(x.shape, p, seed, offset)
     y[...] = x * mask / x.dtype.type(1.0 - p)
 
 
+@checks.checked(checks.dropout_backward, "reference")
 def dropout_backward(dx, dy, mask, p, stream=None):
     """dx <- dy * mask / (1-p).  dx is overwritten; it may be dy."""
-    _check_p(p)
     dx[...] = dy * mask / dy.dtype.type(1.0 - p)

@@ -16,12 +16,16 @@ Gradients, given dy = dL/dy (N, M)::
 
 import numpy as np
 
+from nbalex import checks
 
+
+@checks.checked(checks.linear_workspace_size, "reference")
 def linear_workspace_size(x_shape, w_shape):
     """The reference needs no caller-provided workspace: 0."""
     return 0
 
 
+@checks.checked(checks.linear_forward, "reference")
 def linear_forward(y, x, w, b, relu=False, workspace=None, stream=None):
     """y (N,M) <- x @ w.T + b, then max(y, 0) if ``relu``.  y is overwritten."""
     np.matmul(x, w.T, out=y)
@@ -30,11 +34,13 @@ def linear_forward(y, x, w, b, relu=False, workspace=None, stream=None):
         np.maximum(y, 0, out=y)
 
 
+@checks.checked(checks.linear_backward_data, "reference")
 def linear_backward_data(dx, dy, w, workspace=None, stream=None):
     """dx (N,K) <- dy @ w.  dx is overwritten."""
     np.matmul(dy, w, out=dx)
 
 
+@checks.checked(checks.linear_backward_weights, "reference")
 def linear_backward_weights(dw, db, dy, x, workspace=None, stream=None):
     """dw (M,K) <- dy.T @ x and db (M,) <- dy summed over the batch.  Both overwritten."""
     np.matmul(dy.T, x, out=dw)

@@ -21,6 +21,8 @@ same windowed channel sum serves both passes.
 
 import numpy as np
 
+from nbalex import checks
+
 
 def _window_sum(a, size):
     """s[:, c] = sum of a[:, c'] for c' in [c - size//2, c + size//2] ∩ [0, C)."""
@@ -35,15 +37,19 @@ def _window_sum(a, size):
     return s
 
 
+@checks.checked(checks.lrn_forward, "reference")
 def lrn_forward(y, scale, x, size, alpha, beta, k, stream=None):
     """y, scale (both shaped like x) <- the normalised x and its denominator base.
 
-    Both are overwritten; ``scale`` is kept for :func:`lrn_backward`.
+    Both are overwritten; ``scale`` is kept for :func:`lrn_backward` (None: not kept).
     """
-    scale[...] = k + alpha * _window_sum(x * x, size)
-    y[...] = x * scale ** (-beta)
+    s = k + alpha * _window_sum(x * x, size)
+    y[...] = x * s ** (-beta)
+    if scale is not None:
+        scale[...] = s
 
 
+@checks.checked(checks.lrn_backward, "reference")
 def lrn_backward(dx, dy, x, y, scale, size, alpha, beta, k, stream=None):
     """dx (shaped like x) <- dL/dx from dy, the forward's x, y and scale.  dx is overwritten."""
     back = _window_sum(dy * y / scale, size)

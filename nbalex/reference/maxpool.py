@@ -19,22 +19,27 @@ gradient is the sum (``np.add.at`` adds repeated indices, plain fancy assignment
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from nbalex import checks
 
+
+@checks.checked(checks.maxpool_forward, "reference")
 def maxpool_forward(y, idx, x, size, stride, stream=None):
-    """y, idx (N,C,OH,OW) <- window maxima of x and their flat positions.  Both overwritten."""
+    """y, idx (N,C,OH,OW) <- window maxima of x and their flat positions.  Both overwritten;
+    ``idx`` None (inference) skips the positions."""
     n, c, h, w = x.shape
     oh, ow = y.shape[2], y.shape[3]
-    if oh != (h - size) // stride + 1 or ow != (w - size) // stride + 1:
-        raise ValueError(f"y {y.shape} does not match x {x.shape}, size {size}, stride {stride}")
     windows = sliding_window_view(x, (size, size), axis=(2, 3))[:, :, ::stride, ::stride]
     flat = windows.reshape(n, c, oh, ow, size * size)            # (N, C, OH, OW, size*size)
     arg = flat.argmax(axis=-1)                                    # first maximum wins ties
     y[...] = np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
+    if idx is None:
+        return
     rows = np.arange(oh).reshape(oh, 1) * stride + arg // size    # h of each winner
     cols = np.arange(ow).reshape(1, ow) * stride + arg % size     # w of each winner
     idx[...] = rows * w + cols
 
 
+@checks.checked(checks.maxpool_backward, "reference")
 def maxpool_backward(dx, dy, idx, size, stride, stream=None):
     """dx (N,C,H,W) <- dy routed to idx, summed where windows overlap.  dx is overwritten."""
     n, c, h, w = dx.shape

@@ -6,12 +6,16 @@ The backward pass needs only the output: dL/dx = dL/dy where y > 0, else 0
 
 import numpy as np
 
+from nbalex import checks
 
+
+@checks.checked(checks.relu_forward, "reference")
 def relu_forward(y, x, stream=None):
     """y <- max(x, 0), elementwise.  y may be x (in place)."""
     np.maximum(x, 0, out=y)
 
 
+@checks.checked(checks.relu_backward, "reference")
 def relu_backward(dx, dy, y, stream=None):
     """dx <- dy * (y > 0), elementwise.  dx may be dy (in place)."""
     np.multiply(dy, y > 0, out=dx)

@@ -12,7 +12,10 @@ With both multipliers 1 this is the paper's v <- 0.9 v - 0.0005 lr w - lr g; w <
 
 import numpy as np
 
+from nbalex import checks
 
+
+@checks.checked(checks.sgd_update, "reference")
 def sgd_update(w, dw, v, lr, momentum, weight_decay, offsets=None, lr_mults=None,
                decay_mults=None, stream=None):
     """w, v (flat 1-D) updated in place from dw.  offsets None means one tensor, multipliers 1."""

@@ -16,7 +16,10 @@ The training loss is the batch mean, so the gradient of mean(losses) is::
 
 import numpy as np
 
+from nbalex import checks
 
+
+@checks.checked(checks.softmax_xent_forward, "reference")
 def softmax_xent_forward(losses, probs, logits, labels, stream=None):
     """losses (N,) and probs (N,K) <- per-example loss and softmax.  Both overwritten."""
     n = logits.shape[0]
@@ -26,6 +29,7 @@ def softmax_xent_forward(losses, probs, logits, labels, stream=None):
     losses[...] = lse[:, 0] - z[np.arange(n), labels]
 
 
+@checks.checked(checks.softmax_xent_backward, "reference")
 def softmax_xent_backward(dlogits, probs, labels, stream=None):
     """dlogits (N,K) <- (probs - onehot(labels)) / N.  dlogits is overwritten."""
     n = probs.shape[0]
