@@ -13,7 +13,7 @@ NBALEX_TORCH ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test,static]'
+	$(PIP) install -q -e '.[test,static,mpi]'
 	@if [ -n "$(NBALEX_TORCH)" ]; then \
 	  $(PIP) install -q "$(NBALEX_TORCH)" || echo "note: $(NBALEX_TORCH) could not be installed; PyTorch oracle tests will be skipped"; \
 	fi
