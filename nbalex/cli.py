@@ -10,6 +10,7 @@ inside the commands so ``nbalex --help`` is instant.
 import importlib
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -94,6 +95,20 @@ def _gpu_list(ctx, param, value):
     return gpus
 
 
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses ``nan`` and ``inf`` (a usage error, exit 2), optionally in
+    a range (FloatRange's arguments).  Every float option of every command uses it."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+FINITE = FiniteFloat()
 H5 = click.Path(exists=True, dir_okay=False)
 
 
@@ -218,11 +233,11 @@ TRAIN_EPILOG = _examples(
               help="Train until this many epochs are done (counting resumed ones).")
 @click.option("--batch-size", type=click.IntRange(1), help="Images per step (run setting) "
               "[default: 128].")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), help="Initial learning rate "
+@click.option("--lr", type=FiniteFloat(0, min_open=True), help="Initial learning rate "
               "(run setting) [default: 0.01].")
-@click.option("--momentum", type=click.FloatRange(0, 1), help="Momentum (run setting) "
+@click.option("--momentum", type=FiniteFloat(0, 1), help="Momentum (run setting) "
               "[default: 0.9].")
-@click.option("--weight-decay", type=click.FloatRange(0), help="Weight decay (run setting) "
+@click.option("--weight-decay", type=FiniteFloat(0), help="Weight decay (run setting) "
               "[default: 0.0005].")
 @click.option("--schedule", type=click.Choice(["plateau", "step"]), help="plateau: lr/10 when "
               "validation top-1 error stops improving, at most 3 times (the paper); step: lr/10 "
@@ -234,7 +249,8 @@ TRAIN_EPILOG = _examples(
 @click.option("--backend", type=BACKENDS, default="auto", show_default=True,
               help="auto = cuda when a GPU is present, else cpu.")
 @click.option("--gpus", default="0", show_default=True, callback=_gpu_list,
-              help="GPU numbers for the towers, e.g. 0,1 for the paper's two GPUs.")
+              help="GPU numbers for the towers, e.g. 0,1 for the paper's two GPUs (cuda "
+                   "backend only).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run folder (RUN_DIR).")
 @click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR where it stopped.")
@@ -248,8 +264,14 @@ TRAIN_EPILOG = _examples(
 def train(ctx, data, val, model, epochs, batch_size, lr, momentum, weight_decay, schedule,
           step_epochs, seed, backend, gpus, out_dir, resume, workers, progress,
           stop_after_steps):
-    """Train a network with SGD, momentum and weight decay; validate after every epoch."""
+    """Train a network with SGD, momentum and weight decay; validate after every epoch.
+
+    An output layer with outputs = "classes" (alexnet, alexnet-mini) takes the training
+    data's class count.  SIGTERM, SIGHUP and SIGUSR1 stop a run like Ctrl-C: after the
+    current step, with its position saved for --resume.
+    """
     from nbalex import train as training
+    _check_gpus_need_cuda(ctx, backend)
     given = dict(model=model, batch_size=batch_size, lr=lr, momentum=momentum,
                  weight_decay=weight_decay, schedule=schedule, step_epochs=step_epochs,
                  seed=seed)
@@ -259,14 +281,28 @@ def train(ctx, data, val, model, epochs, batch_size, lr, momentum, weight_decay,
                                  gpus=gpus, resume=resume, given=given, workers=workers,
                                  progress=progress, stop_after_steps=stop_after_steps,
                                  report=lambda line: click.echo(line, err=True))
-    except training.Interrupted as stop:
+    except (training.Interrupted, training.Quit) as stop:
         click.echo(f"Stopped: {stop}", err=True)
-        ctx.exit(130)
+        ctx.exit(stop.exit_code)
     if summary["history"]:
         last = summary["history"][-1]
         click.echo(f"done: {summary['epochs']} epochs, top-1 error "
                    f"{100 * last['top1_error']:.2f}%, top-5 error {100 * last['top5_error']:.2f}%;"
                    f" checkpoint {summary['checkpoint']}")
+
+
+def _check_gpus_need_cuda(ctx, backend):
+    """Refuse ``--gpus`` given with a backend that runs on the host (a usage error)."""
+    from click.core import ParameterSource
+    if ctx.get_parameter_source("gpus") != ParameterSource.COMMANDLINE:
+        return
+    from nbalex.backends import resolve
+    resolved = resolve(backend)
+    if resolved != "cuda":
+        how = f"backend {backend} resolves to {resolved}: no GPU found" if backend == "auto" \
+            else f"backend {resolved} runs on the host's cores"
+        raise click.UsageError(f"--gpus places towers on GPUs, but {how}; leave --gpus out "
+                               f"or use --backend cuda", ctx)
 
 
 # ------------------------------------------------------------------------ inference
@@ -346,16 +382,27 @@ def predict(ctx, checkpoint, images, top, backend, as_json):
 
 # ------------------------------------------------------------------------------ info
 @cli.command(epilog=_examples("nbalex info --model alexnet",
+                             "nbalex info --model alexnet-mini --classes 10",
                              "nbalex info --model alexnet-mini --batch-size 32 --json"))
 @click.option("--model", required=True, help="alexnet, alexnet-mini or a config .toml.")
+@click.option("--classes", type=click.IntRange(1), help="Size the output layer for this many "
+              "classes, as training does for its data (the layer must say outputs = "
+              "\"classes\").")
 @click.option("--batch-size", type=click.IntRange(1),
               help="Also report the device arena needed for this batch size.")
 @click.option("--backend", type=click.Choice(["cuda", "cpu", "reference"]), default="cuda",
               show_default=True, help="Whose buffers the arena size counts (with --batch-size).")
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
-def info(model, batch_size, backend, as_json):
+def info(model, classes, batch_size, backend, as_json):
     """The layer table of a network: output shapes, parameters and multiply-adds."""
+    from nbalex.config import follows_data, sized_to
     from nbalex.model import describe
+    if classes is not None:
+        if not follows_data(model):
+            raise click.UsageError(f"--classes {classes}: the last layer of {model} states its "
+                                   f"output count; write outputs = \"classes\" there to let "
+                                   f"it follow the data")
+        model = sized_to(model, classes)
     description = describe(model, batch_size=batch_size, backend=backend)
     if as_json:
         click.echo(json.dumps(description, default=_jsonable))

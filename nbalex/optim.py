@@ -68,21 +68,26 @@ class ReduceOnPlateau:
 class StepSchedule:
     """A fixed schedule: ``lr * factor**k`` after the k-th milestone epoch has passed.
 
-    ``StepSchedule(0.01, milestones=(30, 60, 80))`` divides by 10 at epochs 30, 60 and 80
-    (counting epochs from 0; the rate of epoch e is ``lr_at(e)``).
+    ``StepSchedule(0.01, milestones=(30, 60, 80))`` divides by 10 at epochs 30, 60 and 80;
+    ``StepSchedule(0.01, every=30)`` at every multiple of 30, however long the run becomes
+    (so a run extended with ``--resume`` keeps the drop due where the old run ended).
+    Epochs count from 0; the rate of epoch e is ``lr_at(e)``.
     """
 
-    def __init__(self, lr=0.01, milestones=(), factor=0.1):
-        if lr <= 0 or not 0 < factor <= 1:
-            raise ValueError("need lr > 0 and 0 < factor <= 1")
+    def __init__(self, lr=0.01, milestones=(), factor=0.1, every=None):
+        if lr <= 0 or not 0 < factor <= 1 or (every is not None and int(every) < 1):
+            raise ValueError("need lr > 0, 0 < factor <= 1 and every >= 1")
         self.base_lr = float(lr)
         self.milestones = tuple(sorted(int(m) for m in milestones))
+        self.every = None if every is None else int(every)
         self.factor = float(factor)
         self.epoch = 0
         self.finished = False
 
     def lr_at(self, epoch):
         passed = sum(1 for m in self.milestones if epoch >= m)
+        if self.every is not None:
+            passed += epoch // self.every
         return self.base_lr * self.factor ** passed
 
     @property
@@ -96,11 +101,12 @@ class StepSchedule:
 
     def state_dict(self):
         return {"kind": "step", "base_lr": self.base_lr, "milestones": list(self.milestones),
-                "factor": self.factor, "epoch": self.epoch}
+                "every": self.every, "factor": self.factor, "epoch": self.epoch}
 
     def load_state_dict(self, state):
         self.base_lr = float(state["base_lr"])
         self.milestones = tuple(state["milestones"])
+        self.every = state.get("every")
         self.factor = float(state["factor"])
         self.epoch = int(state["epoch"])
 

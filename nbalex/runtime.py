@@ -3,6 +3,7 @@ dataset checked against it, where the loader puts its batches, and progress bars
 """
 
 import contextlib
+import hashlib
 import sys
 
 import numpy as np
@@ -71,13 +72,53 @@ def check_data(net, dataset, path, classes=None):
     """Raise ValueError when a packed dataset does not fit the network (or the class list)."""
     if len(dataset.classes) != net.num_classes:
         raise ValueError(f"{path} has {len(dataset.classes)} classes but the model "
-                         f"{net.name} has {net.num_classes} outputs")
+                         f"{net.name} has {net.num_classes} outputs (its last layer states "
+                         f"them; write outputs = \"classes\" there to follow the data)")
     if dataset.image_size < net.input_size:
         raise ValueError(f"{path} holds {dataset.image_size}px images, smaller than the "
                          f"model's {net.input_size}px input; pack it with a larger --size")
     if classes is not None and list(dataset.classes) != list(classes):
         raise ValueError(f"{path} has different classes from the training data "
                          f"(pack it with --classes-from TRAIN.h5)")
+
+
+def data_fingerprint(dataset, path):
+    """What identifies a packed dataset, cheaply (no image is read): its path (for messages),
+    image count and shape, class count, and a digest of the class names, labels and file
+    names.  Stored in a checkpoint so that ``--resume`` refuses other data."""
+    digest = hashlib.sha256()
+    for name in dataset.classes:
+        digest.update(str(name).encode() + b"\0")
+    digest.update(np.ascontiguousarray(dataset.labels, dtype="<i4").tobytes())
+    for name in dataset.files:
+        digest.update(str(name).encode() + b"\0")
+    size = int(dataset.image_size)
+    return {"path": str(path), "images": int(dataset.num_images), "shape": [size, size, 3],
+            "classes": len(dataset.classes), "digest": digest.hexdigest()}
+
+
+def same_data(stored, current, option):
+    """Raise ValueError (one line naming both files) unless two fingerprints match."""
+    keys = ("images", "shape", "classes", "digest")
+    if all(stored.get(k) == current.get(k) for k in keys):
+        return
+
+    def said(fp):
+        return (f"{fp.get('path')}: {fp.get('images')} images of {fp.get('classes')} classes, "
+                f"digest {str(fp.get('digest'))[:12]}")
+    raise ValueError(f"{option} {current['path']} is not the data of the run being resumed "
+                     f"(saved with {said(stored)}; given {said(current)}); pass the same "
+                     f"file or start a new --out folder")
+
+
+def host_signature(backend):
+    """What decides the bits of a step besides the run's settings: the backend and, on the
+    cpu backend, the number of threads Numba's parallel loops use (None elsewhere)."""
+    threads = None
+    if backend == "cpu":
+        import numba
+        threads = int(numba.get_num_threads())
+    return {"backend": backend, "threads": threads}
 
 
 def loader_tower(net):

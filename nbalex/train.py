@@ -16,9 +16,18 @@ and colour noise from (seed, epoch, batch) and each step's dropout seed is
 :func:`step_seed`.  So ``--resume`` after an interruption repeats exactly what an
 uninterrupted run would have done, bit for bit on the same backend.
 
-Ctrl-C does not kill a step half-way: the first SIGINT asks the loop to stop after the
-current step (or validation batch), the position is saved and :class:`Interrupted` is
-raised; a second Ctrl-C stops at once without saving.
+Ctrl-C does not kill a step half-way: the first SIGINT (or SIGTERM, SIGHUP, SIGUSR1: what
+``timeout``, Slurm and ``docker stop`` send) asks the loop to stop after the current step
+(or validation batch), the position is saved and :class:`Interrupted` is raised; a second
+one stops at once without saving (:class:`Quit`, whose message says what the checkpoint
+holds).
+
+A run is checked on resume: the checkpoint records the training and validation data's
+fingerprints (refused when they differ), the config (sized to the data: an output layer
+with ``outputs = "classes"`` takes the training data's class count), and the backend and
+thread count (a warning when they differ: the run continues, not bit for bit).  A step
+whose update leaves a parameter NaN or infinite (``Net.sgd_step`` returns False), or a
+non-finite loss, stops the run with :class:`Diverged`; no non-finite checkpoint is written.
 """
 
 import dataclasses
@@ -44,12 +53,24 @@ class Diverged(RuntimeError):
 
 
 class Interrupted(Exception):
-    """Training stopped on request (Ctrl-C) after saving its position."""
+    """Training stopped on request (Ctrl-C or a stop signal) after saving its position.
 
-    def __init__(self, path, epoch, step):
+    ``exit_code`` is the shell's for that signal (128 + its number: 130 for Ctrl-C).
+    """
+
+    def __init__(self, path, epoch, step, signum=signal.SIGINT):
         super().__init__(f"interrupted at epoch {epoch + 1}, step {step}; position saved to "
                          f"{path} (continue with --resume)")
         self.path, self.epoch, self.step = path, epoch, step
+        self.exit_code = 128 + int(signum)
+
+
+class Quit(Exception):
+    """A second stop request: training quit at once; the message says what was saved."""
+
+    def __init__(self, message, signum=signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
 
 
 @dataclasses.dataclass
@@ -64,6 +85,16 @@ class Settings:
     seed: int = 0
     schedule: str = "plateau"
     step_epochs: int = 30
+
+    def check(self):
+        """Raise ValueError when a setting cannot start a run (e.g. a NaN learning rate)."""
+        for name, low in (("lr", None), ("momentum", 0.0), ("weight_decay", 0.0)):
+            value = getattr(self, name)
+            if not math.isfinite(value) or (low is None and value <= 0) or \
+                    (low is not None and value < low):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number "
+                                 f"{'> 0' if low is None else '>= 0'}, got {value}")
+        return self
 
     def merged(self, given):
         """These settings with ``given`` (name -> value the user passed) checked against them.
@@ -87,51 +118,70 @@ def step_seed(seed, epoch, step):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _check_same_model(model, config_text, path):
+def _check_same_model(model, config_text, path, classes=None):
     """Raise ValueError when ``--model`` (name or path; None = not given) is not the config in
-    the checkpoint at ``path``."""
+    the checkpoint at ``path``.  The stored config is sized to the run's ``classes``; the
+    given one is sized the same way before they are compared."""
     if model is None:
         return
-    from nbalex.config import resolve_source
-    if resolve_source(model)[0].strip() != str(config_text).strip():
+    from nbalex.config import resolve_source, sized_to
+    given = resolve_source(model)[0] if classes is None else sized_to(model, classes)
+    if given.strip() != str(config_text).strip():
         raise ValueError(f"--model {model} is not the model of the run in {path}; leave "
                          f"--model out to resume it, or start a new --out folder")
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1")
+                     if hasattr(signal, name))
+"""Signals that ask a run to stop at the next step boundary and save its position."""
+
+
+def _signal_name(signum):
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
 class _StopRequest:
-    """Turns the first SIGINT into a polite request to stop at the next step boundary.
+    """Turns the first stop signal (:data:`STOP_SIGNALS`) into a request to stop at the next
+    step boundary.
 
     A half-done SGD update would leave parameters and momentum out of step, so the loop
     polls :meth:`__call__` between steps instead of being interrupted inside one.  A second
-    Ctrl-C raises KeyboardInterrupt at once.  ``after_steps`` makes the request itself after
-    that many steps (tests use it to stand in for a Ctrl-C at a known point).
+    signal raises KeyboardInterrupt at once (``forced``).  ``signum`` is the first signal's
+    number (SIGINT when the request came from ``after_steps``, which makes it after that
+    many steps: tests use it to stand in for a Ctrl-C at a known point).  One small object
+    polled between steps, so a request can later be agreed among processes there.
     """
 
     def __init__(self, after_steps=None):
         self.requested = False
         self.forced = False
+        self.signum = signal.SIGINT
         self.after_steps = after_steps
         self.steps = 0
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: KeyboardInterrupt is caught by the loop
-            self._previous = None
+        for signum in STOP_SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: KeyboardInterrupt is caught by the loop
+                break
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def _handle(self, signum, frame):
         if self.requested:
             self.forced = True
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (Ctrl-C again to quit without saving)",
-              file=sys.stderr)
+        self.requested, self.signum = True, signum
+        name = _signal_name(signum)
+        again = "Ctrl-C again" if signum == signal.SIGINT else f"{name} again"
+        print(f"\n{name}: stopping after this step to save the position ({again} quits "
+              f"without saving)", file=sys.stderr)
 
     def count_step(self):
         self.steps += 1
@@ -182,14 +232,15 @@ def train(data, val, out, settings, epochs, *, backend="auto", gpus=(0,), resume
 
     ``settings`` (:class:`Settings`) is used for a new run; on resume the checkpoint's
     settings are used and ``given`` (the options the user passed) must agree with them.
-    Raises :class:`Interrupted` after Ctrl-C (position saved), :class:`Diverged` when the
-    loss stops being finite (last good checkpoint kept), ValueError on unusable inputs.
+    Raises :class:`Interrupted` after a stop signal (position saved), :class:`Quit` after a
+    second one, :class:`Diverged` when the loss or a parameter stops being finite (last
+    good checkpoint kept), ValueError on unusable inputs.
     """
     from nbalex.io.loader import Loader
     from nbalex.backends import resolve
 
     backend = resolve(backend)
-    run = _Run.start(data, val, Path(out), settings, epochs, given, resume, backend, gpus)
+    run = _Run.start(data, val, Path(out), settings, epochs, given, resume, backend, gpus, report)
     net, settings = run.net, run.settings
     if run.epoch >= epochs:
         report(f"nothing to do: {out} already holds {run.epoch} epochs (--epochs {epochs})")
@@ -201,102 +252,144 @@ def train(data, val, out, settings, epochs, *, backend="auto", gpus=(0,), resume
             _StopRequest(stop_after_steps) as stop:
         steps = train_loader.batches_per_epoch
         report(f"{'resuming' if resume else 'training'} {net.name} ({net.num_params():,} "
-               f"parameters, backend {backend}) at epoch {run.epoch + 1}, step {run.step} of "
-               f"{steps}; batch {settings.batch_size}, lr {run.lr:g}; run folder {out}")
-        while run.epoch < epochs:
-            if stop():   # Ctrl-C while the last epoch was being saved: that is the position
-                raise Interrupted(run.path, run.epoch, run.step)
-            started = time.perf_counter()
-            try:
-                _train_epoch(net, train_loader, run, steps, stop, progress,
-                             f"epoch {run.epoch + 1}/{epochs}")
-                run.totals["train_seconds"] += time.perf_counter() - started
-                scores = None if stop() else inference.evaluate(
-                    net, val_loader, should_stop=stop, progress=progress,
-                    desc=f"validate {run.epoch + 1}")
-                if scores is None:
-                    raise KeyboardInterrupt
-            except KeyboardInterrupt:
-                if stop.forced:  # a second Ctrl-C: quit without saving
-                    raise
-                run.totals["seconds"] += time.perf_counter() - started
-                run.save()
-                raise Interrupted(run.path, run.epoch, run.step) from None
-            except Diverged as exc:
-                kept = (f"the last good checkpoint {run.path} is kept" if run.path.exists()
-                        else "no checkpoint was written")
-                raise Diverged(f"{exc}; stopped, {kept}. Try a lower --lr.") from None
-            except Exception:
-                if not stop():
-                    raise
-                # Ctrl-C reaches the loader's reader processes too; when fetching the next
-                # batch fails after a stop request, the finished steps are still saved.
-                run.save()
-                raise Interrupted(run.path, run.epoch, run.step) from None
-            run.totals["seconds"] += time.perf_counter() - started
-            report(_epoch_line(run.finish_epoch(scores), epochs))
+               f"parameters{run.sized_note}, backend {backend}) at epoch {run.epoch + 1}, step "
+               f"{run.step} of {steps}; batch {settings.batch_size}, lr {run.lr:g}; run folder {out}")
+        try:
+            while run.epoch < epochs:
+                if stop():   # a stop request while the last epoch was being saved
+                    raise Interrupted(run.path, run.epoch, run.step, stop.signum)
+                _run_epoch(run, net, train_loader, val_loader, steps, stop, progress, epochs, report)
+        except KeyboardInterrupt:
+            if stop.forced:   # a second request: quit without saving, say what is on disk
+                raise Quit(f"quit at once without saving; {run.saved_text()}", stop.signum) from None
+            raise
     return {"epochs": run.epoch, "history": run.history, "checkpoint": str(run.path)}
+
+
+def _run_epoch(run, net, train_loader, val_loader, steps, stop, progress, epochs, report):
+    """Train and validate one epoch (or its rest), then log and save it; a stop request
+    saves the position and raises Interrupted, divergence raises Diverged (the checkpoint
+    on disk is the last good one: a save of non-finite parameters is refused)."""
+    from nbalex.checkpoint import NonFiniteParameters
+    started = time.perf_counter()
+    try:
+        try:
+            _train_epoch(net, train_loader, run, steps, stop, progress,
+                         f"epoch {run.epoch + 1}/{epochs}")
+            run.totals["train_seconds"] += time.perf_counter() - started
+            scores = None if stop() else inference.evaluate(
+                net, val_loader, should_stop=stop, progress=progress,
+                desc=f"validate {run.epoch + 1}")
+            if scores is None:
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if stop.forced:
+                raise
+            run.totals["seconds"] += time.perf_counter() - started
+            run.save()
+            raise Interrupted(run.path, run.epoch, run.step, stop.signum) from None
+        except Diverged:
+            raise
+        except Exception:
+            if not stop():
+                raise
+            # a stop signal sent to the whole process group reaches the loader's reader
+            # processes too; when fetching the next batch fails after a stop request, the
+            # finished steps are still saved.
+            run.save()
+            raise Interrupted(run.path, run.epoch, run.step, stop.signum) from None
+        run.totals["seconds"] += time.perf_counter() - started
+        report(_epoch_line(run.finish_epoch(scores), epochs))
+    except (Diverged, NonFiniteParameters) as exc:
+        raise Diverged(f"{exc}; stopped, {run.saved_text()}. Try a lower --lr.") from None
 
 
 class _Run:
     """A run folder's state: the network, settings, position, schedule and history."""
 
-    def __init__(self, out, net, settings, state, record, classes, mean, epochs):
+    def __init__(self, out, net, settings, state, record, data):
         self.out, self.path, self.net, self.settings = out, out / CHECKPOINT, net, settings
-        self.classes, self.mean = classes, mean
+        self.classes, self.mean, self.record = data["classes"], data["mean"], record
         self.history, self.totals = record["history"], record["epoch_totals"]
-        self.schedule = make_schedule(settings, record["schedule"], epochs)
+        self.schedule = make_schedule(settings, record["schedule"])
         self.lr = float(state["lr"]) if state else settings.lr
+        if state and settings.schedule == "step":   # a function of the epoch alone
+            self.lr = float(self.schedule.lr)
         self.epoch, self.step = (int(state["epoch"]), int(state["step"])) if state else (0, 0)
+        self.saved = (self.epoch, self.step) if state else None
+        self.sized_note = data["sized_note"]
 
     @classmethod
-    def start(cls, data, val, out, settings, epochs, given, resume, backend, gpus):
-        """A new run in ``out``, or the one saved there (``resume``); checks the data."""
+    def start(cls, data, val, out, settings, epochs, given, resume, backend, gpus, report=_stderr):
+        """A new run in ``out``, or the one saved there (``resume``); checks the data (its
+        fingerprints against the checkpoint's on resume) and sizes the model to it."""
         from nbalex import checkpoint
+        from nbalex.config import follows_data, sized_to
         from nbalex.io.dataset import H5Dataset
         path = out / CHECKPOINT
         state = None
-        if resume:
-            if not path.exists():
-                raise ValueError(f"nothing to resume: {path} does not exist")
-            state = checkpoint.load(path)
-            extra = state.get("extra") or {}
-            if "run" not in extra:
-                raise ValueError(f"{path} was not written by `nbalex train`; cannot resume it")
-            record = json.loads(_extra_text(extra["run"]))
-            given = dict(given or {})
-            _check_same_model(given.pop("model", None), state["config_text"], path)
-            settings = Settings(**record["settings"]).merged(given)
-            config = state["config_text"]
-        else:
-            if path.exists():
-                raise ValueError(f"{out} already holds a run; pass --resume to continue it "
-                                 f"or choose another --out")
-            record = {"history": [], "epoch_totals": _fresh_epoch(), "schedule": None}
-            config = settings.model
-        net = runtime.build_net(config, backend, settings.batch_size, gpus, settings.seed)
         with H5Dataset(data) as train_set, H5Dataset(val) as val_set:
+            found = {"classes": [str(c) for c in train_set.classes],
+                     "mean": np.asarray(train_set.mean, dtype=np.float32),
+                     "train": runtime.data_fingerprint(train_set, data),
+                     "val": runtime.data_fingerprint(val_set, val)}
+            if resume:
+                if not path.exists():
+                    raise ValueError(f"nothing to resume: {path} does not exist")
+                state = checkpoint.load(path, warn=report)
+                extra = state.get("extra") or {}
+                if "run" not in extra:
+                    raise ValueError(f"{path} was not written by `nbalex train`; cannot resume it")
+                record = json.loads(_extra_text(extra["run"]))
+                given = dict(given or {})
+                stored_classes = len(extra.get("classes") or found["classes"])
+                _check_same_model(given.pop("model", None), state["config_text"], path,
+                                  stored_classes)
+                settings = Settings(**record["settings"]).merged(given)
+                _check_same_data(record, found, report)
+                _check_same_host(record, backend, report)
+                config = state["config_text"]
+            else:
+                if path.exists():
+                    raise ValueError(f"{out} already holds a run; pass --resume to continue it "
+                                     f"or choose another --out")
+                settings.check()
+                record = {"history": [], "epoch_totals": _fresh_epoch(), "schedule": None}
+                config = sized_to(settings.model, len(found["classes"]))
+            net = runtime.build_net(config, backend, settings.batch_size, gpus, settings.seed)
             runtime.check_data(net, train_set, data)
             runtime.check_data(net, val_set, val, classes=train_set.classes)
-            classes = [str(c) for c in train_set.classes]
-            mean = np.asarray(train_set.mean, dtype=np.float32)
+        record.update(data={"train": found["train"], "val": found["val"]},
+                      host=runtime.host_signature(backend))
+        found["sized_note"] = (f", {net.layers[-1].name} sized to {net.num_classes} classes"
+                               if follows_data(net.config_text) else "")
         if state is not None:
             net.load_params(state["params"])
             net.load_momentum(state["momentum"])
         out.mkdir(parents=True, exist_ok=True)
         _write_log(out / LOG, record["history"])
         (out / "model.toml").write_text(net.config_text)
-        return cls(out, net, settings, state, record, classes, mean, epochs)
+        return cls(out, net, settings, state, record, found)
 
     def save(self):
-        """Write the checkpoint at the current position (atomic)."""
+        """Write the checkpoint at the current position (atomic); remember it as saved."""
         from nbalex import checkpoint
-        record = {"settings": dataclasses.asdict(self.settings), "history": self.history,
-                  "epoch_totals": self.totals, "schedule": self.schedule.state_dict()}
+        record = {**self.record, "settings": dataclasses.asdict(self.settings),
+                  "history": self.history, "epoch_totals": self.totals,
+                  "schedule": self.schedule.state_dict()}
         extra = {"run": json.dumps(record), "classes": self.classes, "mean": self.mean}
         checkpoint.save(self.path, self.net, epoch=self.epoch, step=self.step, lr=self.lr,
                         seed=self.settings.seed,
                         loader_state={"epoch": self.epoch, "batch": self.step}, extra=extra)
+        self.saved = (self.epoch, self.step)
+
+    def saved_text(self):
+        """What the run folder holds, in words (for the messages of a stopped run)."""
+        if self.saved is None:
+            return "no checkpoint was written"
+        epoch, step = self.saved
+        where = f"the end of epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, step {step}"
+        return f"the last good checkpoint {self.path} is kept (at {where}; --resume continues from there)"
 
     def finish_epoch(self, scores):
         """Log the finished epoch, step the schedule, save, redraw the plots; returns the row."""
@@ -320,6 +413,27 @@ class _Run:
         return row
 
 
+def _check_same_data(record, found, report):
+    """Refuse other training or validation data than the run's (one line naming both)."""
+    stored = record.get("data")
+    if not stored:
+        report("warning: the checkpoint records no data fingerprint (an older run); the "
+               "data cannot be checked against it")
+        return
+    runtime.same_data(stored["train"], found["train"], "--data")
+    runtime.same_data(stored["val"], found["val"], "--val")
+
+
+def _check_same_host(record, backend, report):
+    """Warn when the run was saved on another backend or thread count (not bit for bit)."""
+    stored, now = record.get("host"), runtime.host_signature(backend)
+    if stored and stored != now:
+        def said(h):
+            return h["backend"] + (f" with {h['threads']} threads" if h.get("threads") else "")
+        report(f"warning: the run was saved on backend {said(stored)} and resumes on "
+               f"{said(now)}: it continues, but not bit for bit as it would have there")
+
+
 def _train_epoch(net, loader, run, steps, stop, progress, desc):
     """Run steps ``run.step .. steps-1`` of ``run.epoch``, advancing ``run.step`` after each.
 
@@ -334,7 +448,11 @@ def _train_epoch(net, loader, run, steps, stop, progress, desc):
             if not math.isfinite(loss):
                 raise Diverged(f"the training loss became {loss} at epoch {epoch + 1}, "
                                f"step {run.step + 1}")
-            net.sgd_step(run.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+            finite = net.sgd_step(run.lr, momentum=settings.momentum,
+                                  weight_decay=settings.weight_decay)
+            if finite is False:   # None: the backend cannot tell (the save checks later)
+                raise Diverged(f"a parameter became NaN or infinite at epoch {epoch + 1}, "
+                               f"step {run.step + 1}")
             run.step += 1
             run.totals["loss_sum"] += loss * len(labels)
             run.totals["images"] += len(labels)
@@ -368,12 +486,13 @@ def _extra_text(value):
 MAX_REDUCTIONS = 3     # the paper divided the rate by 10 three times
 
 
-def make_schedule(settings, state=None, epochs=90):
+def make_schedule(settings, state=None):
     """The learning-rate schedule of ``settings`` (from ``state`` when resuming).
 
     ``plateau``: the paper's rule, lr/10 after an epoch whose validation top-1 error is no
     better than the best so far, at most three times (then the rate stays).  ``step``:
-    lr/10 every ``step_epochs`` epochs of the ``epochs`` the run is asked for.
+    lr/10 at every multiple of ``step_epochs`` epochs, whatever ``--epochs`` says (a run
+    extended with ``--resume`` keeps the drop due where it ended).
     """
     from nbalex import optim
     if settings.schedule == "plateau":
@@ -382,9 +501,8 @@ def make_schedule(settings, state=None, epochs=90):
         if state is not None:
             schedule.load_state_dict(state)
     elif settings.schedule == "step":
-        every = settings.step_epochs
-        schedule = optim.StepSchedule(settings.lr, milestones=range(every, epochs, every))
-        if state is not None:   # the milestones follow --epochs, which may grow on resume
+        schedule = optim.StepSchedule(settings.lr, every=settings.step_epochs)
+        if state is not None:
             schedule.epoch = int(state["epoch"])
     else:
         raise ValueError(f"unknown schedule {settings.schedule!r}: choose plateau or step")

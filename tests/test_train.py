@@ -81,9 +81,9 @@ def test_plateau_schedule_divides_by_ten_when_error_stalls_at_most_three_times()
 
 def test_step_schedule_divides_every_k_epochs_and_follows_a_longer_resume():
     settings = training.Settings(lr=1.0, schedule="step", step_epochs=2)
-    schedule = training.make_schedule(settings, epochs=5)
+    schedule = training.make_schedule(settings)
     lrs = [schedule.step() for _ in range(3)]
-    resumed = training.make_schedule(settings, schedule.state_dict(), epochs=9)
+    resumed = training.make_schedule(settings, schedule.state_dict())
     lrs += [resumed.step() for _ in range(5)]
     assert lrs == pytest.approx([1, 0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3, 1e-4])
 
