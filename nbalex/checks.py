@@ -26,7 +26,7 @@ import operator
 
 import numpy as np
 
-__all__ = ["checked", "fast", "like", "conv2d_geometry", "pooled_shape"]
+__all__ = ["checked", "fast", "like", "conv2d_geometry", "pooled_shape", "integer", "sgd_scalars"]
 
 FLOATS = {"reference": ("float32", "float64")}
 """Float dtypes a backend computes in; a backend not listed takes float32 only."""
@@ -351,6 +351,11 @@ def softmax_xent_backward(dlogits, probs, labels, stream=None, backend=None):
         call.fail(f"probs need at least one class, got shape {(n, k)}")
     _labels(call, labels, n, k)
     call.array("dlogits", dlogits, shape=(n, k))
+
+
+def integer(op, name, value, lowest=None):
+    """``value`` as an int, or the ValueError "<op>: <name> must be an integer / >= lowest"."""
+    return _Call(op, None).integer(name, value, lowest)
 
 
 def sgd_scalars(lr, momentum, weight_decay, op="sgd_update"):

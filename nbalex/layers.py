@@ -3,7 +3,10 @@
 The network is a list of *steps*.  A layer step holds one executor per tower (:class:`Conv`,
 :class:`Linear`, :class:`LRN`, :class:`MaxPool`, :class:`Dropout`); a :class:`Gather` step
 trades activation blocks between towers.  Executors allocate their buffers from their
-tower's arena when built and never again; ``forward`` returns the output view, ``backward``
+tower's arena when built and never again; ``check`` runs :mod:`nbalex.checks` over every
+launch the executor will make (once, when the network is built: the per-step launches then
+take the unchecked fast path, ``TowerContext.run``); ``forward(x, n, run)`` (``run`` a
+:class:`Pass`) returns the output view, ``backward``
 takes the gradient of the output and a free flat gradient buffer and returns
 ``(dx, wrote_free)``: the gradient of the input and whether it landed in the free buffer
 (``False`` when it was computed in place or passed through).
@@ -13,7 +16,8 @@ its channels or features, the tower's block) or *full* (every tower holds all of
 layers with ``groups`` a multiple of T, pooling and grouped LRN work on split activations
 tower by tower; conv layers with groups = 1 and fc layers read the full input and compute
 their tower's block of the outputs; dropout works on full activations (its mask is indexed
-by the element's place in the full tensor).  A :class:`Gather` before a layer that needs a
+by the element's place in the full tensor, and, with ``Pass.batch_offset``, in the global
+batch of which this process holds a slice).  A :class:`Gather` before a layer that needs a
 full input turns split into full.  In the backward pass, gradients of full activations are
 *partial* (each tower holds the part that flowed through its own block of the next layer),
 so the gather's backward sums the towers' parts of each block (a reduce-scatter) -- except
@@ -21,10 +25,12 @@ after the logits, whose gradient every tower computes whole.
 """
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
-from nbalex.backends import mix32
+from nbalex import checks
+from nbalex.backends import LAUNCHERS, mix32
 from nbalex.config import ConfigError
 
 
@@ -48,6 +54,18 @@ def layer_seed(seed, index):
 def split(shape, towers):
     """A split activation's per-tower shape: the first axis (channels / features) divided."""
     return (shape[0] // towers, *shape[1:])
+
+
+@dataclass(frozen=True)
+class Pass:
+    """What one forward pass is for.  ``train`` switches dropout on (masks from ``seed``);
+    ``batch_offset`` is the index of this batch's first example in the global batch (its
+    dropout masks are then the global batch's); ``keep`` saves what backward needs (max-pool
+    argmax, LRN scale): off for inference."""
+    train: bool = False
+    seed: int = 0
+    batch_offset: int = 0
+    keep: bool = True
 
 
 @dataclass
@@ -125,10 +143,14 @@ def plan_steps(specs, towers):
 
 
 class TowerContext:
-    """What every executor of one tower needs: backend, place, stream, arena, buffers."""
+    """What every executor of one tower needs: backend, place, stream, arena, buffers.
+
+    ``run`` holds the backend's launchers without their argument checks (the fast path,
+    for plans already checked with :mod:`nbalex.checks`)."""
 
     def __init__(self, backend, place, arena, batch, dtype, params, grads, workspace):
         self.backend = backend
+        self.run = SimpleNamespace(**{n: checks.fast(getattr(backend, n)) for n in LAUNCHERS})
         self.place = place
         self.stream = place.compute_stream
         self.arena = arena
@@ -150,15 +172,24 @@ class Conv:
         self.dw, self.db = ctx.grads[f"{s.name}.weight"], ctx.grads[f"{s.name}.bias"]
         self.out = ctx.arena.alloc((ctx.batch, *step.out_shape), ctx.dtype, f"{s.name}.out")
 
-    def forward(self, x, n, train, seed):
+    def check(self, backend):
+        ctx, y = self.ctx, self.out
+        x = checks.like((ctx.batch, *self.step.in_shape), ctx.dtype)
+        args = (self.stride, self.pad, self.step.groups)
+        checks.conv2d_forward(y, x, self.w, self.b, *args, backend=backend)
+        checks.relu_backward(y, y, y, backend=backend)
+        checks.conv2d_backward_weights(self.dw, self.db, y, x, *args, backend=backend)
+        checks.conv2d_backward_data(x, y, self.w, *args, backend=backend)
+
+    def forward(self, x, n, run):
         y = self.out[:n]
-        self.ctx.backend.conv2d_forward(y, x, self.w, self.b, self.stride, self.pad, self.step.groups,
+        self.ctx.run.conv2d_forward(y, x, self.w, self.b, self.stride, self.pad, self.step.groups,
                                         relu=self.relu, workspace=self.ctx.workspace, stream=self.ctx.stream)
         self.x, self.y = x, y
         return y
 
     def backward(self, dy, free, n, need_dx):
-        be, ctx = self.ctx.backend, self.ctx
+        be, ctx = self.ctx.run, self.ctx
         if self.relu:
             be.relu_backward(dy, dy, self.y, stream=ctx.stream)
         be.conv2d_backward_weights(self.dw, self.db, dy, self.x, self.stride, self.pad, self.step.groups,
@@ -182,16 +213,24 @@ class Linear:
         self.dw, self.db = ctx.grads[f"{s.name}.weight"], ctx.grads[f"{s.name}.bias"]
         self.out = ctx.arena.alloc((ctx.batch, *step.out_shape), ctx.dtype, f"{s.name}.out")
 
-    def forward(self, x, n, train, seed):
+    def check(self, backend):
+        ctx, y = self.ctx, self.out
+        x = checks.like((ctx.batch, self.inputs), ctx.dtype)
+        checks.linear_forward(y, x, self.w, self.b, backend=backend)
+        checks.relu_backward(y, y, y, backend=backend)
+        checks.linear_backward_weights(self.dw, self.db, y, x, backend=backend)
+        checks.linear_backward_data(x, y, self.w, backend=backend)
+
+    def forward(self, x, n, run):
         y = self.out[:n]
         self.x = x.reshape(n, self.inputs)
-        self.ctx.backend.linear_forward(y, self.x, self.w, self.b, relu=self.relu,
+        self.ctx.run.linear_forward(y, self.x, self.w, self.b, relu=self.relu,
                                         workspace=self.ctx.workspace, stream=self.ctx.stream)
         self.y = y
         return y
 
     def backward(self, dy, free, n, need_dx):
-        be, ctx = self.ctx.backend, self.ctx
+        be, ctx = self.ctx.run, self.ctx
         if self.relu:
             be.relu_backward(dy, dy, self.y, stream=ctx.stream)
         be.linear_backward_weights(self.dw, self.db, dy, self.x, workspace=ctx.workspace,
@@ -220,10 +259,19 @@ class LRN:
         g = self.step.groups
         return a.reshape((n * g, c // g, *self.step.in_shape[1:]))
 
-    def forward(self, x, n, train, seed):
+    def check(self, backend):
+        c, g = self.step.in_shape[0], self.step.groups
+        if c % g:
+            raise ValueError(f"layer {self.spec.name!r}: groups={g} does not divide its {c} channels")
+        grouped = checks.like((self.ctx.batch * g, c // g, *self.step.in_shape[1:]), self.ctx.dtype)
+        checks.lrn_forward(grouped, grouped, grouped, *self.args, backend=backend)
+        checks.lrn_backward(grouped, grouped, grouped, grouped, grouped, *self.args, backend=backend)
+
+    def forward(self, x, n, run):
         y, scale = self.out[:n], self.scale[:n]
-        self.ctx.backend.lrn_forward(self._grouped(y, n), self._grouped(scale, n), self._grouped(x, n),
-                                     *self.args, stream=self.ctx.stream)
+        kept = self._grouped(scale, n) if run.keep else None
+        self.ctx.run.lrn_forward(self._grouped(y, n), kept, self._grouped(x, n), *self.args,
+                                 stream=self.ctx.stream)
         self.x, self.y, self.s = x, y, scale
         return y
 
@@ -232,7 +280,7 @@ class LRN:
             return None, False
         dx = view(free, n, self.step.in_shape)
         g = self._grouped
-        self.ctx.backend.lrn_backward(g(dx, n), g(dy, n), g(self.x, n), g(self.y, n), g(self.s, n),
+        self.ctx.run.lrn_backward(g(dx, n), g(dy, n), g(self.x, n), g(self.y, n), g(self.s, n),
                                       *self.args, stream=self.ctx.stream)
         return dx, True
 
@@ -248,16 +296,22 @@ class MaxPool:
         self.out = ctx.arena.alloc(shape, ctx.dtype, f"{s.name}.out")
         self.idx = ctx.arena.alloc(shape, np.int32, f"{s.name}.argmax")
 
-    def forward(self, x, n, train, seed):
+    def check(self, backend):
+        x = checks.like((self.ctx.batch, *self.step.in_shape), self.ctx.dtype)
+        checks.maxpool_forward(self.out, self.idx, x, self.size, self.stride, backend=backend)
+        checks.maxpool_backward(x, self.out, self.idx, self.size, self.stride, backend=backend)
+
+    def forward(self, x, n, run):
         y = self.out[:n]
-        self.ctx.backend.maxpool_forward(y, self.idx[:n], x, self.size, self.stride, stream=self.ctx.stream)
+        idx = self.idx[:n] if run.keep else None
+        self.ctx.run.maxpool_forward(y, idx, x, self.size, self.stride, stream=self.ctx.stream)
         return y
 
     def backward(self, dy, free, n, need_dx):
         if not need_dx:
             return None, False
         dx = view(free, n, self.step.in_shape)
-        self.ctx.backend.maxpool_backward(dx, dy, self.idx[:n], self.size, self.stride, stream=self.ctx.stream)
+        self.ctx.run.maxpool_backward(dx, dy, self.idx[:n], self.size, self.stride, stream=self.ctx.stream)
         return dx, True
 
 
@@ -270,15 +324,20 @@ class Dropout:
         shape = (ctx.batch, *step.out_shape)
         self.out = ctx.arena.alloc(shape, ctx.dtype, f"{s.name}.out")
         self.mask = ctx.arena.alloc(shape, np.uint8, f"{s.name}.mask")
+        self.per_example = prod(step.out_shape)
         self.active = False
 
-    def forward(self, x, n, train, seed):
-        self.active = train and self.p > 0
+    def check(self, backend):
+        checks.dropout_forward(self.out, self.mask, self.out, self.p, 0, backend=backend)
+        checks.dropout_backward(self.out, self.out, self.mask, self.p, backend=backend)
+
+    def forward(self, x, n, run):
+        self.active = run.train and self.p > 0
         if not self.active:
             return x
         y = self.out[:n]
-        self.ctx.backend.dropout_forward(y, self.mask[:n], x, self.p, layer_seed(seed, self.index),
-                                         stream=self.ctx.stream)
+        self.ctx.run.dropout_forward(y, self.mask[:n], x, self.p, layer_seed(run.seed, self.index),
+                                     run.batch_offset * self.per_example, stream=self.ctx.stream)
         return y
 
     def backward(self, dy, free, n, need_dx):
@@ -287,7 +346,7 @@ class Dropout:
         if not self.active:
             return dy, False
         dx = view(free, n, self.step.in_shape)
-        self.ctx.backend.dropout_backward(dx, dy, self.mask[:n], self.p, stream=self.ctx.stream)
+        self.ctx.run.dropout_backward(dx, dy, self.mask[:n], self.p, stream=self.ctx.stream)
         return dx, True
 
 
@@ -318,7 +377,10 @@ class Gather:
         self.split_shape = split(step.shape, self.towers)
         self.full = [c.arena.alloc((c.batch, *step.shape), c.dtype, "gather.full") for c in ctxs]
 
-    def forward(self, xs, n, train, seed):
+    def check(self, backend):
+        """Nothing to check: a gather only copies between buffers it sized itself."""
+
+    def forward(self, xs, n, run):
         row, block = self.row, self.block
         fulls = [f[:n] for f in self.full]
         for t, ctx in enumerate(self.ctxs):
@@ -365,11 +427,15 @@ class LayerStage:
         self.executors = [make_executor(step, ctx, index) for ctx in ctxs]
         self.has_params = step.spec.type in ("conv", "fc")
 
-    def forward(self, xs, n, train, seed):
+    def check(self, backend):
+        for ex in self.executors:
+            ex.check(backend)
+
+    def forward(self, xs, n, run):
         ys = []
         for ctx, ex, x in zip(self.ctxs, self.executors, xs):
             with ctx.place.activate():
-                ys.append(ex.forward(x, n, train, seed))
+                ys.append(ex.forward(x, n, run))
         return ys
 
     def backward(self, dys, frees, n, need_dx):

@@ -4,6 +4,7 @@
 
     net = Net("alexnet-mini", backend="cpu", batch_size=32)
     loss = net.forward_backward(x, labels, train=True, seed=step)   # fills the gradients
+    loss = net.forward_backward(x, labels, seed=step, batch_offset=r * len(x))  # rank r's slice
     net.sgd_step(lr=0.01)                                           # the paper's update rule
     logits = net.forward(x)                                         # (B, classes), NumPy
 
@@ -15,13 +16,20 @@ state, gradient buffers and workspaces come from one arena per tower, sized once
 conv/fc layers and applied in place in the backward pass, max-pooling keeps only its argmax
 indices, the gradients of activations live in two ping-pong buffers, and no gradient is
 computed for the input image.  :mod:`nbalex.layers` explains how layers split over towers.
+
+Arguments are checked once, when the network is built: every launch of the plan goes through
+:mod:`nbalex.checks` with the arena's buffers (and stand-ins for the views a step takes of
+them), and each step then calls the launchers' unchecked fast path.  Per step only what the
+caller passes in is checked (input shape, labels, ``batch_offset``, the SGD scalars).
+``forward`` (inference) saves nothing for backward (no max-pool argmax, no LRN scale).
 """
 
 import numpy as np
 
+from nbalex import checks
 from nbalex.backends import get_backend, resolve
 from nbalex.config import ConfigError, load_config
-from nbalex.layers import Gather, GatherStep, LayerStage, TowerContext, plan_steps, prod, view
+from nbalex.layers import Gather, GatherStep, LayerStage, Pass, TowerContext, plan_steps, prod, view
 from nbalex.memory import HostPlace, SizingArena, TransferCounter, aligned
 
 __all__ = ["Net", "describe", "initial_params", "ConfigError"]
@@ -191,7 +199,20 @@ class Net:
                 if not place.arena.zeroed:
                     place.to_device(b["grads"], zeros)
                     place.to_device(b["momentum"], zeros)
+        self._check_plan()
         self.load_params(initial_params(self.layers, seed, self.dtype))
+
+    def _check_plan(self):
+        """Every launch a step makes, checked once (nbalex.checks) on this tower's buffers."""
+        name = self.backend_name
+        for stage in self._stages:
+            stage.check(name)
+        for b in self._buffers:
+            probs, labels = b["probs"], checks.like(b["labels"].shape, np.int32)
+            checks.softmax_xent_forward(b["losses"], probs, probs, labels, backend=name)
+            checks.softmax_xent_backward(probs, probs, labels, backend=name)
+            checks.sgd_update(b["params"], b["grads"], b["momentum"], 0.0, 0.0, 0.0, b["offsets"],
+                              b["lr_mults"], b["decay_mults"], backend=name)
 
     # ---- parameters -------------------------------------------------------------------------
 
@@ -283,30 +304,42 @@ class Net:
                     xs.append(b["input"][:n])
         return n, xs
 
-    def _forward(self, xs, n, train, seed):
+    def _forward(self, xs, n, run):
         for stage in self._stages:
-            xs = stage.forward(xs, n, train, seed)
+            xs = stage.forward(xs, n, run)
         return xs
 
-    def forward(self, x, train=False, seed=0):
-        """Logits (N, classes) as a NumPy array; ``train`` switches dropout on (mask from ``seed``)."""
+    @staticmethod
+    def _pass(train, seed, batch_offset, keep):
+        return Pass(bool(train), checks.integer("Net", "seed", seed),
+                    checks.integer("Net", "batch_offset", batch_offset, lowest=0), keep)
+
+    def forward(self, x, train=False, seed=0, batch_offset=0):
+        """Logits (N, classes) as a NumPy array; ``train`` switches dropout on (mask from ``seed``,
+        ``batch_offset`` as in :meth:`forward_backward`).  Nothing is saved for backward."""
         n, xs = self._inputs(x)
-        logits = self._forward(xs, n, train, seed)
+        logits = self._forward(xs, n, self._pass(train, seed, batch_offset, keep=False))
         place = self._places[0]
         with place.activate():
             place.to_host(self._logits_host[:n], logits[0])
         self._synchronize()
         return np.array(self._logits_host[:n])
 
-    def forward_backward(self, x, labels, train=True, seed=0):
-        """Mean softmax cross-entropy of the batch; fills the gradients (overwriting them)."""
+    def forward_backward(self, x, labels, train=True, seed=0, batch_offset=0):
+        """Mean softmax cross-entropy of the batch; fills the gradients (overwriting them).
+
+        ``batch_offset`` is the index of x[0] in the global batch when x is one slice of it
+        (data parallelism): dropout then draws, for each example, the mask the whole batch
+        would give it in one process (a layer's element offset is batch_offset times its
+        elements per example)."""
+        run = self._pass(train, seed, batch_offset, keep=True)
         n, xs = self._inputs(x)
         labels = np.asarray(labels)
         if labels.shape != (n,):
             raise ValueError(f"labels have shape {labels.shape}, expected ({n},)")
         if labels.min() < 0 or labels.max() >= self.num_classes:
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.min()}..{labels.max()}")
-        logits = self._forward(xs, n, train, seed)
+        logits = self._forward(xs, n, run)
         grads = []
         for t, (place, ctx, b) in enumerate(zip(self._places, self._ctxs, self._buffers)):
             with place.activate():
@@ -316,9 +349,9 @@ class Net:
                     y = b["labels"][:n]
                     place.to_device(y, labels.astype(np.int32, copy=False))
                 losses, probs = b["losses"][:n], b["probs"][:n]
-                self.backend.softmax_xent_forward(losses, probs, logits[t], y, stream=ctx.stream)
+                ctx.run.softmax_xent_forward(losses, probs, logits[t], y, stream=ctx.stream)
                 dlogits = view(b["grad_bufs"][0], n, (self.num_classes,))
-                self.backend.softmax_xent_backward(dlogits, probs, y, stream=ctx.stream)
+                ctx.run.softmax_xent_backward(dlogits, probs, y, stream=ctx.stream)
                 if t == 0:
                     place.to_host(self._losses_host[:n], losses)
                 grads.append(dlogits)
@@ -332,9 +365,10 @@ class Net:
 
     def sgd_step(self, lr, momentum=0.9, weight_decay=5e-4):
         """v <- momentum*v - lr*lr_mult*(weight_decay*decay_mult*w + g); w <- w + v: one launch per tower."""
+        checks.sgd_scalars(lr, momentum, weight_decay, op="sgd_step")
         for place, ctx, b in zip(self._places, self._ctxs, self._buffers):
             with place.activate():
-                self.backend.sgd_update(b["params"], b["grads"], b["momentum"], lr, momentum, weight_decay,
+                ctx.run.sgd_update(b["params"], b["grads"], b["momentum"], lr, momentum, weight_decay,
                                         b["offsets"], b["lr_mults"], b["decay_mults"], stream=ctx.stream)
 
     def synchronize(self):

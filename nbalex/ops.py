@@ -5,7 +5,9 @@ backend's launcher (see :mod:`nbalex.backends`) and returns NumPy arrays.  ``bac
 ``"reference"`` (NumPy), ``"cpu"`` (Numba on the CPU), ``"cuda"`` (Numba CUDA kernels; inputs
 are copied to the device and results copied back, on a real GPU or under the simulator with
 ``NUMBA_ENABLE_CUDASIM=1``) or ``None``/``"auto"`` (``cuda`` when a GPU is present, else ``cpu``).
-The ``cpu`` and ``cuda`` launchers expect float32; the reference also takes float64.
+The ``cpu`` and ``cuda`` launchers expect float32; the reference also takes float64.  Every
+call is checked on the host by :mod:`nbalex.checks` before anything is copied or computed, so
+a bad call is the same ``ValueError`` on every backend.
 
 A lab checking its own kernel against two backends::
 
@@ -31,6 +33,7 @@ accumulate, the buffers they are given).
 
 import numpy as np
 
+from nbalex import checks
 from nbalex.backends import get_backend, resolve
 
 __all__ = [
@@ -57,19 +60,24 @@ def _launcher(backend, name):
 def _run(backend, name, outputs, inputs, *args):
     """Call launcher ``name`` as fn(*outputs, *inputs, *args) and leave results in ``outputs``.
 
-    ``outputs`` and ``inputs`` are NumPy arrays; for the cuda backend they are copied to the
-    device first and the outputs copied back afterwards.
+    ``outputs`` and ``inputs`` are NumPy arrays (an output may be None: not wanted).  The call
+    is checked here, on the host arrays (so label values are checked for cuda too); for the
+    cuda backend the arrays are then copied to the device and the outputs copied back.
     """
     fn = _launcher(backend, name)
-    if resolve(backend) != "cuda":
+    which = resolve(backend)
+    getattr(checks, name)(*outputs, *inputs, *args, backend=which)
+    fn = checks.fast(fn)
+    if which != "cuda":
         fn(*outputs, *inputs, *args)
         return
     from numba import cuda
-    d_outputs = [cuda.device_array(o.shape, o.dtype) for o in outputs]
+    d_outputs = [None if o is None else cuda.device_array(o.shape, o.dtype) for o in outputs]
     d_inputs = [cuda.to_device(a) for a in inputs]
     fn(*d_outputs, *d_inputs, *args)
     for host, dev in zip(outputs, d_outputs):
-        dev.copy_to_host(host)
+        if host is not None:
+            dev.copy_to_host(host)
 
 
 def _array(a, dtype=None):
@@ -77,19 +85,13 @@ def _array(a, dtype=None):
     return np.ascontiguousarray(a, dtype=dtype)
 
 
-def _out_size(size, kernel, stride, pad):
-    """Convolution output length along one axis."""
-    return (size + 2 * pad - kernel) // stride + 1
-
-
 # --- convolution ------------------------------------------------------------------------
 
 def conv2d_forward(x, w, b, stride=1, pad=0, groups=1, backend=None):
     """y (N,F,OH,OW) = conv(x (N,C,H,W), w (F,C/groups,KH,KW)) + b (F,)."""
     x, w, b = _array(x), _array(w), _array(b)
-    n, _, h, wd = x.shape
-    f, _, kh, kw = w.shape
-    y = np.empty((n, f, _out_size(h, kh, stride, pad), _out_size(wd, kw, stride, pad)), x.dtype)
+    g = checks.conv2d_geometry(x.shape, w.shape, stride, pad, groups, op="conv2d_forward")
+    y = np.empty((g[0], g[4], g[8], g[9]), x.dtype)
     _run(backend, "conv2d_forward", [y], [x, w, b], stride, pad, groups)
     return y
 
@@ -150,8 +152,8 @@ def lrn_forward(x, size=5, alpha=1e-4, beta=0.75, k=2.0, backend=None):
     As in the paper, alpha is not divided by ``size``.
     """
     x = _array(x)
-    y, scale = np.empty_like(x), np.empty_like(x)
-    _run(backend, "lrn_forward", [y, scale], [x], size, alpha, beta, k)
+    y = np.empty_like(x)
+    _run(backend, "lrn_forward", [y, None], [x], size, alpha, beta, k)   # scale not kept
     return y
 
 
@@ -170,8 +172,7 @@ def lrn_backward(dy, x, y, size=5, alpha=1e-4, beta=0.75, k=2.0, backend=None):
 def maxpool_forward(x, size=3, stride=2, backend=None):
     """(y, idx): window maxima (N,C,OH,OW) and their int32 positions h*W+w in each plane."""
     x = _array(x)
-    n, c, h, w = x.shape
-    shape = (n, c, (h - size) // stride + 1, (w - size) // stride + 1)
+    shape = checks.pooled_shape(x.shape, size, stride, op="maxpool_forward")
     y, idx = np.empty(shape, x.dtype), np.empty(shape, np.int32)
     _run(backend, "maxpool_forward", [y, idx], [x], size, stride)
     return y, idx
@@ -185,11 +186,13 @@ def maxpool_backward(dy, idx, x_shape, size=3, stride=2, backend=None):
     return dx
 
 
-def dropout_forward(x, p=0.5, seed=0, backend=None):
-    """(y, mask): y = x * mask / (1-p), mask uint8 from the counter-based hash of (seed, index)."""
+def dropout_forward(x, p=0.5, seed=0, offset=0, backend=None):
+    """(y, mask): y = x * mask / (1-p), mask uint8 from the counter-based hash of (seed,
+    offset + flat index); ``offset`` is the flat index of x's first element in a larger batch
+    (x a slice of it: the slice then draws the mask the whole batch would)."""
     x = _array(x)
     y, mask = np.empty_like(x), np.empty(x.shape, np.uint8)
-    _run(backend, "dropout_forward", [y, mask], [x], p, seed)
+    _run(backend, "dropout_forward", [y, mask], [x], p, seed, offset)
     return y, mask
 
 
@@ -228,6 +231,8 @@ def sgd_update(w, dw, v, lr, momentum=0.9, weight_decay=5e-4, backend=None):
     fn = _launcher(backend, "sgd_update")
     flat_w, flat_v = _array(w).reshape(-1), _array(v).reshape(-1)
     flat_dw = _array(dw, flat_w.dtype).reshape(-1)
+    checks.sgd_update(flat_w, flat_dw, flat_v, lr, momentum, weight_decay, backend=resolve(backend))
+    fn = checks.fast(fn)
     if resolve(backend) == "cuda":
         from numba import cuda
         d_w, d_dw, d_v = cuda.to_device(flat_w), cuda.to_device(flat_dw), cuda.to_device(flat_v)

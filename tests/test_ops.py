@@ -161,7 +161,7 @@ def test_backward_launchers_overwrite_never_accumulate(rng):
         (lambda: ref.lrn_backward(dx, dy, x, y, scale, 5, 1e-4, 0.75, 2.0), dx),
         (lambda: ref.maxpool_backward(dx, dy[:, :, :2, :2].copy(), idx, 3, 2), dx),
         (lambda: ref.dropout_backward(dx, dy, mask, 0.5), dx),
-        (lambda: ref.softmax_xent_backward(dlogits, probs, np.array([0, 1, 3])), dlogits),
+        (lambda: ref.softmax_xent_backward(dlogits, probs, np.array([0, 1, 3], np.int32)), dlogits),
     ]
     for call, *buffers in cases:
         first, second = _twice(call, *buffers)
@@ -223,7 +223,7 @@ def test_cuda_path_copies_to_the_device_and_back(rng, monkeypatch):
     real_get_backend = ops.get_backend
     monkeypatch.setattr(ops, "get_backend",
                         lambda name: standin if name == "cuda" else real_get_backend(name))
-    x, w, b = randn(rng, 1, 4, 6, 6), randn(rng, 4, 2, 3, 3), randn(rng, 4)
+    x, w, b = (randn(rng, *s, dtype=np.float32) for s in ((1, 4, 6, 6), (4, 2, 3, 3), (4,)))
     y = ops.conv2d_forward(x, w, b, 1, 1, 2, backend="cuda")
     np.testing.assert_array_equal(y, ops.conv2d_forward(x, w, b, 1, 1, 2, backend="reference"))
     for got, want in zip(ops.conv2d_backward(y, x, w, 1, 1, 2, backend="cuda"),
@@ -231,7 +231,7 @@ def test_cuda_path_copies_to_the_device_and_back(rng, monkeypatch):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(ops.lrn_backward(x, x, y, backend="cuda"),
                                   ops.lrn_backward(x, x, y, backend="reference"))
-    wv, dwv, vv = randn(rng, 3, 5), randn(rng, 3, 5), randn(rng, 3, 5)
+    wv, dwv, vv = (randn(rng, 3, 5, dtype=np.float32) for _ in range(3))
     w_before, w_ref, v_ref = wv.copy(), wv.copy(), vv.copy()
     ops.sgd_update(wv, dwv, vv, 0.1, backend="cuda")
     ops.sgd_update(w_ref, dwv, v_ref, 0.1, backend="reference")
