@@ -230,16 +230,23 @@ FAILING = """
             time.sleep(0.3)
             if how == "raise":
                 raise ValueError("boom on purpose")
-            sys.exit(3)
+            if how == "exit":
+                sys.exit(3)
         w.barrier()         # rank 0 waits for rank 1 in a collective: it would hang forever
         print("rank 0 passed the barrier")
+    if sys.argv[1] == "escape":     # outside run(): the excepthook that init() installs
+        if w.rank == 1:
+            time.sleep(0.3)
+            raise KeyError("escaped")
+        w.barrier()
     w.run(main, sys.argv[1])
 """
 
 
 @needs_mpi
 @pytest.mark.parametrize("how, line", [("raise", "Error: rank 1 of 2: ValueError: boom on purpose"),
-                                       ("exit", "Error: rank 1 of 2: exited with status 3")])
+                                       ("exit", "Error: rank 1 of 2: exited with status 3"),
+                                       ("escape", "Error: rank 1 of 2: KeyError: 'escaped'")])
 def test_a_failing_rank_ends_the_whole_job_with_one_line(tmp_path, how, line):
     t0 = time.monotonic()
     out = mpirun(2, FAILING, tmp_path, args=[how], timeout=60)
