@@ -186,7 +186,7 @@ OPS = {  # op -> (its forward launcher, the module of nbalex.cuda that holds its
 
 def source_path(backend, launcher):
     """The file, relative to the repository, that defines ``launcher`` in ``backend``."""
-    fn = getattr(importlib.import_module(f"nbalex.{backend}"), launcher)
+    fn = inspect.unwrap(getattr(importlib.import_module(f"nbalex.{backend}"), launcher))
     return os.path.relpath(inspect.getsourcefile(fn), REPO)
 
 

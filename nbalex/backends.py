@@ -8,6 +8,13 @@ float32 buffer of at least ``conv2d_workspace_size(...)`` / ``linear_workspace_s
 elements; when it is ``None`` the launcher allocates what it needs (fine for the ops façade,
 never done inside a training step, where the network's arena holds one shared workspace).
 
+Arguments are checked once, by :mod:`nbalex.checks`: each backend's launcher is wrapped by
+``checks.checked(checks.<launcher>, backend)``, so the three backends refuse the same bad call
+with the same ``ValueError`` ("<launcher>: <what is wrong>").  ``launcher.unchecked`` is the
+same launcher without the check, for callers that checked their plan already (the network
+does, once, when it is built).  Optional arguments added to the contract go before ``stream``
+with a default that keeps the old behaviour, so positional calls stay valid.
+
 Shapes and dtypes (float32 unless stated; the reference also accepts float64):
 
 conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, stream=None)
@@ -30,16 +37,22 @@ relu_forward(y, x, stream=None)                       y = max(x, 0); y may be x
 relu_backward(dx, dy, y, stream=None)                 dx = dy * (y > 0); dx may be dy
 lrn_forward(y, scale, x, size, alpha, beta, k, stream=None)
     scale[n,c] = k + alpha * sum_{c' in [c-size//2, c+size//2] ∩ [0,C)} x[n,c']**2
-    y = x * scale**(-beta).  scale is kept for the backward pass.  Works on any (N,C,...) x.
+    y = x * scale**(-beta).  scale is kept for the backward pass; scale=None (inference)
+    keeps nothing.  Works on any (N,C,...) x; size >= 1, alpha >= 0, k > 0.
 lrn_backward(dx, dy, x, y, scale, size, alpha, beta, k, stream=None)
     dx[c] = dy[c]*scale[c]**-beta - 2*alpha*beta*x[c] * sum_{j: c in window(j)} dy[j]*y[j]/scale[j]
 maxpool_forward(y, idx, x, size, stride, stream=None)
     x (N,C,H,W), y (N,C,OH,OW), OH=(H-size)//stride+1 (floor).  idx int32 (N,C,OH,OW): the
     argmax as h*W+w within its (n,c) plane; ties go to the first in row-major window order.
+    idx=None (inference) keeps nothing.  size <= H and size <= W.
 maxpool_backward(dx, dy, idx, size, stride, stream=None)
     dx (N,C,H,W) overwritten: each dy routed to its idx (summed where windows overlap).
-dropout_forward(y, mask, x, p, seed, stream=None)
-    mask uint8, same shape as x: 1 where kept.  y = x * mask / (1-p).  See dropout_keep().
+dropout_forward(y, mask, x, p, seed, offset=0, stream=None)
+    mask uint8, same shape as x: 1 where kept, mask[i] = dropout_keep(seed, offset + i, p)
+    (i the flat C-order index); y = x * mask / (1-p); 0 <= p < 1.  offset >= 0 is the flat
+    index of x[0] in the global batch when x is a slice of it (data parallelism: rank r of a
+    batch split in N holding examples [r*B/N, (r+1)*B/N) passes offset = r*B/N * elements per
+    example), so every slice draws the mask one process would draw for the whole batch.
 dropout_backward(dx, dy, mask, p, stream=None)        dx = dy * mask / (1-p)
 softmax_xent_forward(losses, probs, logits, labels, stream=None)
     logits (N,K), labels int32 (N,), probs (N,K) softmax, losses (N,) = logsumexp - logit[label].
@@ -58,6 +71,15 @@ augment_batch(out, images, crop_y, crop_x, flip, rgb_shift, mean, stream=None)
 
 Dropout masks come from a counter-based hash, identical on every backend (see
 :func:`dropout_keep`), so the same seed gives the same mask everywhere.
+
+Device-resident scalars (planned, for CUDA graph capture; not implemented): a captured graph
+freezes kernel arguments, so the two per-step scalars will be accepted, in the same
+positional places, as 1-element device arrays besides Python numbers: ``dropout_forward``'s
+``seed`` as uint32 (1,) (the layer's seed, mixed inside the kernel) and ``sgd_update``'s
+``lr`` as float32 (1,).  The kernel then reads element 0 when it runs; the network keeps one
+small device table (a seed per dropout layer, the learning rate) that a single host-to-device
+copy from pinned memory refreshes before each replay.  The checks will accept a (1,) array of
+that dtype there; no other argument changes.
 """
 
 import importlib
