@@ -116,3 +116,29 @@ def schedule_from_state(state):
     schedule = {"plateau": ReduceOnPlateau, "step": StepSchedule}[state["kind"]]()
     schedule.load_state_dict(state)
     return schedule
+
+
+MAX_REDUCTIONS = 3     # the paper divided the rate by 10 three times
+
+
+def make_schedule(settings, state=None):
+    """The schedule a run's settings ask for (``settings.schedule``, ``.lr``,
+    ``.step_epochs``), from ``state`` when resuming.
+
+    ``plateau``: the paper's rule, lr/10 after an epoch whose validation top-1 error is no
+    better than the best so far, at most three times (then the rate stays).  ``step``:
+    lr/10 at every multiple of ``step_epochs`` epochs, whatever ``--epochs`` says (a run
+    extended with ``--resume`` keeps the drop due where it ended).
+    """
+    if settings.schedule == "plateau":
+        schedule = ReduceOnPlateau(settings.lr, factor=0.1, patience=1,
+                                   max_reductions=MAX_REDUCTIONS)
+        if state is not None:
+            schedule.load_state_dict(state)
+    elif settings.schedule == "step":
+        schedule = StepSchedule(settings.lr, every=settings.step_epochs)
+        if state is not None:
+            schedule.epoch = int(state["epoch"])
+    else:
+        raise ValueError(f"unknown schedule {settings.schedule!r}: choose plateau or step")
+    return schedule

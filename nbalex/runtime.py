@@ -1,9 +1,11 @@
 """What training, evaluation and prediction share: a network that fits on its GPUs, a
-dataset checked against it, where the loader puts its batches, and progress bars.
+dataset checked against it (and its fingerprint), where the loader puts its batches,
+progress bars, and the stop request their loops poll between steps.
 """
 
 import contextlib
 import hashlib
+import signal
 import sys
 
 import numpy as np
@@ -121,6 +123,29 @@ def host_signature(backend):
     return {"backend": backend, "threads": threads}
 
 
+def check_same_data(stored, found, report):
+    """On resume: refuse other training or validation data than the run's (one line naming
+    both); ``stored`` and ``found`` hold "train" and "val" fingerprints (stored None: a run
+    saved before fingerprints, which gets a warning)."""
+    if not stored:
+        report("warning: the checkpoint records no data fingerprint (an older run); the "
+               "data cannot be checked against it")
+        return
+    same_data(stored["train"], found["train"], "--data")
+    same_data(stored["val"], found["val"], "--val")
+
+
+def check_same_host(stored, backend, report):
+    """On resume: warn when the run was saved on another backend or thread count (it
+    continues, but not bit for bit)."""
+    now = host_signature(backend)
+    if stored and stored != now:
+        def said(h):
+            return h["backend"] + (f" with {h['threads']} threads" if h.get("threads") else "")
+        report(f"warning: the run was saved on backend {said(stored)} and resumes on "
+               f"{said(now)}: it continues, but not bit for bit as it would have there")
+
+
 def loader_tower(net):
     """Where the loader puts batches for ``net``: None on the host backends; on CUDA the
     first tower's streams (so augmentation is ordered before the network's kernels) with
@@ -144,3 +169,64 @@ class LoaderTower:
         from numba import cuda
         with self.tower.activate():
             return cuda.device_array(shape, dtype)
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1")
+                     if hasattr(signal, name))
+"""Signals that ask a run to stop at the next step boundary and save its position."""
+
+
+def _signal_name(signum):
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+class StopRequest:
+    """Turns the first stop signal (:data:`STOP_SIGNALS`) into a request to stop at the next
+    step boundary.
+
+    A half-done SGD update would leave parameters and momentum out of step, so the loop
+    polls :meth:`__call__` between steps instead of being interrupted inside one.  A second
+    signal raises KeyboardInterrupt at once (``forced``).  ``signum`` is the first signal's
+    number (SIGINT when the request came from ``after_steps``, which makes it after that
+    many steps: tests use it to stand in for a Ctrl-C at a known point).  One small object
+    polled between steps, so a request can later be agreed among processes there.
+    """
+
+    def __init__(self, after_steps=None):
+        self.requested = False
+        self.forced = False
+        self.signum = signal.SIGINT
+        self.after_steps = after_steps
+        self.steps = 0
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in STOP_SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: KeyboardInterrupt is caught by the loop
+                break
+        return self
+
+    def __exit__(self, *exc):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            self.forced = True
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+        name = _signal_name(signum)
+        again = "Ctrl-C again" if signum == signal.SIGINT else f"{name} again"
+        print(f"\n{name}: stopping after this step to save the position ({again} quits "
+              f"without saving)", file=sys.stderr)
+
+    def count_step(self):
+        self.steps += 1
+        if self.after_steps is not None and self.steps >= self.after_steps:
+            self.requested = True
+
+    def __call__(self):
+        return self.requested

@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from nbalex import inference, runtime
+from nbalex.optim import make_schedule
+from nbalex.runtime import STOP_SIGNALS, StopRequest  # noqa: F401  (part of this module's interface)
 from nbalex.backends import mix32
 
 CHECKPOINT = "checkpoint.h5"
@@ -131,67 +133,6 @@ def _check_same_model(model, config_text, path, classes=None):
                          f"--model out to resume it, or start a new --out folder")
 
 
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1")
-                     if hasattr(signal, name))
-"""Signals that ask a run to stop at the next step boundary and save its position."""
-
-
-def _signal_name(signum):
-    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-
-
-class _StopRequest:
-    """Turns the first stop signal (:data:`STOP_SIGNALS`) into a request to stop at the next
-    step boundary.
-
-    A half-done SGD update would leave parameters and momentum out of step, so the loop
-    polls :meth:`__call__` between steps instead of being interrupted inside one.  A second
-    signal raises KeyboardInterrupt at once (``forced``).  ``signum`` is the first signal's
-    number (SIGINT when the request came from ``after_steps``, which makes it after that
-    many steps: tests use it to stand in for a Ctrl-C at a known point).  One small object
-    polled between steps, so a request can later be agreed among processes there.
-    """
-
-    def __init__(self, after_steps=None):
-        self.requested = False
-        self.forced = False
-        self.signum = signal.SIGINT
-        self.after_steps = after_steps
-        self.steps = 0
-        self._previous = {}
-
-    def __enter__(self):
-        for signum in STOP_SIGNALS:
-            try:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread: KeyboardInterrupt is caught by the loop
-                break
-        return self
-
-    def __exit__(self, *exc):
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            self.forced = True
-            raise KeyboardInterrupt
-        self.requested, self.signum = True, signum
-        name = _signal_name(signum)
-        again = "Ctrl-C again" if signum == signal.SIGINT else f"{name} again"
-        print(f"\n{name}: stopping after this step to save the position ({again} quits "
-              f"without saving)", file=sys.stderr)
-
-    def count_step(self):
-        self.steps += 1
-        if self.after_steps is not None and self.steps >= self.after_steps:
-            self.requested = True
-
-    def __call__(self):
-        return self.requested
-
-
 # ------------------------------------------------------------------------------ training
 def _fresh_epoch():
     """Running totals of the epoch in progress (kept in the checkpoint across a resume)."""
@@ -249,7 +190,7 @@ def train(data, val, out, settings, epochs, *, backend="auto", gpus=(0,), resume
     with Loader(data, settings.batch_size, net.input_size, train=True, **loader_args) as train_loader, \
             Loader(val, settings.batch_size, net.input_size, train=False, view="center",
                    drop_last=False, mean=train_loader.mean, **loader_args) as val_loader, \
-            _StopRequest(stop_after_steps) as stop:
+            StopRequest(stop_after_steps) as stop:
         steps = train_loader.batches_per_epoch
         report(f"{'resuming' if resume else 'training'} {net.name} ({net.num_params():,} "
                f"parameters{run.sized_note}, backend {backend}) at epoch {run.epoch + 1}, step "
@@ -346,8 +287,8 @@ class _Run:
                 _check_same_model(given.pop("model", None), state["config_text"], path,
                                   stored_classes)
                 settings = Settings(**record["settings"]).merged(given)
-                _check_same_data(record, found, report)
-                _check_same_host(record, backend, report)
+                runtime.check_same_data(record.get("data"), found, report)
+                runtime.check_same_host(record.get("host"), backend, report)
                 config = state["config_text"]
             else:
                 if path.exists():
@@ -413,27 +354,6 @@ class _Run:
         return row
 
 
-def _check_same_data(record, found, report):
-    """Refuse other training or validation data than the run's (one line naming both)."""
-    stored = record.get("data")
-    if not stored:
-        report("warning: the checkpoint records no data fingerprint (an older run); the "
-               "data cannot be checked against it")
-        return
-    runtime.same_data(stored["train"], found["train"], "--data")
-    runtime.same_data(stored["val"], found["val"], "--val")
-
-
-def _check_same_host(record, backend, report):
-    """Warn when the run was saved on another backend or thread count (not bit for bit)."""
-    stored, now = record.get("host"), runtime.host_signature(backend)
-    if stored and stored != now:
-        def said(h):
-            return h["backend"] + (f" with {h['threads']} threads" if h.get("threads") else "")
-        report(f"warning: the run was saved on backend {said(stored)} and resumes on "
-               f"{said(now)}: it continues, but not bit for bit as it would have there")
-
-
 def _train_epoch(net, loader, run, steps, stop, progress, desc):
     """Run steps ``run.step .. steps-1`` of ``run.epoch``, advancing ``run.step`` after each.
 
@@ -480,30 +400,3 @@ def _extra_text(value):
     if isinstance(value, np.ndarray):
         return _extra_text(value[()] if value.ndim == 0 else value.item())
     return str(value)
-
-
-# ----------------------------------------------------------------------------- schedule
-MAX_REDUCTIONS = 3     # the paper divided the rate by 10 three times
-
-
-def make_schedule(settings, state=None):
-    """The learning-rate schedule of ``settings`` (from ``state`` when resuming).
-
-    ``plateau``: the paper's rule, lr/10 after an epoch whose validation top-1 error is no
-    better than the best so far, at most three times (then the rate stays).  ``step``:
-    lr/10 at every multiple of ``step_epochs`` epochs, whatever ``--epochs`` says (a run
-    extended with ``--resume`` keeps the drop due where it ended).
-    """
-    from nbalex import optim
-    if settings.schedule == "plateau":
-        schedule = optim.ReduceOnPlateau(settings.lr, factor=0.1, patience=1,
-                                         max_reductions=MAX_REDUCTIONS)
-        if state is not None:
-            schedule.load_state_dict(state)
-    elif settings.schedule == "step":
-        schedule = optim.StepSchedule(settings.lr, every=settings.step_epochs)
-        if state is not None:
-            schedule.epoch = int(state["epoch"])
-    else:
-        raise ValueError(f"unknown schedule {settings.schedule!r}: choose plateau or step")
-    return schedule
