@@ -8,6 +8,10 @@ had also loaded PyTorch's OpenMP runtime).  Numba's ``workqueue`` layer
 parks its threads instead, so it is chosen here unless the user picked a layer through
 ``NUMBA_THREADING_LAYER``.  This only takes effect if no parallel kernel has run yet in the
 process.  (``workqueue`` must not be entered from two Python threads at the same time.)
+
+``NBALEX_BLAS_THREADS`` picks who runs OpenBLAS's parallel jobs: ``pool`` (the default), a
+pool of :mod:`nbalex.cpu.workers` whose idle threads sleep, or ``openblas``, OpenBLAS's own
+threads, which spin for a while after each call (see :mod:`nbalex.cpu.workers`).
 """
 
 import os
@@ -16,3 +20,7 @@ from numba import config
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     config.THREADING_LAYER = "workqueue"
+
+BLAS_THREADS = os.environ.get("NBALEX_BLAS_THREADS", "pool")
+if BLAS_THREADS not in ("pool", "openblas"):
+    raise ValueError(f"NBALEX_BLAS_THREADS must be 'pool' or 'openblas', got {BLAS_THREADS!r}")

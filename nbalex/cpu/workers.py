@@ -14,17 +14,30 @@ The same library's ``cblas_sgemm`` is exposed as :func:`gemm` (None where it is 
 ``np.matmul`` it accumulates into its output (beta = 1) and reads operands with any row
 stride, which the stride-1 convolution uses to sum one GEMM per kernel row without copies.
 ctypes releases the GIL for the call, so the workers' GEMMs run side by side.
+
+OpenBLAS's own threads spin for about 0.1 s after every multithreaded call (its
+``OPENBLAS_THREAD_TIMEOUT``, read only when the library loads) and take a core from the Numba
+kernels and worker GEMMs that follow: the fully connected layers' GEMMs slowed the
+convolutions after them.  So this module hands OpenBLAS's parallel jobs to a pool of its own
+(:class:`BlasJobPool`, through ``openblas_set_threads_callback_function``, OpenBLAS >= 0.3.28)
+whose idle threads sleep.  OpenBLAS still splits the work: the same jobs on the same data, so
+the same bits.  ``NBALEX_BLAS_THREADS=openblas`` (:mod:`nbalex.cpu.threads`) leaves OpenBLAS's
+own threads in charge; :data:`BLAS_POOL` says which runs.  A forked child (the loader's
+readers) goes back to OpenBLAS's own threads and gets a fresh worker pool, since threads do
+not survive a fork.
 """
 
+import atexit
 import ctypes
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numba
 import numpy as np  # noqa: F401  (loads the BLAS library looked up below)
 
-from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
+from . import threads  # picks the threading layer before any kernel runs
 
 
 def _openblas_libraries():
@@ -70,6 +83,98 @@ def _openblas_sgemm():
     return None
 
 
+def _openblas_callback_setter():
+    """openblas_set_threads_callback_function of the OpenBLAS NumPy links, or None."""
+    for lib in _openblas_libraries():
+        for name in ("scipy_openblas_set_threads_callback_function64_",
+                     "scipy_openblas_set_threads_callback_function",
+                     "openblas_set_threads_callback_function64_",
+                     "openblas_set_threads_callback_function"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.argtypes = [ctypes.c_void_p]
+                fn.restype = None
+                return fn
+    return None
+
+
+# OpenBLAS's callback contract (cblas.h): job i is dojob(i, jobdata + i * elsize, dojob_data);
+# every job must have run when the callback returns.
+_DOJOB = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t,
+                             ctypes.c_void_p, ctypes.c_int)
+
+
+class BlasJobPool:
+    """Runs the jobs of one multithreaded OpenBLAS call: job 0 on the calling thread, jobs
+    1..n-1 on threads of this pool that wait on a semaphore (asleep, not spinning) between calls.
+
+    All n jobs run at the same time (OpenBLAS's GEMM jobs wait on each other), so the pool
+    grows to n-1 threads.  One call at a time (a lock): the jobs of a call use OpenBLAS's
+    per-job-index buffers.  ``calls`` counts the calls served."""
+
+    def __init__(self):
+        self.calls = 0
+        self._lock = threading.Lock()
+        self._done = threading.Semaphore(0)
+        self._slots = []
+
+    def _serve(self, slot):
+        while True:
+            slot["go"].acquire()
+            fn, args = slot.pop("job")
+            try:
+                fn(*args)
+            finally:
+                self._done.release()
+
+    def __call__(self, sync, dojob, numjobs, elsize, jobdata, dojob_data):
+        fn = _DOJOB(dojob)
+        jobdata = jobdata or 0
+        with self._lock:
+            self.calls += 1
+            while len(self._slots) < numjobs - 1:
+                slot = {"go": threading.Semaphore(0)}
+                threading.Thread(target=self._serve, args=(slot,), daemon=True,
+                                 name=f"nbalex-blas-{len(self._slots)}").start()
+                self._slots.append(slot)
+            for i in range(1, numjobs):
+                slot = self._slots[i - 1]
+                slot["job"] = (fn, (i, jobdata + i * elsize, dojob_data))
+                slot["go"].release()
+            fn(0, jobdata, dojob_data)
+            for _ in range(numjobs - 1):
+                self._done.acquire()
+
+
+_SET_CALLBACK = _openblas_callback_setter()
+_installed = []                              # [(BlasJobPool, its C function pointer)] while installed
+
+
+def install_blas_pool():
+    """Route OpenBLAS's parallel jobs through a new :class:`BlasJobPool`; returns it (None
+    where this OpenBLAS has no callback entry point).  Replaces a pool installed before."""
+    if _SET_CALLBACK is None:
+        return None
+    pool = BlasJobPool()
+    pointer = _CALLBACK(pool)
+    _SET_CALLBACK(ctypes.cast(pointer, ctypes.c_void_p))
+    _installed[:] = [(pool, pointer)]        # keeps the C function pointer alive
+    return pool
+
+
+def uninstall_blas_pool():
+    """Give OpenBLAS its own threads back (a no-op when no pool is installed)."""
+    if _installed:
+        _SET_CALLBACK(None)
+        _installed.clear()
+
+
+def blas_pool():
+    """The installed :class:`BlasJobPool`, or None."""
+    return _installed[0][0] if _installed else None
+
+
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
 
@@ -100,6 +205,23 @@ _SGEMM = _openblas_sgemm()
 gemm = _gemm if _SGEMM is not None else None
 WORKERS = max(1, min(numba.config.NUMBA_NUM_THREADS, os.cpu_count() or 1)) if _CONTROLS else 1
 _pool = []
+
+if threads.BLAS_THREADS == "pool" and install_blas_pool() is not None:
+    BLAS_POOL = "nbalex pool (idle threads sleep)"
+    atexit.register(uninstall_blas_pool)     # before interpreter teardown stops the pool's threads
+else:
+    BLAS_POOL = "OpenBLAS's own" + (" (NBALEX_BLAS_THREADS=openblas)" if threads.BLAS_THREADS != "pool"
+                                    else " (no callback entry point)")
+
+
+def _after_fork_in_child():
+    """Threads do not survive a fork: the child's BLAS runs on OpenBLAS's own threads again
+    and its first batch-parallel call starts a new worker pool."""
+    uninstall_blas_pool()
+    _pool.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @contextmanager
