@@ -52,3 +52,44 @@ def test_dropout_rule_keeps_about_one_minus_p():
     assert backends.dropout_keep(7, 5, 0.0) is True
     other_seed = np.array([backends.dropout_keep(8, i, 0.3) for i in range(20000)])
     assert (keep != other_seed).mean() > 0.3
+
+
+def _run(backend, name, outputs, inputs, *args):
+    """Launch on ``backend`` (cuda: through device copies); returns the outputs as NumPy."""
+    module = importlib.import_module(f"nbalex.{backend}")
+    if backend != "cuda":
+        getattr(module, name)(*outputs, *inputs, *args)
+        return outputs
+    from numba import cuda
+    dev = [None if o is None else cuda.to_device(o) for o in outputs]
+    getattr(module, name)(*dev, *[cuda.to_device(a) for a in inputs], *args)
+    return [None if d is None else d.copy_to_host() for d in dev]
+
+
+@pytest.mark.parametrize("name", backends.BACKENDS)
+def test_dropout_offset_lets_two_halves_draw_the_full_mask(name):
+    x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    empty = lambda a: [np.empty_like(a), np.empty(a.shape, np.uint8)]   # noqa: E731
+    y, mask = _run(name, "dropout_forward", empty(x), [x], 0.5, 11)
+    per_example = 3 * 5
+    halves = [_run(name, "dropout_forward", empty(x[r:r + 2]), [x[r:r + 2]], 0.5, 11, r * per_example)
+              for r in (0, 2)]
+    np.testing.assert_array_equal(np.concatenate([h[1] for h in halves]), mask)
+    np.testing.assert_array_equal(np.concatenate([h[0] for h in halves]), y)
+    expected = [backends.dropout_keep(11, 30 + i, 0.5) for i in range(30)]
+    np.testing.assert_array_equal(halves[1][1].reshape(-1), expected)
+
+
+@pytest.mark.parametrize("name", backends.BACKENDS)
+def test_inference_outputs_may_be_none(name):
+    x = np.random.default_rng(1).standard_normal((2, 4, 5, 5)).astype(np.float32)
+    pooled = (2, 4, 2, 2)
+    y, idx = _run(name, "maxpool_forward", [np.empty(pooled, np.float32),
+                                            np.empty(pooled, np.int32)], [x], 3, 2)
+    y_only, none = _run(name, "maxpool_forward", [np.empty(pooled, np.float32), None], [x], 3, 2)
+    assert none is None
+    np.testing.assert_array_equal(y_only, y)
+    z, scale = _run(name, "lrn_forward", [np.empty_like(x), np.empty_like(x)], [x], 3, 0.1, 0.75, 2.0)
+    z_only, none = _run(name, "lrn_forward", [np.empty_like(x), None], [x], 3, 0.1, 0.75, 2.0)
+    assert none is None
+    np.testing.assert_array_equal(z_only, z)

@@ -296,3 +296,75 @@ def test_cpu_conv_and_linear_launchers_work_in_the_towers_workspace(monkeypatch)
     net.forward_backward(x, labels)
     assert {kind for kind, _ in seen} == {"conv", "fc"}
     assert not any(missing for _, missing in seen), seen
+
+
+def _dropout_masks(net, n):
+    """{layer: copy of its tower-0 dropout mask for the first n examples}."""
+    out = {}
+    for stage in net._stages:
+        ex = getattr(stage, "executors", [None])[0]
+        if ex is not None and ex.spec.type == "dropout":
+            out[ex.spec.name] = np.array(ex.mask[:n])
+    assert out, "the config has no dropout layer"
+    return out
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_two_half_batches_with_offsets_draw_the_full_batchs_dropout(backend):
+    """Data parallelism: rank r's slice, given batch_offset, gets the masks of one process."""
+    net = Net(TINY, backend=backend, batch_size=4, seed=1)
+    x, labels = batch(net, 4)
+    net.forward_backward(x, labels, seed=7)
+    full = _dropout_masks(net, 4)
+    halves = []
+    for r in range(2):
+        net.forward_backward(x[2 * r:2 * r + 2], labels[2 * r:2 * r + 2], seed=7, batch_offset=2 * r)
+        halves.append(_dropout_masks(net, 2))
+    for name in full:
+        np.testing.assert_array_equal(np.concatenate([h[name] for h in halves]), full[name])
+    net.forward_backward(x[2:], labels[2:], seed=7)           # without the offset: other masks
+    assert any((_dropout_masks(net, 2)[name] != full[name][2:]).any() for name in full)
+    with pytest.raises(ValueError, match="Net: batch_offset must be >= 0, got -1"):
+        net.forward_backward(x, labels, batch_offset=-1)
+
+
+def test_the_plan_is_checked_once_at_build_and_steps_take_the_fast_path(monkeypatch):
+    from nbalex import checks
+    net = Net(TINY, backend="cpu", batch_size=2)
+    x, labels = batch(net, 2)
+    seen = []
+    for name in ("conv2d_forward", "maxpool_forward", "dropout_forward", "sgd_update"):
+        monkeypatch.setattr(checks, name, lambda *a, _n=name, **k: seen.append(_n))
+    net.forward_backward(x, labels)
+    net.sgd_step(0.01)
+    net.forward(x)
+    assert seen == []
+    Net(TINY, backend="cpu", batch_size=2)
+    assert {"conv2d_forward", "maxpool_forward", "dropout_forward", "sgd_update"} <= set(seen)
+
+
+def test_a_bad_plan_is_refused_when_the_net_is_built(monkeypatch):
+    from nbalex import layers
+    real = layers.MaxPool.check
+
+    def shrunk(self, backend):                 # a pool whose argmax buffer is one row short
+        self.idx = self.idx[:, :, :-1]
+        real(self, backend)
+    monkeypatch.setattr(layers.MaxPool, "check", shrunk)
+    with pytest.raises(ValueError, match="maxpool_forward: idx"):
+        Net(TINY, backend="reference", batch_size=2)
+
+
+def test_inference_saves_nothing_for_backward():
+    net = Net(TINY, backend="cpu", batch_size=2, seed=3)
+    x, labels = batch(net, 2)
+    net.forward_backward(x, labels, train=False)
+    pools = [s.executors[0] for s in net._stages
+             if getattr(s, "executors", None) and s.executors[0].spec.type in ("maxpool", "lrn")]
+    saved = [np.array(p.idx if p.spec.type == "maxpool" else p.scale) for p in pools]
+    logits = net.forward(x[::-1].copy())        # other inputs: a saving pass would overwrite
+    for p, before in zip(pools, saved):
+        np.testing.assert_array_equal(p.idx if p.spec.type == "maxpool" else p.scale, before)
+    np.testing.assert_allclose(logits[::-1], net.forward(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="sgd_step: lr must be finite"):
+        net.sgd_step(float("nan"))
