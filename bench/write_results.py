@@ -1,23 +1,30 @@
-"""Turn the GPU suite's raw outputs into bench/results/gpu-<card>-<date>.md.
+"""The GPU suite's records and results table (standard library only).
 
-    python bench/write_results.py [RAW_DIR]        (default bench/results/raw)
+    python3 bench/write_results.py record OUT --step NAME --status S --rc RC --seconds T
+        --limit L [--stdout FILE] [--stderr FILE] [--dry-run 0|1]
+    python3 bench/write_results.py summary OUT     # the summary lines; exit 1 if a step failed
+    python3 bench/write_results.py render OUT      # rewrite the table from OUT's records
 
-RAW_DIR holds what bench/gpu_suite.sh wrote: gpu.csv and nvidia-smi.txt (the card),
-steps.tsv (each step's status), pytest.log, and the JSON of ``nbalex bench static``,
-``kernels`` (kernels-*.json), ``sgemm`` and ``train``, and variants.json from
-``bench/elementwise_variants.py``. A missing or unreadable output
-becomes a line saying so; the file is written whatever failed. A short summary is printed
-last, and the markdown file's path is saved to RAW_DIR/results_path.txt.
+``record`` appends one JSON line to OUT/steps.jsonl (the step's status, exit code, seconds,
+its stdout parsed as JSON when it is JSON, else the tail of it, and the tail of its stderr),
+then rewrites the table OUT/gpu-<card>-<date>.md from every record so far, so that a run cut
+short still leaves a table of the steps that finished. Each write is one ``write`` call
+(the record) or a temporary file renamed (the table). ``summary`` exits 1 when a step failed,
+timed out or was skipped because the budget was spent; steps skipped on purpose (a dry run,
+NBALEX_SUITE_SKIP, a missing tool) do not count.
 """
 
+import argparse
 import datetime
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RECORDS = "steps.jsonl"
+TAIL = 3000
 
 
 def read_text(path):
@@ -25,34 +32,6 @@ def read_text(path):
         return Path(path).read_text(errors="replace")
     except OSError:
         return None
-
-
-def read_json(path):
-    """(data, None) or (None, why it could not be read)."""
-    text = read_text(path)
-    if text is None:
-        return None, f"{Path(path).name} missing"
-    if not text.strip():
-        return None, f"{Path(path).name} empty"
-    try:
-        return json.loads(text), None
-    except json.JSONDecodeError as exc:
-        return None, f"{Path(path).name} is not JSON ({exc})"
-
-
-def card_info(raw):
-    """{name, driver, memory, cuda} from gpu.csv and nvidia-smi.txt ('unknown' when absent)."""
-    info = {"name": "unknown", "driver": "unknown", "memory": "unknown", "cuda": "unknown",
-            "sm_clock": "unknown", "max_sm_clock": "unknown"}
-    first = (read_text(raw / "gpu.csv") or "").strip().splitlines()
-    if first:
-        parts = [p.strip() for p in first[0].split(",")]
-        for key, value in zip(("name", "driver", "memory", "sm_clock", "max_sm_clock"), parts):
-            info[key] = value
-    match = re.search(r"CUDA Version:\s*([\d.]+)", read_text(raw / "nvidia-smi.txt") or "")
-    if match:
-        info["cuda"] = match.group(1)
-    return info
 
 
 def slug(text):
@@ -97,42 +76,162 @@ def generic_table(data, limit=10):
     return md_table(rows, [(k, k) for k in keys[:limit]])
 
 
-def steps_section(raw):
-    text = read_text(raw / "steps.tsv")
-    if not text:
-        return ["steps.tsv missing: the suite did not record its steps."], []
-    rows = [dict(zip(("step", "status", "seconds"), line.split("\t")))
-            for line in text.strip().splitlines()[1:]]
-    out = [md_table(rows, [("step", "step"), ("status", "status"), ("seconds", "seconds")])]
-    for r in rows:                      # the end of each failed step's stderr
-        err = read_text(raw / f"{r['step']}.err")
-        if err and err.strip() and not r.get("status", "").startswith(("ok", "skipped")):
+def tail(path, limit=TAIL):
+    text = read_text(path) if path else None
+    return None if text is None else text[-limit:]
+
+
+def make_record(step, status, rc, seconds, limit, stdout=None, stderr=None, dry_run=False):
+    """The record of one finished step (see the module docstring)."""
+    text = read_text(stdout) if stdout else None
+    data = None
+    if text and text.strip():
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    return {"step": step, "status": status, "rc": int(rc) if str(rc).lstrip("-").isdigit() else None,
+            "seconds": float(seconds), "limit_s": float(limit), "dry_run": bool(int(dry_run)),
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "data": data, "stdout_tail": None if data is not None else (text or "")[-TAIL:] or None,
+            "stderr_tail": tail(stderr)}
+
+
+def append_record(out, record):
+    """Append ``record`` to out/steps.jsonl as one line, in one write."""
+    line = (json.dumps(record) + "\n").encode()
+    fd = os.open(Path(out) / RECORDS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_records(out):
+    """Every record of out/steps.jsonl (a torn last line, from a kill, is left out)."""
+    records = []
+    for line in (read_text(Path(out) / RECORDS) or "").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def card_info(records):
+    """{name, driver, memory, sm_clock, max_sm_clock} from the nvidia-smi record."""
+    info = dict.fromkeys(("name", "driver", "memory", "sm_clock", "max_sm_clock"), "unknown")
+    rec = next((r for r in records if r["step"] == "nvidia-smi" and r["status"] == "ok"), None)
+    lines = ((rec or {}).get("stdout_tail") or "").strip().splitlines()
+    if lines:
+        for key, value in zip(info, (p.strip() for p in lines[0].split(","))):
+            info[key] = value
+    return info
+
+
+def not_ok(record):
+    """True for a step that failed, timed out or had no time left (not a skip on purpose)."""
+    status = record["status"]
+    return status.startswith(("failed", "timeout")) or status == "skipped (budget spent)"
+
+
+def steps_section(records):
+    out = [md_table(records, [("step", "step"), ("status", "status"), ("seconds", "seconds", 0),
+                              ("limit_s", "limit s", 0)])]
+    for r in records:                       # the end of each failed step's stderr
+        if not_ok(r) and (r.get("stderr_tail") or "").strip():
             out += ["", f"{r['step']} stderr (last lines):", "", "```",
-                    *err.rstrip().splitlines()[-15:], "```"]
-    return out, rows
+                    *r["stderr_tail"].rstrip().splitlines()[-15:], "```"]
+    return out
 
 
-def tests_section(raw):
-    log = read_text(raw / "pytest.log")
+def software_section(by_step):
+    lines = []
+    env = (by_step.get("env") or {}).get("data") or {}
+    if env:
+        lines.append(f"python {env.get('python')}: " + ", ".join(
+            f"{k} {v}" for k, v in env.get("found", {}).items()))
+        if env.get("missing"):
+            lines.append("missing: " + ", ".join(env["missing"]))
+    pre = (by_step.get("preflight") or {}).get("data") or {}
+    for key, value in (pre.get("versions") or {}).items():
+        lines.append(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}")
+    if pre:
+        lines.append(f"tiny kernel: {pre.get('kernel') or pre.get('error')}")
+    return ["```", *(lines or ["not recorded"]), "```"]
+
+
+def tests_section(out, by_step):
+    log = read_text(Path(out) / "pytest.log")
     if log is None:
-        return ["pytest.log missing."], "not run"
-    summary = [ln.strip("= ") for ln in log.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
-    line = summary[-1] if summary else "no summary line (interrupted?)"
+        return ["pytest.log missing: the test step did not run."], "not run"
+    summary = [ln.strip("= ") for ln in log.splitlines()
+               if re.search(r"\d+ (passed|failed|error|skipped)", ln)]
+    if summary:
+        line = summary[-1]
+    else:                               # killed: count the -v lines it did print
+        counts = {w: len(re.findall(rf" {w}\b", log)) for w in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+        started = re.findall(r"^(\S+::\S+)", log, re.M)
+        line = ("cut short: " + ", ".join(f"{n} {w.lower()}" for w, n in counts.items() if n)
+                + (f"; last test started: {started[-1]}" if started else ""))
     failures = [ln for ln in log.splitlines() if ln.startswith(("FAILED", "ERROR"))]
-    out = [f"pytest: {line}"]
+    if not failures:                    # no short summary (killed): the -v lines that failed
+        failures = [ln for ln in log.splitlines() if re.search(r"::\S+ (FAILED|ERROR)\b", ln)]
+    rows = [f"pytest: {line}"]
     if failures:
-        out += ["", "```", *failures[:40], "```"]
-    return out, line
+        rows += ["", "```", *failures[:40], "```"]
+    return rows, line
 
 
-def kernels_section(raw):
-    rows, problems = [], []
-    for path in sorted(raw.glob("kernels*.json")):
-        data, why = read_json(path)
-        if why:
-            problems.append(why)
-        else:
-            rows += data
+_SANITIZER = re.compile(r"(ERROR SUMMARY|RACECHECK SUMMARY|LEAK SUMMARY)[^\n]*")
+
+
+def sanitizer_section(by_step):
+    rows = []
+    for tool in ("memcheck", "racecheck"):
+        r = by_step.get(tool)
+        if r is None:
+            continue
+        data = r.get("data") or {}
+        said = [m.group(0) for m in _SANITIZER.finditer(
+            (r.get("stdout_tail") or "") + "\n" + (r.get("stderr_tail") or ""))]
+        rows.append({"tool": tool, "status": r["status"], "summary": "; ".join(said) or None,
+                     "launches": data.get("launches"),
+                     "kernels": len(data.get("kernels", [])) or None,
+                     "gemm_not_reached": ", ".join(data.get("gemm_not_reached", [])) or None,
+                     "worst_rel_err": data.get("worst_rel_err")})
+    if not rows:
+        return ["not run"]
+    return [md_table(rows, [("tool", "tool"), ("status", "status"), ("summary", "summary"),
+                            ("launches", "launches"), ("kernels", "kernels"),
+                            ("worst_rel_err", "rel err", 7),
+                            ("gemm_not_reached", "GEMM kernels not reached")])]
+
+
+def plan_section(by_step):
+    """The plan's predicted rows beside the measured kernels rows (same layer and pass)."""
+    plan = (by_step.get("plan") or {}).get("data")
+    if not isinstance(plan, dict) or not plan.get("rows"):
+        return ["no plan"], "plan: none"
+    measured = {}
+    for step in ("kernels-conv", "kernels-rest"):
+        for r in (by_step.get(step) or {}).get("data") or []:
+            if isinstance(r, dict) and r.get("ms") is not None:
+                measured[(r.get("layer"), r.get("pass"))] = r["ms"]
+    rows = [{**r, "measured_ms": measured.get((r.get("layer"), r.get("pass")))} for r in plan["rows"]]
+    train = (by_step.get("train") or {}).get("data") or {}
+    out = [f"Predicted step {cell(plan.get('predicted_step_ms'), 2)} ms "
+           f"({cell(plan.get('predicted_images_per_s'), 0)} images/s); measured "
+           f"{cell(train.get('ours_ms'), 2)} ms ({cell(train.get('ours_images_per_s'), 0)} images/s).",
+           "", md_table(rows, [("layer", "layer"), ("pass", "pass"), ("kernel", "kernel"),
+                               ("grid", "grid"), ("split_k", "split-K"), ("waves", "waves", 2),
+                               ("predicted_ms", "predicted ms", 3), ("measured_ms", "measured ms", 3)]),
+           "", "Assumptions:", "", *[f"- {a}" for a in plan.get("assumptions", [])]]
+    return out, f"plan: predicted {cell(plan.get('predicted_step_ms'), 2)} ms/step"
+
+
+def kernels_section(rows):
+    rows, problems = [r for r in rows if isinstance(r, dict)], []
     out = []
     if rows:
         first = next((r for r in rows if "batch" in r), {})
@@ -152,10 +251,9 @@ def kernels_section(raw):
     return out or ["no results"], summary
 
 
-def sgemm_section(raw):
-    data, why = read_json(raw / "sgemm.json")
-    if why:
-        return [why], "sgemm: no results"
+def sgemm_section(data):
+    if not isinstance(data, list):
+        return ["not run"], "sgemm: no results"
     table = md_table(data, [("shape", "shape"), ("M", "M"), ("N", "N"), ("K", "K"),
                             ("ours_ms", "ours ms", 3), ("ours_tflops", "ours TFLOP/s", 2),
                             ("peer_ms", "cuBLAS ms", 3), ("peer_tflops", "cuBLAS TFLOP/s", 2),
@@ -166,10 +264,9 @@ def sgemm_section(raw):
     return [table], summary
 
 
-def train_section(raw):
-    r, why = read_json(raw / "train.json")
-    if why:
-        return [why], "train: no results"
+def train_section(r):
+    if not isinstance(r, dict):
+        return ["not run"], "train: no results"
     out = [md_table([r], [("model", "model"), ("batch", "batch"), ("ours_images_per_s", "ours img/s", 1),
                           ("torch_images_per_s", "torch img/s", 1), ("ours_over_torch", "torch/ours", 2),
                           ("launches_per_step", "launches/step", 0),
@@ -185,11 +282,10 @@ def train_section(raw):
     return out, summary
 
 
-def variants_section(raw):
+def variants_section(data):
     """bench/elementwise_variants.py's rows: the unrolled elementwise kernels against ours."""
-    data, why = read_json(raw / "variants.json")
-    if why:
-        return [why], "variants: no results"
+    if not isinstance(data, list):
+        return ["not run"], "variants: no results"
     table = md_table(data, [("op", "op"), ("size", "size"), ("variant", "variant"),
                             ("grid", "grid"), ("blocks", "blocks"), ("ms", "ms", 4),
                             ("gbps", "GB/s", 0), ("vs_package", "vs package", 2),
@@ -203,51 +299,76 @@ def variants_section(raw):
     return [table], summary
 
 
-def render(raw):
-    """(markdown text, card info, summary lines) for the raw outputs in ``raw``."""
-    raw = Path(raw)
-    card = card_info(raw)
+def render(out, records=None):
+    """(markdown text, card info, summary lines) for the records in ``out``."""
+    records = read_records(out) if records is None else records
+    by_step = {r["step"]: r for r in records}
+    card = card_info(records)
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    steps, step_rows = steps_section(raw)
-    tests, tests_line = tests_section(raw)
-    kernels, k_sum = kernels_section(raw)
-    sgemm, s_sum = sgemm_section(raw)
-    train, t_sum = train_section(raw)
-    variants, v_sum = variants_section(raw)
-    static, why = read_json(raw / "static.json")
-    versions = read_text(raw / "python.txt") or "not recorded\n"
-    md = [f"# GPU suite: {card['name']}, {today}", "",
+    dry = any(r.get("dry_run") for r in records)
+    tests, tests_line = tests_section(out, by_step)
+    kernels, k_sum = kernels_section([r for s in ("kernels-conv", "kernels-rest")
+                                      for r in ((by_step.get(s) or {}).get("data") or [])])
+    sgemm, s_sum = sgemm_section((by_step.get("sgemm") or {}).get("data"))
+    train, t_sum = train_section((by_step.get("train") or {}).get("data"))
+    variants, v_sum = variants_section((by_step.get("variants") or {}).get("data"))
+    plan, p_sum = plan_section(by_step)
+    static = (by_step.get("static") or {}).get("data")
+    md = [f"# GPU suite: {card['name']}, {today}" + (" (dry run, simulator)" if dry else ""), "",
           md_table([{**card, "date": today}],
-                   [("name", "card"), ("driver", "driver"), ("cuda", "CUDA"), ("memory", "memory"),
+                   [("name", "card"), ("driver", "driver"), ("memory", "memory"),
                     ("sm_clock", "SM clock at start"), ("max_sm_clock", "max SM clock"), ("date", "date")]),
-          "", "Clocks were left as found. Software:", "", "```", versions.rstrip(), "```",
-          "", "## Steps", "", *steps, "", "## Tests", "", *tests,
+          "", "Clocks were left as found. Software:", "", *software_section(by_step),
+          "", "## Steps", "", *steps_section(records), "", "## Tests", "", *tests,
+          "", "## compute-sanitizer", "", *sanitizer_section(by_step),
+          "", "## Plan against measurement", "", *plan,
           "", "## Kernels", "", *kernels, "", "## SGEMM against cuBLAS (TF32 off)", "", *sgemm,
           "", "## Training", "", *train,
           "", "## Elementwise variants (bench/elementwise_variants.py)", "", *variants,
-          "", "## Static analysis", "", why if why else generic_table(static), ""]
-    bad = [r["step"] for r in step_rows if not r.get("status", "").startswith("ok")]
-    summary = [f"{card['name']} (driver {card['driver']}, CUDA {card['cuda']}), {today}",
-               f"tests: {tests_line}", k_sum, s_sum, t_sum, v_sum,
-               "steps not ok: " + (", ".join(bad) if bad else "none")]
+          "", "## Static analysis", "", generic_table(static) if static else "not run", ""]
+    bad = [r["step"] for r in records if not_ok(r)]
+    summary = [f"{card['name']} (driver {card['driver']}), {today}", f"tests: {tests_line}",
+               k_sum, s_sum, t_sum, v_sum, p_sum, "steps not ok: " + (", ".join(bad) or "none")]
     return "\n".join(md), card, summary
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    raw = Path(argv[0]) if argv else RESULTS / "raw"
-    out_dir = Path(argv[1]) if len(argv) > 1 else RESULTS
-    text, card, summary = render(raw)
+def write_table(out):
+    """Rewrite out/gpu-<card>-<date>.md atomically (older tables in ``out`` are removed)."""
+    out = Path(out)
+    text, card, _ = render(out)
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"gpu-{slug(card['name'])}-{today}.md"
-    path.write_text(text)
-    try:
-        (raw / "results_path.txt").write_text(str(path))
-    except OSError:
-        pass
-    print(f"wrote {path}")
-    print("\n".join(summary))
+    path = out / f"gpu-{slug(card['name'])}-{today}.md"
+    tmp = out / f".{path.name}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    for old in out.glob("gpu-*.md"):
+        if old != path:
+            old.unlink()
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="bench/write_results.py", description=__doc__.split("\n")[0])
+    parser.add_argument("action", choices=("record", "summary", "render"))
+    parser.add_argument("out", type=Path, help="the suite's output folder")
+    for name in ("--step", "--status", "--rc", "--stdout", "--stderr"):
+        parser.add_argument(name, default="")
+    parser.add_argument("--seconds", type=float, default=0.0)
+    parser.add_argument("--limit", type=float, default=0.0)
+    parser.add_argument("--dry-run", default="0")
+    args = parser.parse_args(argv)
+    if not args.out.is_dir():
+        parser.error(f"{args.out} is not a folder")
+    if args.action == "record":
+        if not args.step or not args.status:
+            parser.error("record needs --step and --status")
+        append_record(args.out, make_record(args.step, args.status, args.rc, args.seconds, args.limit,
+                                            args.stdout or None, args.stderr or None, args.dry_run))
+    path = write_table(args.out)
+    if args.action == "summary":
+        print(f"wrote {path}")
+        print("\n".join(render(args.out)[2]))
+        return 1 if any(not_ok(r) for r in read_records(args.out)) else 0
     return 0
 
 
