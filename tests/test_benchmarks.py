@@ -213,31 +213,60 @@ def _write_results_module():
     return module
 
 
-def test_write_results_turns_raw_outputs_into_a_markdown_file(tmp_path, capsys):
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    (raw / "gpu.csv").write_text("NVIDIA Test Card, 580.1, 81559 MiB, 345 MHz, 1980 MHz\n")
-    (raw / "nvidia-smi.txt").write_text("| Driver Version: 580.1     CUDA Version: 13.0 |\n")
-    (raw / "steps.tsv").write_text("step\tstatus\tseconds\ntests\tok\t100\nsgemm\tfailed (exit 1)\t3\n")
-    (raw / "sgemm.err").write_text("Traceback ...\nRuntimeError: planted\n")
-    (raw / "pytest.log").write_text("....\n120 passed, 3 skipped in 99.0s\n")
-    (raw / "kernels-conv.json").write_text(json.dumps([
-        {"layer": "conv1", "pass": "forward", "batch": 128, "backend": "cuda", "ms": 2.0,
-         "gflops": 9000.0, "gbs": 200.0, "torch_ms": 1.0, "torch_over_ours": 0.5, "check_error": 1e-7}]))
-    (raw / "train.json").write_text(json.dumps({"model": "alexnet", "batch": 128,
-                                                "ours_images_per_s": 1000.0, "layers": []}))
-    (raw / "variants.json").write_text(json.dumps([
-        {"op": "relu_forward", "size": "conv1", "variant": variant, "grid": "package",
-         "blocks": 4096, "ms": 0.1, "gbps": 2900.0, "vs_package": 1.0, "queued_ms": 0.1,
-         "queued_gbps": 2900.0, "queued_vs_package": speedup}
-        for variant, speedup in (("package", 1.0), ("unroll4", 1.25))]))
-    assert _write_results_module().main([str(raw), str(tmp_path)]) == 0
-    [md] = list(tmp_path.glob("gpu-nvidia-test-card-*.md"))
+def test_write_results_turns_step_records_into_a_markdown_table(tmp_path, capsys):
+    wr = _write_results_module()
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def step(name, status, stdout=None, stderr=None, rc=0):
+        files = {}
+        for key, text in (("stdout", stdout), ("stderr", stderr)):
+            if text is not None:
+                files[key] = tmp_path / f"{name}.{key}"
+                files[key].write_text(text if isinstance(text, str) else json.dumps(text))
+        assert wr.main(["record", str(out), "--step", name, "--status", status, "--rc", str(rc),
+                        "--seconds", "3", "--limit", "60",
+                        *[a for k, f in files.items() for a in (f"--{k}", str(f))]]) == 0
+
+    step("nvidia-smi", "ok", "NVIDIA Test Card, 580.1, 81559 MiB, 345 MHz, 1980 MHz\n")
+    (out / "pytest.log").write_text("....\nFAILED tests/test_x.py::test_y - boom\n"
+                                    "1 failed, 120 passed, 3 skipped in 99.0s\n")
+    step("tests", "failed (exit 1)", rc=1)
+    step("memcheck", "ok", {"ok": True, "launches": 14, "kernels": ["a", "b"], "gemm_not_reached": []},
+         "========= ERROR SUMMARY: 0 errors\n")
+    step("kernels-conv", "ok", [{"layer": "conv1", "pass": "forward", "batch": 128, "backend": "cuda",
+                                 "ms": 2.0, "gflops": 9000.0, "gbs": 200.0, "torch_ms": 1.0,
+                                 "torch_over_ours": 0.5, "check_error": 1e-7}])
+    step("sgemm", "failed (exit 1)", "not json", "Traceback ...\nRuntimeError: planted\n", rc=1)
+    step("train", "ok", {"model": "alexnet", "batch": 128, "ours_images_per_s": 1000.0, "layers": []})
+    step("variants", "ok", [{"op": "relu_forward", "size": "conv1", "variant": variant,
+                             "grid": "package", "blocks": 4096, "ms": 0.1, "gbps": 2900.0,
+                             "vs_package": 1.0, "queued_ms": 0.1, "queued_gbps": 2900.0,
+                             "queued_vs_package": speedup}
+                            for variant, speedup in (("package", 1.0), ("unroll4", 1.25))])
+    step("static", "skipped (dry run)")
+    records = wr.read_records(out)
+    assert [r["step"] for r in records][:2] == ["nvidia-smi", "tests"]
+    assert records[4]["data"] is None and records[4]["stdout_tail"] == "not json"
+    [md] = list(out.glob("gpu-nvidia-test-card-*.md"))
     text = md.read_text()
-    assert "| NVIDIA Test Card | 580.1 | 13.0 |" in text
+    assert "| NVIDIA Test Card | 580.1 |" in text
     assert "| conv1 | forward | 2.000 |" in text and "RuntimeError: planted" in text
-    assert "sgemm.json missing" in text and "static.json missing" in text
+    assert "FAILED tests/test_x.py::test_y - boom" in text
+    assert "| memcheck | ok | ERROR SUMMARY: 0 errors | 14 | 2 |" in text
     assert "| relu_forward | conv1 | unroll4 | package | 4096 |" in text
+    assert wr.main(["summary", str(out)]) == 1          # tests and sgemm failed
     summary = capsys.readouterr().out.strip().splitlines()
-    assert summary[-1] == "steps not ok: sgemm" and "120 passed" in "\n".join(summary)
+    assert summary[-1] == "steps not ok: tests, sgemm" and "120 passed" in "\n".join(summary)
     assert "variants: faster than ours: relu_forward/conv1 unroll4 (package) 1.25x" in summary
+    (out / "steps.jsonl").open("a").write('{"step": "torn')      # a kill mid-line
+    assert len(wr.read_records(out)) == len(records)
+
+
+def test_write_results_counts_a_killed_pytest_log(tmp_path):
+    wr = _write_results_module()
+    (tmp_path / "pytest.log").write_text("tests/a.py::test_1 PASSED [ 10%]\n"
+                                         "tests/a.py::test_2 FAILED [ 20%]\ntests/b.py::test_3 ")
+    rows, line = wr.tests_section(tmp_path, {})
+    assert line == "cut short: 1 passed, 1 failed; last test started: tests/b.py::test_3"
+    assert any("tests/a.py::test_2 FAILED" in r for r in rows)
