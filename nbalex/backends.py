@@ -58,11 +58,12 @@ softmax_xent_forward(losses, probs, logits, labels, stream=None)
     logits (N,K), labels int32 (N,), probs (N,K) softmax, losses (N,) = logsumexp - logit[label].
 softmax_xent_backward(dlogits, probs, labels, stream=None)
     dlogits = (probs - onehot(labels)) / N.
-sgd_update(w, dw, v, lr, momentum, weight_decay, offsets=None, lr_mults=None, decay_mults=None, stream=None)
+sgd_update(w, dw, v, lr, momentum, weight_decay, offsets=None, lr_mults=None, decay_mults=None, nonfinite=None, stream=None)
     Flat 1-D float32 w, dw, v, updated in place, the paper's rule per element i of tensor t:
       v <- momentum*v - lr*lr_mults[t]*(weight_decay*decay_mults[t]*w + dw);  w <- w + v
     offsets int64 (T+1,) are the tensors' boundaries in the flat buffers; None = one tensor
-    with both multipliers 1.
+    with both multipliers 1.  nonfinite, int32 (1,) (a device array on cuda) or None: set to
+    1 when any w is NaN or infinite after the update, never cleared (the caller zeroes it).
 augment_batch(out, images, crop_y, crop_x, flip, rgb_shift, mean, stream=None)
     images uint8 (B,S,S,3) HWC RGB, out float32 (B,3,Cr,Cr), crop_y/crop_x int32 (B,),
     flip uint8 (B,), rgb_shift float32 (B,3) (PCA colour noise), mean float32 (S,S,3):

@@ -101,6 +101,7 @@ def _build(specs, steps, layout, backend, places, arenas, batch, dtype, towers):
         b["offsets"] = arena.alloc((len(layout.offsets),), np.int64, "sgd.offsets")
         b["lr_mults"] = arena.alloc((len(layout.specs),), np.float32, "sgd.lr_mults")
         b["decay_mults"] = arena.alloc((len(layout.specs),), np.float32, "sgd.decay_mults")
+        b["nonfinite"] = arena.alloc((1,), np.int32, "sgd.nonfinite")
         b["input"] = arena.alloc((batch, *first), dtype, "input")
         b["labels"] = arena.alloc((batch,), np.int32, "labels")
         b["losses"] = arena.alloc((batch,), dtype, "losses")
@@ -196,6 +197,8 @@ class Net:
             with place.activate():
                 for key, table in tables.items():
                     place.to_device(b[key], table)
+                b["nonfinite_host"] = place.host_buffer((1,), np.int32)   # sgd_step reads it
+                place.to_device(b["nonfinite"], np.zeros(1, np.int32))
                 if not place.arena.zeroed:
                     place.to_device(b["grads"], zeros)
                     place.to_device(b["momentum"], zeros)
@@ -364,12 +367,27 @@ class Net:
         return float(np.mean(self._losses_host[:n], dtype=np.float64))
 
     def sgd_step(self, lr, momentum=0.9, weight_decay=5e-4):
-        """v <- momentum*v - lr*lr_mult*(weight_decay*decay_mult*w + g); w <- w + v: one launch per tower."""
+        """v <- momentum*v - lr*lr_mult*(weight_decay*decay_mult*w + g); w <- w + v: one launch per tower.
+
+        Returns True when every parameter is finite after the update, False otherwise: the
+        kernel sets each tower's ``nonfinite`` flag, read back with one 4-byte copy per tower
+        (a wait for the step on cuda).  The flag is zeroed at build and again after a False.
+        """
         checks.sgd_scalars(lr, momentum, weight_decay, op="sgd_step")
         for place, ctx, b in zip(self._places, self._ctxs, self._buffers):
             with place.activate():
                 ctx.run.sgd_update(b["params"], b["grads"], b["momentum"], lr, momentum, weight_decay,
-                                        b["offsets"], b["lr_mults"], b["decay_mults"], stream=ctx.stream)
+                                   b["offsets"], b["lr_mults"], b["decay_mults"], b["nonfinite"],
+                                   stream=ctx.stream)
+                place.to_host(b["nonfinite_host"], b["nonfinite"])
+        finite = True
+        for place, b in zip(self._places, self._buffers):
+            with place.activate():
+                place.synchronize()
+                if b["nonfinite_host"][0] != 0:
+                    finite = False
+                    place.to_device(b["nonfinite"], np.zeros(1, np.int32))
+        return finite
 
     def synchronize(self):
         """Wait until every tower's queued work is done."""

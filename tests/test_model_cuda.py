@@ -118,7 +118,7 @@ def test_a_training_step_allocates_nothing_and_copies_only_batch_and_loss(one_to
     net.sgd_step(0.01)
     h2d, d2h, h2d_bytes, d2h_bytes = np.subtract(net.transfers.counts(), before)
     assert (h2d, h2d_bytes) == (2, x.nbytes + labels.nbytes)     # in: images and labels
-    assert (d2h, d2h_bytes) == (1, 4 * BATCH)                    # out: the per-example losses
+    assert (d2h, d2h_bytes) == (2, 4 * BATCH + 4)   # out: the per-example losses, the SGD flag
     assert np.isfinite(loss)
     assert spy.calls == []
     assert (net.arena.allocations, net.arena.used) == (allocations, used)

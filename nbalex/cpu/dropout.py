@@ -35,7 +35,8 @@ def _mix32(x):
 @njit(parallel=True, cache=True)
 def dropout_forward_kernel(y, mask, x, seed_mix, offset, threshold, keep_prob):
     """Flat arrays: write mask[i] (the hash rule for element offset + i) and
-    y[i] = x[i] * mask[i] / keep_prob."""
+    y[i] = x[i] * mask[i] / keep_prob, a multiply as in the reference (a dropped NaN or inf
+    gives NaN, a dropped number 0)."""
     s = np.uint64(seed_mix)
     base = np.uint64(offset)
     thr = np.uint64(threshold)
@@ -43,14 +44,17 @@ def dropout_forward_kernel(y, mask, x, seed_mix, offset, threshold, keep_prob):
         u = _mix32(((base + np.uint64(i)) & _LOW32) ^ s)
         keep = (u >> _S8) >= thr
         mask[i] = 1 if keep else 0
-        y[i] = x[i] / keep_prob if keep else np.float32(0.0)
+        v = x[i]
+        y[i] = v / keep_prob if keep else v * np.float32(0.0)
 
 
 @njit(parallel=True, cache=True)
 def dropout_backward_kernel(dx, dy, mask, keep_prob):
-    """Flat arrays: dx[i] = dy[i] * mask[i] / keep_prob (written; dx may be dy)."""
+    """Flat arrays: dx[i] = dy[i] * mask[i] / keep_prob, a multiply as in the forward pass
+    (written; dx may be dy)."""
     for i in prange(dy.shape[0]):
-        dx[i] = dy[i] / keep_prob if mask[i] != 0 else np.float32(0.0)
+        g = dy[i]
+        dx[i] = g / keep_prob if mask[i] != 0 else g * np.float32(0.0)
 
 
 @checks.checked(checks.dropout_forward, "cpu")

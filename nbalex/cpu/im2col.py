@@ -163,7 +163,8 @@ def col2im(dx, cols, n0, nb, kh, kw, stride, pad, oh, ow):
 
 @njit(nogil=True, cache=True)
 def scatter_bias_relu(y, yt, b, n0, nb, relu):
-    """y[n0+j, f, :] = yt[f, j*P:(j+1)*P] + b[f], then max(., 0) if relu.  y (N,F,OH,OW).
+    """y[n0+j, f, :] = yt[f, j*P:(j+1)*P] + b[f], then max(., 0) if relu (a NaN kept, as
+    np.maximum keeps it).  y (N,F,OH,OW).
 
     One step per (image j, filter f), each writing one output plane.
     """
@@ -178,7 +179,7 @@ def scatter_bias_relu(y, yt, b, n0, nb, relu):
         if relu:
             for t in range(p_out):
                 v = src[t] + bias
-                dst[t] = v if v > 0.0 else np.float32(0.0)
+                dst[t] = np.float32(0.0) if v < 0.0 else v
         else:
             for t in range(p_out):
                 dst[t] = src[t] + bias
@@ -209,7 +210,7 @@ def bias_relu_image(y, b, n, relu):
         bias = b[f]
         for t in range(p_out):
             v = plane[t] + bias
-            plane[t] = v if (v > 0.0 or not relu) else np.float32(0.0)
+            plane[t] = np.float32(0.0) if (relu and v < 0.0) else v
 
 
 @njit(parallel=True, cache=True)
@@ -237,4 +238,4 @@ def add_bias_relu_nchw(y, b, relu):
         bias = b[f]
         for t in range(p_out):
             v = plane[t] + bias
-            plane[t] = v if (v > 0.0 or not relu) else np.float32(0.0)
+            plane[t] = np.float32(0.0) if (relu and v < 0.0) else v

@@ -28,9 +28,10 @@ def transposed(workspace, shape):
     return workspace_view(workspace, shape[0] * shape[1], host_array).reshape(shape)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, cache=True)
 def transpose_bias_relu(y, yt, b, relu):
-    """y[n, m] = yt[m, n] + b[m], then max(., 0) if relu (written).  Tasks over blocks of m."""
+    """y[n, m] = yt[m, n] + b[m], then max(., 0) if relu, a NaN kept (written).  Tasks over
+    blocks of m."""
     n_rows, cols = y.shape
     blocks = (cols + 63) // 64
     for blk in prange(blocks):
@@ -39,7 +40,7 @@ def transpose_bias_relu(y, yt, b, relu):
         for n in range(n_rows):
             for m in range(lo, hi):
                 v = yt[m, n] + b[m]
-                y[n, m] = v if (v > 0.0 or not relu) else np.float32(0.0)
+                y[n, m] = np.float32(0.0) if (relu and v < 0.0) else v
 
 
 @njit(parallel=True, cache=True)

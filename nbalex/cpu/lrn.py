@@ -10,6 +10,9 @@ The contract (``nbalex.backends``), half = size // 2, windows clipped at the cha
 One parallel task per (n, c) plane; the few neighbouring planes it reads stay in cache.
 Everything is computed in float32 (float64 constants would drag the loop into double).
 beta = 0.75 (the paper's value) takes a pow-free path: s**-0.75 = r * sqrt(r), r = 1/sqrt(s).
+Plain IEEE arithmetic, no ``fastmath``: fastmath let LLVM reassociate and approximate
+(1/sqrt), so the bits depended on how the kernel happened to be compiled (fresh or loaded
+from the cache), and it assumes no NaN or inf.
 """
 
 import math
@@ -22,7 +25,7 @@ from nbalex import checks
 from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
 
 
-@njit(inline="always", fastmath=True, cache=True)
+@njit(inline="always", cache=True)
 def _neg_pow(s, beta, three_quarters):
     """s**(-beta) in float32; the pow-free form for beta = 0.75."""
     if three_quarters:
@@ -31,7 +34,7 @@ def _neg_pow(s, beta, three_quarters):
     return s ** (-beta)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, cache=True)
 def lrn_forward_kernel(y, scale, x, half, alpha, beta, k, three_quarters):
     """x, y, scale (N, C, P) float32: write scale[n, c, :] and y[n, c, :], one task per (n, c).
 
@@ -54,7 +57,7 @@ def lrn_forward_kernel(y, scale, x, half, alpha, beta, k, three_quarters):
             y[n, c, t] = x[n, c, t] * _neg_pow(s, beta, three_quarters)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, cache=True)
 def lrn_backward_kernel(dx, dy, x, y, scale, half, alpha, beta, three_quarters):
     """All (N, C, P) float32: write dx[n, c, :], one task per (n, c).
 

@@ -2,9 +2,10 @@
 
 x (N,C,H,W), y and idx (N,C,OH,OW), OH = (H - size)//stride + 1.  idx (int32) is the winner's
 position h*W + w in its plane; ties go to the first maximum in row-major window order (a
-later element replaces the running maximum only when strictly larger).  The backward pass
-overwrites dx with each dy added at its idx (sums where windows overlap); a task owns its
-plane, so overlapping windows never race.
+later element replaces the running maximum only when strictly larger), and a NaN beats
+every number: the first NaN of the window wins, as np.argmax picks it in the reference.
+The backward pass overwrites dx with each dy added at its idx (sums where windows overlap); a task
+owns its plane, so overlapping windows never race.
 """
 
 from numba import njit, prange
@@ -32,7 +33,7 @@ def maxpool_forward_kernel(y, idx, x, size, stride):
                 for p in range(size):
                     for q in range(size):
                         v = src[h0 + p, w0 + q]
-                        if v > best:
+                        if (v > best or v != v) and best == best:   # first NaN wins
                             best = v
                             arg = (h0 + p) * w + w0 + q
                 y[n, c, i, j] = best

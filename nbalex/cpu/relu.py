@@ -8,19 +8,22 @@ from nbalex import checks
 from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, cache=True)
 def relu_forward_kernel(y, x):
-    """y[i] = max(x[i], 0) for every i of the flat arrays; y may be x (written)."""
+    """y[i] = max(x[i], 0) for every i of the flat arrays, a NaN kept (np.maximum's rule);
+    y may be x (written).  Plain IEEE arithmetic: no fastmath, which would assume no NaN."""
     for i in prange(x.shape[0]):
         v = x[i]
-        y[i] = v if v > 0.0 else np.float32(0.0)
+        y[i] = np.float32(0.0) if v < 0.0 else v
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, cache=True)
 def relu_backward_kernel(dx, dy, y):
-    """dx[i] = dy[i] if y[i] > 0 else 0 (written); dx may be dy."""
+    """dx[i] = dy[i] * (y[i] > 0), a multiply as in the reference: a NaN or inf dy at an
+    inactive unit gives NaN, not 0 (written); dx may be dy."""
     for i in prange(dy.shape[0]):
-        dx[i] = dy[i] if y[i] > 0.0 else np.float32(0.0)
+        g = dy[i]
+        dx[i] = g if y[i] > 0.0 else g * np.float32(0.0)
 
 
 @checks.checked(checks.relu_forward, "cpu")

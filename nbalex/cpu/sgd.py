@@ -6,7 +6,13 @@ Per element i of tensor t (the paper's rule, ``nbalex.backends``)::
     w[i] <- w[i] + v[i]
 
 Tensor t spans [offsets[t], offsets[t+1]) of w, dw and v (all flat float32, same layout).
+Plain IEEE arithmetic (no ``fastmath``, which assumes no NaN and may contract into FMAs):
+every element is computed exactly as the reference computes it, whatever the compiler did.
+The same pass counts the updated w that are not finite (an integer sum, so its order cannot
+matter); the launcher turns a nonzero count into the caller's ``nonfinite`` flag.
 """
+
+import math
 
 import numpy as np
 from numba import njit, prange
@@ -16,30 +22,41 @@ from nbalex import checks
 from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, cache=True)
 def sgd_kernel(w, dw, v, offsets, steps, decays, momentum):
-    """Update w and v in place; steps[t] = lr*lr_mults[t], decays[t] = wd*decay_mults[t]."""
+    """Update w and v in place; steps[t] = lr*lr_mults[t], decays[t] = wd*decay_mults[t].
+
+    Returns how many elements of w are NaN or infinite after the update.
+    """
+    bad = 0
     for t in range(offsets.shape[0] - 1):
         step = steps[t]
         decay = decays[t]
         for i in prange(offsets[t], offsets[t + 1]):
             vi = momentum * v[i] - step * (decay * w[i] + dw[i])
             v[i] = vi
-            w[i] += vi
+            wi = w[i] + vi
+            w[i] = wi
+            bad += 0 if math.isfinite(wi) else 1
+    return bad
 
 
 @checks.checked(checks.sgd_update, "cpu")
 def sgd_update(w, dw, v, lr, momentum, weight_decay, offsets=None, lr_mults=None,
-               decay_mults=None, stream=None):
-    """w, v (flat 1-D float32) updated in place from dw; offsets None = one tensor, mults 1."""
+               decay_mults=None, nonfinite=None, stream=None):
+    """w, v (flat 1-D float32) updated in place from dw; offsets None = one tensor, mults 1.
+
+    ``nonfinite`` (int32 (1,)), when given, is set to 1 if any updated w is not finite; it is
+    never cleared here.
+    """
     if offsets is None:
         offsets = np.array([0, w.size], dtype=np.int64)
     offsets = np.asarray(offsets, dtype=np.int64)
     tensors = len(offsets) - 1
-    if offsets[0] != 0 or offsets[-1] != w.size:
-        raise ValueError(f"offsets must run from 0 to {w.size}, got {offsets[0]}..{offsets[-1]}")
     lr_m = np.ones(tensors) if lr_mults is None else np.asarray(lr_mults, dtype=np.float64)
     decay_m = np.ones(tensors) if decay_mults is None else np.asarray(decay_mults, dtype=np.float64)
     steps = (lr * lr_m).astype(np.float32)
     decays = (weight_decay * decay_m).astype(np.float32)
-    sgd_kernel(w, dw, v, offsets, steps, decays, np.float32(momentum))
+    bad = sgd_kernel(w, dw, v, offsets, steps, decays, np.float32(momentum))
+    if bad and nonfinite is not None:
+        nonfinite[0] = 1

@@ -39,7 +39,8 @@ def mix32(x):
 def dropout_forward_kernel(y, mask, x, seed_mix, offset, threshold, keep):
     """Draw the mask and apply it: for every flat index i,
     mask[i] = 1 if (mix32((offset + i mod 2**32) ^ seed_mix) >> 8) >= threshold else 0,
-    y[i] = x[i] / keep if kept else 0.
+    y[i] = x[i] / keep if kept else x[i] * 0 (a multiply as in the reference: a dropped NaN or
+    inf gives NaN, a dropped number 0).
 
     x, y: 1-D float32; mask: 1-D uint8 (all the same length), y and mask written; y may be x.
     seed_mix = mix32(seed ^ 0x9E3779B9), computed once on the host; offset (uint32) = the
@@ -56,12 +57,12 @@ def dropout_forward_kernel(y, mask, x, seed_mix, offset, threshold, keep):
             y[i] = x[i] / keep
         else:
             mask[i] = uint8(0)
-            y[i] = float32(0.0)
+            y[i] = x[i] * float32(0.0)
 
 
 @cuda.jit
 def dropout_backward_kernel(dx, dy, mask, keep):
-    """dx[i] = dy[i] / keep where mask[i] is nonzero, else 0 (keep = 1-p).
+    """dx[i] = dy[i] / keep where mask[i] is nonzero, else dy[i] * 0 (keep = 1-p; NaN stays).
 
     dx, dy: 1-D float32; mask: 1-D uint8 (same length); dx written, may be dy.
     One grid-stride loop over the elements.
@@ -69,7 +70,8 @@ def dropout_backward_kernel(dx, dy, mask, keep):
     start = cuda.grid(1)
     step = cuda.gridsize(1)
     for i in range(start, dy.shape[0], step):
-        dx[i] = dy[i] / keep if mask[i] != 0 else float32(0.0)
+        g = dy[i]
+        dx[i] = g / keep if mask[i] != 0 else g * float32(0.0)
 
 
 STATIC_SIGNATURES = [

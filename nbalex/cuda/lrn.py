@@ -10,6 +10,10 @@ Adjacent threads own adjacent positions, so every load and store is coalesced.
 The running sums are kept in float64, so the residue a large value leaves after it has left
 the window is 2**-52 of its square (float32 would leave 2**-23 of it).  That only shows when
 k is tiny next to alpha * sum and the squares in one column span more than about 1e12.
+
+A running sum cannot forget a NaN or an infinity (inf - inf is NaN): once it is not finite,
+it is summed again over the next window from scratch, so a NaN or inf reaches exactly the
+channels whose window holds it, as in the reference, and the finite path costs one test.
 """
 
 import math
@@ -47,7 +51,8 @@ def lrn_forward_kernel(y, scale, x, half, alpha, beta, k):
             window += v * v
         for c in range(channels):
             v = x[n, c, s]
-            sc = k + alpha * float32(max(window, 0.0))  # rounding must not make it negative
+            # rounding must not make the sum negative (written so that a NaN stays NaN)
+            sc = k + alpha * float32(float64(0.0) if window < 0.0 else window)
             if keep:
                 scale[n, c, s] = sc
             y[n, c, s] = v * math.pow(sc, -beta)
@@ -59,6 +64,11 @@ def lrn_forward_kernel(y, scale, x, half, alpha, beta, k):
             if leaving >= 0:
                 e = x[n, leaving, s]
                 window -= e * e
+            if not math.isfinite(window):  # sum channel c+1's window afresh
+                window = float64(0.0)
+                for j in range(max(c + 1 - half, 0), min(entering + 1, channels)):
+                    e = x[n, j, s]
+                    window += e * e
 
 
 @cuda.jit
@@ -87,6 +97,10 @@ def lrn_backward_kernel(dx, dy, x, y, scale, half, two_alpha_beta, beta):
             leaving = c - half
             if leaving >= 0:
                 window -= dy[n, leaving, s] * y[n, leaving, s] / scale[n, leaving, s]
+            if not math.isfinite(window):  # sum channel c+1's window afresh
+                window = float64(0.0)
+                for j in range(max(c + 1 - half, 0), min(entering + 1, channels)):
+                    window += dy[n, j, s] * y[n, j, s] / scale[n, j, s]
 
 
 _A3 = "float32[:, :, ::1]"

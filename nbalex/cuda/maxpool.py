@@ -23,7 +23,7 @@ def unravel(i, height, width):
 def maxpool_forward_kernel(y, idx, x, size, stride):
     """y[p,oh,ow] = max of x[p, oh*stride : oh*stride+size, ow*stride : ow*stride+size],
     idx[p,oh,ow] = its position h*W + w in plane p; ties go to the first in row-major
-    window order.
+    window order, and a NaN beats every number (the first NaN wins, as np.argmax picks it).
 
     x (P,H,W) float32, P = N*C planes; y (P,OH,OW) float32 and idx (P,OH,OW) int32 are
     written (an idx with no elements, for inference, is not).  One thread per output element, grid-stride over P*OH*OW in C order (adjacent
@@ -41,7 +41,7 @@ def maxpool_forward_kernel(y, idx, x, size, stride):
         for dh in range(size):
             for dw in range(size):
                 v = x[p, h0 + dh, w0 + dw]
-                if v > best:
+                if (v > best or v != v) and best == best:   # first NaN wins
                     best = v
                     best_at = (h0 + dh) * width + w0 + dw
         y[p, oh, ow] = best

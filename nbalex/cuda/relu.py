@@ -26,14 +26,16 @@ def relu_forward_kernel(y, x):
 
 @cuda.jit
 def relu_backward_kernel(dx, dy, y):
-    """dx[i] = dy[i] if y[i] > 0 else 0, one grid-stride loop.
+    """dx[i] = dy[i] * (y[i] > 0), a multiply as in the reference (a NaN or inf dy at an
+    inactive unit gives NaN, not 0), one grid-stride loop.
 
     dx, dy, y: 1-D float32 of the same length; dx is written and may be the same array as dy.
     """
     start = cuda.grid(1)
     step = cuda.gridsize(1)
     for i in range(start, y.shape[0], step):
-        dx[i] = dy[i] if y[i] > 0 else float32(0.0)
+        g = dy[i]
+        dx[i] = g if y[i] > 0 else g * float32(0.0)
 
 
 STATIC_SIGNATURES = [

@@ -25,7 +25,9 @@ MAX_ROW_BLOCKS = 65535
 @cuda.jit
 def softmax_xent_forward_kernel(losses, probs, logits, labels):
     """probs[n, :] = softmax(logits[n, :]) and losses[n] = logsumexp(logits[n, :]) -
-    logits[n, labels[n]] (NaN when labels[n] is outside [0, K)).
+    logits[n, labels[n]] (NaN when labels[n] is outside [0, K)).  NaN and infinities as in the
+    reference: a row whose max is not finite (a NaN, a +inf, or every logit -inf) gives NaN
+    probabilities and loss; a -inf logit elsewhere gets probability 0 (loss +inf at the label).
 
     logits (N, K) float32, labels (N,) int32; probs (N, K) and losses (N,) float32 written.
     Launched with ROW_THREADS threads per block; block b handles rows b, b + gridDim.x, ...
@@ -44,7 +46,9 @@ def softmax_xent_forward_kernel(losses, probs, logits, labels):
             if z > m:
                 s = s * math.exp(m - z) + float32(1.0)
                 m = z
-            else:
+            elif z != z:
+                m = z  # a NaN max sticks: nothing is > NaN
+            elif z > float32(-math.inf):  # a -inf adds exp(-inf) = 0 (and -inf - -inf is NaN)
                 s += math.exp(z - m)
         part_max[t] = m
         part_sum[t] = s
@@ -56,7 +60,9 @@ def softmax_xent_forward_kernel(losses, probs, logits, labels):
                 s1 = part_sum[t]
                 m2 = part_max[t + width]
                 s2 = part_sum[t + width]
-                if s2 > 0:  # an empty pair (no columns) is (-inf, 0): skip it
+                if m2 != m2:  # a NaN max wins the merge
+                    part_max[t] = m2
+                elif s2 > 0:  # an empty pair (no columns, or only -inf) is (-inf, 0): skip it
                     if m2 > m1:
                         part_sum[t] = s1 * math.exp(m1 - m2) + s2
                         part_max[t] = m2
@@ -66,6 +72,9 @@ def softmax_xent_forward_kernel(losses, probs, logits, labels):
             width //= 2
         m = part_max[0]
         s = part_sum[0]
+        if not math.isfinite(m):  # a NaN, a +inf, or only -inf: the reference's row is NaN
+            m = float32(math.nan)
+            s = float32(math.nan)
         inv_s = float32(1.0) / s
         for j in range(t, n_cls, ROW_THREADS):
             probs[row, j] = math.exp(logits[row, j] - m) * inv_s

@@ -7,6 +7,9 @@ Shapes: x, y, mask, dy, dx all alike; mask is uint8 (1 = kept).  With keep proba
     y       = x * mask / (1 - p)
     dx      = dy * mask / (1 - p)
 
+Both are multiplies, so a NaN or inf at a dropped unit gives NaN (0 * inf), never 0; every
+backend follows that rule.
+
 The mask is not drawn from a random-number generator's stream but computed from
 (seed, element index) by an integer hash (see :func:`nbalex.backends.dropout_keep`), so
 every backend, every thread order and every device draws the same mask for the same seed.

@@ -11,7 +11,9 @@ Math::
     y[n, c, i, j] = max_{p, q < size} x[n, c, i*stride + p, j*stride + q]
 
 Ties go to the first maximum in row-major window order (smallest p, then smallest q), which
-is what ``argmax`` over the flattened window does.  The backward pass routes each dy to the
+is what ``argmax`` over the flattened window does.  A NaN counts as larger than every number:
+a window holding one gives y = NaN, and idx points at its first NaN in the same order (again
+``argmax``'s rule); every backend follows it, so a NaN is never pooled away.  The backward pass routes each dy to the
 input that won its window; when windows overlap one input can win several times, and its
 gradient is the sum (``np.add.at`` adds repeated indices, plain fancy assignment would not).
 """

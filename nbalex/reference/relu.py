@@ -2,6 +2,10 @@
 
 The backward pass needs only the output: dL/dx = dL/dy where y > 0, else 0
 (the derivative at exactly 0 is taken to be 0).
+
+NaN: the forward pass keeps it (``np.maximum``), and the backward pass is a multiply,
+dy * (y > 0), so a NaN or inf in dy gives NaN even where the unit is inactive.  Every backend
+follows both rules.
 """
 
 import numpy as np

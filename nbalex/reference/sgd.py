@@ -8,6 +8,10 @@ multipliers (biases usually get decay 0).  For every element i of tensor t::
     w[i] <- w[i] + v[i]
 
 With both multipliers 1 this is the paper's v <- 0.9 v - 0.0005 lr w - lr g; w <- w + v.
+
+``nonfinite``, when given, is an int32 (1,) flag set to 1 when any w[i] is NaN or infinite
+after the update; it is never cleared here (the caller zeroes it), so one flag can collect
+several updates.  That is how a training loop notices divergence without reading w back.
 """
 
 import numpy as np
@@ -17,18 +21,19 @@ from nbalex import checks
 
 @checks.checked(checks.sgd_update, "reference")
 def sgd_update(w, dw, v, lr, momentum, weight_decay, offsets=None, lr_mults=None,
-               decay_mults=None, stream=None):
-    """w, v (flat 1-D) updated in place from dw.  offsets None means one tensor, multipliers 1."""
+               decay_mults=None, nonfinite=None, stream=None):
+    """w, v (flat 1-D) updated in place from dw.  offsets None means one tensor, multipliers 1;
+    nonfinite[0] <- 1 when an updated w is not finite (left as it is otherwise)."""
     if offsets is None:
         offsets = np.array([0, w.size], dtype=np.int64)
     tensors = len(offsets) - 1
     lr_mults = np.ones(tensors) if lr_mults is None else lr_mults
     decay_mults = np.ones(tensors) if decay_mults is None else decay_mults
-    if offsets[0] != 0 or offsets[-1] != w.size:
-        raise ValueError(f"offsets must run from 0 to {w.size}, got {offsets[0]}..{offsets[-1]}")
     for t in range(tensors):
         part = slice(int(offsets[t]), int(offsets[t + 1]))
         step = lr * float(lr_mults[t])
         decay = weight_decay * float(decay_mults[t])
         v[part] = momentum * v[part] - step * (decay * w[part] + dw[part])
         w[part] += v[part]
+    if nonfinite is not None and not np.isfinite(w).all():
+        nonfinite[0] = 1

@@ -9,6 +9,10 @@ Forward, computed stably by subtracting each row's maximum first (it cancels)::
     probs[n]  = exp(z[n] - lse[n])                    softmax
     losses[n] = lse[n] - z[n, labels[n]]              -log probs[n, labels[n]]
 
+NaN and infinities follow from these formulas and every backend keeps them: a row whose max
+is not finite (a NaN, a +inf, or every logit -inf) has NaN probabilities and loss; a -inf
+logit in a row with a finite max gets probability 0 (and loss +inf when it is the label).
+
 The training loss is the batch mean, so the gradient of mean(losses) is::
 
     dlogits[n, k] = (probs[n, k] - [k == labels[n]]) / N
