@@ -88,8 +88,8 @@ def environment():
     from nbalex.cpu import workers
     return dict(cpu=cpu_model(), cores=os.cpu_count(), blas=blas_info(), numpy=np.__version__,
                 numba=numba.__version__, torch=torch.__version__,
-                torch_threads=torch.get_num_threads(), blas_pool=getattr(workers, "BLAS_POOL", "openblas"),
-                python=platform.python_version(),
+                torch_threads=torch.get_num_threads(), blas_pool=workers.BLAS_POOL,
+                python=platform.python_version(), load_avg=list(os.getloadavg()),
                 blas_env={v: os.environ[v] for v in BLAS_VARS if v in os.environ},
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
 
@@ -101,6 +101,10 @@ def header_lines(info):
              f"threads={b.get('threads')} ({b.get('path', '')}); nbalex's BLAS threads: {info['blas_pool']}",
              f"numpy {info['numpy']} | numba {info['numba']} | torch {info['torch']} "
              f"({info['torch_threads']} threads) | python {info['python']}"]
+    load, cores = info["load_avg"][0], info["cores"] or 1
+    lines.append(f"load average at start: {load:.1f}" + (
+        f" -- WARNING: busier than its {cores} cores; OpenMP (PyTorch) suffers more than nbalex "
+        "from oversubscription, so ratios flatter nbalex" if load > cores else ""))
     if info["blas_env"]:
         lines.append("WARNING: " + " ".join(f"{k}={v}" for k, v in info["blas_env"].items())
                      + " set: NumPy's OpenBLAS may run a slower kernel than users get")
