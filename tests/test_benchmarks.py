@@ -270,3 +270,50 @@ def test_write_results_counts_a_killed_pytest_log(tmp_path):
     rows, line = wr.tests_section(tmp_path, {})
     assert line == "cut short: 1 passed, 1 failed; last test started: tests/b.py::test_3"
     assert any("tests/a.py::test_2 FAILED" in r for r in rows)
+
+
+
+@pytest.mark.skipif(not backends.cuda_available(), reason="needs a GPU or the CUDA simulator")
+def test_record_launches_counts_each_kernel_a_launcher_launches_and_restores_them():
+    """bench train prices real launches: one linear_backward_weights call is two kernels."""
+    import nbalex.cuda.linear as linear
+    from nbalex.cuda.launch import record_launches
+
+    rng = np.random.default_rng(0)
+    dy = rng.standard_normal((2, 5), dtype=np.float32)
+    x = rng.standard_normal((2, 12), dtype=np.float32)
+    dw, db = np.zeros((5, 12), np.float32), np.zeros(5, np.float32)
+    kernel = linear.linear_bias_grad_kernel
+    with record_launches() as log:
+        linear.linear_backward_weights(dw, db, dy, x)
+    assert log.names() == ["linear_backward_weights_kernel", "linear_bias_grad_kernel"]
+    assert all(seconds > 0 for *_, seconds in log.launches) and log.host_seconds() > 0
+    assert log.launches[1][2] in range(32, linear.BIAS_THREADS + 1)     # the block it was given
+    assert linear.linear_bias_grad_kernel is kernel                  # put back on exit
+    np.testing.assert_allclose(db, dy.sum(axis=0), rtol=1e-6)
+
+
+def test_bench_kernels_leaves_out_what_training_never_runs():
+    conv1 = next(s for s in ALEXNET_LAYERS if s.name == "conv1")
+    conv2 = next(s for s in ALEXNET_LAYERS if s.name == "conv2")
+    assert kernels.untrained_passes() == {("conv1", "backward-data")}
+    assert [p.name for p in kernels.bench_passes(conv1, 2)] == ["forward", "backward-weights"]
+    assert [p.name for p in kernels.bench_passes(conv1, 2, untrained=True)] == \
+        ["forward", "backward-data", "backward-weights"]
+    assert [p.name for p in kernels.bench_passes(conv2, 2)] == [p.name for p in passes(conv2, 2)]
+
+
+@pytest.mark.skipif(not backends.cuda_available(), reason="needs a GPU or the CUDA simulator")
+def test_bench_sgemm_allocates_the_split_k_workspace_once_outside_the_timed_calls():
+    seen = []
+
+    def linear_forward(y, x, w, b, relu=False, workspace=None, stream=None):
+        seen.append(workspace)
+
+    ours = sgemm.our_gemm(linear_forward, lambda xs, ws: 7 * xs[0] * ws[0], 3, 5, 4)
+    ours(None, None, None, None)
+    ours(None, None, None, None)
+    assert seen[0] is seen[1] and seen[0].shape == (7 * 3 * 4,)
+    none_needed = sgemm.our_gemm(linear_forward, lambda xs, ws: 0, 3, 5, 4)
+    none_needed(None, None, None, None)
+    assert seen[2] is None

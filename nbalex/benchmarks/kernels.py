@@ -1,6 +1,7 @@
 """``nbalex bench kernels``: every AlexNet layer's launchers, timed beside a peer.
 
-For each layer and pass (forward, backward-data, backward-weights) the launcher of the chosen
+For each layer and pass (forward, backward-data, backward-weights) that a training step runs
+(conv1's backward-data is left out unless ``--untrained``, which marks it) the launcher of the chosen
 backend is first checked against ``nbalex.reference`` at a small batch (a mismatch aborts
 that row with the reason), then timed at the full batch: the median of ``repeats`` calls after
 ``warmup`` untimed ones, with CUDA events on a GPU and ``perf_counter`` on the CPU. The peer
@@ -129,9 +130,24 @@ def _workspace(mem, module, spec, n):
 
 
 # ---------------------------------------------------------------------------------------------
+# Which passes: those a training step runs.
+
+def untrained_passes():
+    """{(layer, pass)} that a training step never runs: the first layer's backward-data (its
+    input is the image, whose gradient nothing uses; in AlexNet conv1's, M = 3)."""
+    return {(ALEXNET_LAYERS[0].name, "backward-data")}
+
+
+def bench_passes(spec, n, untrained=False):
+    """The passes of ``spec`` to check and time: those training runs, or all with ``untrained``."""
+    skip = set() if untrained else {p for layer, p in untrained_passes() if layer == spec.name}
+    return [pa for pa in passes(spec, n) if pa.name not in skip]
+
+
+# ---------------------------------------------------------------------------------------------
 # Check, then time.
 
-def check_layer(spec, module, mem, reference, rng, n=CHECK_BATCH):
+def check_layer(spec, module, mem, reference, rng, n=CHECK_BATCH, untrained=False):
     """{pass name: max relative error, or the CheckFailed/other exception} for one layer.
 
     Each pass runs on the reference and on ``module`` from the same inputs; the outputs of
@@ -147,7 +163,7 @@ def check_layer(spec, module, mem, reference, rng, n=CHECK_BATCH):
     ws_ref = _workspace(HostMemory(), reference, spec, n)
     ws_ours = _workspace(mem, module, spec, n)
     results = {}
-    for pa in passes(spec, n):
+    for pa in bench_passes(spec, n, untrained):
         for name, (shape, dtype) in pa.writes.items():
             ref[name] = np.zeros(shape, dtype)
             ours[name] = mem.poisoned(shape, dtype)
@@ -188,7 +204,7 @@ def _peer_timer(name, backend):
     return time_torch_cuda if (name == "torch" and backend == "cuda") else time_host
 
 
-def time_layer(spec, backend, module, mem, rng, n, warmup, repeats, skip=()):
+def time_layer(spec, backend, module, mem, rng, n, warmup, repeats, skip=(), untrained=False):
     """{pass name: row dict} for one layer at batch ``n``: ours, then each peer.
 
     Working sets that would fit in the cache are copied (:func:`rotation_count`) and the
@@ -205,7 +221,7 @@ def time_layer(spec, backend, module, mem, rng, n, warmup, repeats, skip=()):
     ws = _workspace(mem, module, spec, n)
     peer_fns, peer_missing = _peer_callables(spec, backend, host_sets, n)
     rows = {}
-    for pa in passes(spec, n):
+    for pa in bench_passes(spec, n, untrained):
         for arrays in sets:
             for name, (shape, dtype) in pa.writes.items():
                 arrays[name] = mem.empty(shape, dtype)
@@ -223,6 +239,8 @@ def time_layer(spec, backend, module, mem, rng, n, warmup, repeats, skip=()):
                "backend": backend, "ms": seconds * 1e3, "gflops": rate(pa.flops, seconds),
                "gbs": rate(nbytes, seconds), "flops": pa.flops, "bytes": nbytes,
                "input_sets": copies}
+        if (spec.name, pa.name) in untrained_passes():
+            row["note"] = "not run in training"
         for peer, why in peer_missing.items():
             row[f"{peer}_error"] = why
         for peer, fns in peer_fns.items():
@@ -237,20 +255,23 @@ def time_layer(spec, backend, module, mem, rng, n, warmup, repeats, skip=()):
     return rows
 
 
-def bench_layer(spec, backend, module, mem, reference, rng, n, warmup, repeats, log=None):
-    """Check every pass of one layer, time those that passed; one row per pass."""
+def bench_layer(spec, backend, module, mem, reference, rng, n, warmup, repeats, log=None,
+                untrained=False):
+    """Check every pass of one layer that training runs (all with ``untrained``), time those
+    that passed; one row per pass."""
     def report(message):
         if log is not None:
             log(message)
 
-    checks = check_layer(spec, module, mem, reference, rng)
+    checks = check_layer(spec, module, mem, reference, rng, untrained=untrained)
     bad = {p: _describe(e) for p, e in checks.items() if isinstance(e, Exception)}
     for p, why in bad.items():
         report(f"{spec.name} {p}: {why}; not timed")
     timed = {}
     if len(bad) < len(checks):
         try:
-            timed = time_layer(spec, backend, module, mem, rng, n, warmup, repeats, skip=set(bad))
+            timed = time_layer(spec, backend, module, mem, rng, n, warmup, repeats, skip=set(bad),
+                               untrained=untrained)
         except Exception as exc:  # noqa: BLE001 - report it in the rows, keep the rest going
             why = f"timing failed: {type(exc).__name__}: {exc}"
             report(f"{spec.name}: {why}")
@@ -276,8 +297,11 @@ def select_layers(names=None):
 
 
 def run_kernels(backend="auto", layers=None, batch_size=None, repeats=None, warmup=None,
-                seed=0, log=None):
+                seed=0, log=None, untrained=False):
     """Check and time the layers; return the list of row dicts (failed rows carry ``error``).
+
+    Passes a training step never runs (:func:`untrained_passes`) are left out unless
+    ``untrained``; then their rows carry ``note: "not run in training"``.
 
     Raises :class:`TimingRefused` for the cuda backend under the CUDA simulator.
     """
@@ -295,7 +319,8 @@ def run_kernels(backend="auto", layers=None, batch_size=None, repeats=None, warm
     rng = np.random.default_rng(seed)
     rows = []
     for spec in select_layers(layers):
-        done = bench_layer(spec, backend, module, mem, reference, rng, n, warmup, repeats, log)
+        done = bench_layer(spec, backend, module, mem, reference, rng, n, warmup, repeats, log,
+                           untrained)
         for r in done:                  # progress on stderr, in case the run is cut short
             if log is not None and "ms" in r:
                 peer = f", torch {r['torch_ms']:.3f} ms" if r.get("torch_ms") is not None else ""
@@ -314,7 +339,7 @@ def _describe(exc):
 COLUMNS = [("layer", "layer"), ("pass", "pass"), ("ms", "ms", 3), ("gflops", "GFLOP/s", 1),
            ("gbs", "GB/s", 1), ("torch_ms", "torch-ms", 3), ("torch_over_ours", "torch/ours", 2),
            ("numpy_ms", "numpy-ms", 3), ("numpy_over_ours", "numpy/ours", 2),
-           ("check_error", "rel-err", ".1e")]
+           ("check_error", "rel-err", ".1e"), ("note", "note")]
 
 
 def format_rows(rows, backend):
@@ -338,8 +363,10 @@ def format_rows(rows, backend):
               help="Batch for timing (default 128 on a GPU, 16 on the CPU).")
 @click.option("--repeats", type=click.IntRange(1), default=None, help="Timed calls per pass (median reported).")
 @click.option("--warmup", type=click.IntRange(0), default=None, help="Untimed calls before timing.")
+@click.option("--untrained", is_flag=True,
+              help="Also time the passes training never runs (conv1 backward-data), marked so.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of row objects.")
-def command(backend, layers, batch_size, repeats, warmup, as_json):
+def command(backend, layers, batch_size, repeats, warmup, untrained, as_json):
     """Time every AlexNet layer's kernels beside PyTorch (and NumPy on the CPU).
 
     \b
@@ -350,7 +377,7 @@ def command(backend, layers, batch_size, repeats, warmup, as_json):
     def log(message):
         click.echo(message, err=True)
     try:
-        rows = run_kernels(backend, layers, batch_size, repeats, warmup, log=log)
+        rows = run_kernels(backend, layers, batch_size, repeats, warmup, log=log, untrained=untrained)
     except (TimingRefused, ValueError) as exc:
         raise click.ClickException(str(exc))
     resolved = rows[0].get("backend", backend) if rows else backend

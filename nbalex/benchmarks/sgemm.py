@@ -1,7 +1,7 @@
 """``nbalex bench sgemm``: our GEMM against cuBLAS at AlexNet's matrix shapes (GPU only).
 
 Ours is the cuda backend's ``linear_forward`` (``y = x @ w.T + b``, an SGEMM of (N,K) by
-(K,M)); the peer is cuBLAS through PyTorch (CuPy when PyTorch is missing) with TF32 off, on
+(K,M)) with its split-K workspace allocated once per shape, outside the timed calls; the peer is cuBLAS through PyTorch (CuPy when PyTorch is missing) with TF32 off, on
 the same inputs in the same process. The shapes are the fc layers at the batch, the conv
 layers' implicit GEMMs (M = F/g, N = B*OH*OW, K = C/g*KH*KW, one group) and 4096^3. Each
 result is checked against a float64 product before it is timed.
@@ -41,13 +41,25 @@ def gemm_shapes(batch=128, square=4096):
     return shapes
 
 
-def _our_linear_forward():
+def _our_linear():
+    """(linear_forward, linear_workspace_size) of the cuda backend."""
     try:
-        from nbalex.cuda.linear import linear_forward
+        from nbalex.cuda.linear import linear_forward, linear_workspace_size
     except ImportError:
         from .kernels import load_backend
-        linear_forward = load_backend("cuda").linear_forward
-    return linear_forward
+        backend = load_backend("cuda")
+        linear_forward, linear_workspace_size = backend.linear_forward, backend.linear_workspace_size
+    return linear_forward, linear_workspace_size
+
+
+def our_gemm(linear_forward, workspace_size, n, k, m):
+    """``ours(y, x, w, b)``: ``linear_forward`` with its split-K workspace for (N,K) x (M,K)
+    allocated here, once, as the network's arena holds it: nothing is allocated in a timed call."""
+    from numba import cuda
+
+    size = int(workspace_size((n, k), (m, k)))
+    workspace = cuda.device_array(size, np.float32) if size else None
+    return functools.partial(linear_forward, workspace=workspace)
 
 
 class TorchPeer:
@@ -176,7 +188,7 @@ def run_sgemm(batch=128, square=4096, repeats=10, warmup=2, seed=0, log=None):
     if not cuda_available():
         raise TimingRefused("nbalex bench sgemm needs a CUDA GPU (none was found)")
     try:
-        ours = _our_linear_forward()
+        linear = _our_linear()
     except (ImportError, AttributeError) as exc:
         raise TimingRefused(f"the cuda backend's linear_forward is not available: {exc}") from None
     peer = cublas_peer()
@@ -184,6 +196,7 @@ def run_sgemm(batch=128, square=4096, repeats=10, warmup=2, seed=0, log=None):
     rows = []
     for name, m, n, k in gemm_shapes(batch, square):
         try:
+            ours = our_gemm(*linear, n, k, m)
             rows.append(bench_shape(name, m, n, k, ours, peer, rng, warmup, repeats))
         except Exception as exc:  # noqa: BLE001 - one bad shape must not hide the others
             why = str(exc) if isinstance(exc, CheckFailed) else f"{type(exc).__name__}: {exc}"

@@ -8,8 +8,10 @@ Three measurements, each its own pass:
    momentum and weight decay) on the same device, TF32 off, timed the same way;
 2. profile: a fresh Net whose backend launchers are wrapped (:mod:`.profile`): every
    launcher call is counted and timed with the device synchronised around it, giving each
-   layer's share of a step and the launches per step; the launch overhead is that count times
-   the measured cost of launching an empty kernel (an empty compiled call on the CPU);
+   layer's share of a step. On cuda every real kernel launch is also logged where it is made
+   (:func:`nbalex.cuda.launch.record_launches`; a launcher can launch several kernels), and
+   the launch overhead is the measured host time of those launches, each with its own
+   arguments; on the CPU it is the launcher calls times one empty compiled call;
 3. loader: one pass of :class:`nbalex.io.loader.Loader` over ``--data`` when given
    (images/s on its own), else "not measured".
 
@@ -18,6 +20,8 @@ Example::
     nbalex bench train --model alexnet --batch-size 128 --steps 10 --json
 """
 
+import collections
+import contextlib
 import importlib
 import math
 import sys
@@ -77,18 +81,35 @@ def ours_throughput(model, backend, batch, x, labels, warmup, steps):
     return median_seconds(step_times(step, device_sync(backend), warmup, steps))
 
 
+def launch_log(backend):
+    """A context that logs every real kernel launch (cuda), or yields None (cpu)."""
+    if backend == "cuda":
+        from nbalex.cuda.launch import record_launches
+        return record_launches()
+    return contextlib.nullcontext(None)
+
+
 def profile_layers(model, backend, batch, x, labels, layer_specs, steps):
-    """({layer: ms per step}, launches per step, profiled ms per step) from one profiling pass."""
+    """One profiling pass of ``steps`` steps after a warm-up step, as a dict:
+
+    ``per_layer`` {layer: ms per step}, ``launcher_calls`` per step, ``wall_ms`` per step, and
+    for cuda ``launches`` (real kernel launches per step, counted where each kernel is launched:
+    a launcher may launch several, e.g. a split-K GEMM and its sum), ``launch_host_ms`` (their
+    measured host time per step, each launch with its own arguments) and ``kernels``
+    {kernel name: launches per step}. For cpu those three are None.
+    """
     from nbalex.model import Net
 
     sync = device_sync(backend)
     recorder = LaunchRecorder(LayerAttributor(layer_specs, batch), sync)
     package = importlib.import_module(f"nbalex.{backend}")
-    with instrument([package], recorder):
+    with instrument([package], recorder), launch_log(backend) as log:
         net = Net(model, backend=backend, batch_size=batch)
         net.forward_backward(x, labels, train=True, seed=0)      # warm-up, not recorded
         net.sgd_step(LR)
         sync()
+        if log is not None:
+            log.clear()
         recorder.recording = True
         t0 = time.perf_counter()
         for i in range(steps):
@@ -97,8 +118,14 @@ def profile_layers(model, backend, batch, x, labels, layer_specs, steps):
         sync()
         wall = (time.perf_counter() - t0) / steps
         recorder.recording = False
-    per_layer = {layer: s / steps * 1e3 for layer, s in recorder.seconds.items()}
-    return per_layer, recorder.calls / steps, wall * 1e3
+    result = {"per_layer": {layer: s / steps * 1e3 for layer, s in recorder.seconds.items()},
+              "launcher_calls": recorder.calls / steps, "wall_ms": wall * 1e3,
+              "launches": None, "launch_host_ms": None, "kernels": None}
+    if log is not None:
+        counts = collections.Counter(log.names())
+        result.update(launches=len(log) / steps, launch_host_ms=log.host_seconds() / steps * 1e3,
+                      kernels={name: c / steps for name, c in sorted(counts.items())})
+    return result
 
 
 def empty_launch_seconds(backend, count=200):
@@ -211,19 +238,27 @@ def run_train(model="alexnet", batch_size=128, backend="auto", steps=5, warmup=2
         prof = attempt("profile", lambda: profile_layers(model, backend, batch_size, x, labels,
                                                          layer_specs, max(1, min(steps, 3))))
         if prof:
-            per_layer, launches, wall_ms = prof
+            per_layer, wall_ms = prof["per_layer"], prof["wall_ms"]
             total = sum(per_layer.values())
             result["profile_ms"] = wall_ms
             result["layers"] = [{"layer": k, "ms": v, "share": v / wall_ms if wall_ms else None}
                                 for k, v in sorted(per_layer.items(), key=lambda kv: -kv[1])]
             result["outside_launchers_ms"] = max(0.0, wall_ms - total)
-            result["launches_per_step"] = launches
+            result["launcher_calls_per_step"] = prof["launcher_calls"]
             launch_s = attempt("launch", lambda: empty_launch_seconds(backend))
             if launch_s is not None:
                 result["empty_launch_us"] = launch_s * 1e6
-                result["launch_overhead_ms"] = launches * launch_s * 1e3
-                if ours:
-                    result["launch_overhead_share"] = launches * launch_s / ours
+            if prof["launches"] is not None:       # cuda: every real launch, timed as made
+                result["launches_per_step"] = prof["launches"]
+                result["launch_overhead_ms"] = prof["launch_host_ms"]
+                result["kernel_launches"] = prof["kernels"]
+                result["launch_pricing"] = "measured host time of each launch, with its arguments"
+            elif launch_s is not None:             # cpu: a launcher call priced as an empty call
+                result["launches_per_step"] = prof["launcher_calls"]
+                result["launch_overhead_ms"] = prof["launcher_calls"] * launch_s * 1e3
+                result["launch_pricing"] = "launcher calls x one empty @njit call"
+            if ours and result.get("launch_overhead_ms") is not None:
+                result["launch_overhead_share"] = result["launch_overhead_ms"] / (ours * 1e3)
     if data:
         ips = attempt("loader", lambda: loader_images_per_second(data, batch_size, size, backend,
                                                                  max(steps, 4)))
@@ -252,8 +287,10 @@ def format_result(r):
     else:
         lines.append(f"loader {r.get('loader', '-')}")
     if "launches_per_step" in r:
-        lines.append(f"launches {r['launches_per_step']:.0f}/step; empty launch "
-                     f"{num('empty_launch_us', '{:.1f}')} us -> {num('launch_overhead_ms', '{:.2f}')} ms/step"
+        lines.append(f"launches {r['launches_per_step']:.0f}/step "
+                     f"({num('launcher_calls_per_step', '{:.0f}')} launcher calls) -> "
+                     f"{num('launch_overhead_ms', '{:.2f}')} ms/step host time "
+                     f"[{r.get('launch_pricing', '-')}; empty launch {num('empty_launch_us', '{:.1f}')} us]"
                      + (f" ({100 * r['launch_overhead_share']:.1f}% of a step)"
                         if r.get("launch_overhead_share") is not None else ""))
     if r.get("layers"):
