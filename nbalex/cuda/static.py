@@ -317,9 +317,10 @@ def analyze_all(jobs=None):
     if jobs <= 1:
         return [_analyze_entry(name, i) for name, i in tasks]
     import concurrent.futures
-    import multiprocessing
+    from nbalex.io import children      # compile workers die with this process
     with concurrent.futures.ProcessPoolExecutor(
-            jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            jobs, mp_context=children.context("spawn"), initializer=children.worker_init,
+            initargs=(os.getpid(),)) as pool:
         return list(pool.map(_analyze_entry, *zip(*tasks)))
 
 

@@ -80,19 +80,30 @@ def worker_init(parent_pid, fds=()):
         os._exit(1)
 
 
-def _killing(process_class):
-    """A subclass of ``process_class`` whose terminate() sends SIGKILL (workers ignore SIGTERM)."""
-    class Process(process_class):
-        def terminate(self):
-            self.kill()
-    Process.__name__ = process_class.__name__
-    Process.__qualname__ = process_class.__qualname__
-    return Process
+def _terminate_kills(self):
+    """terminate() of a worker process: SIGKILL, since the worker ignores SIGTERM."""
+    self.kill()
+
+
+def _killing_context(method):
+    """A context of ``method`` whose Process class (module-level, so spawn can pickle it)
+    sends SIGKILL on terminate()."""
+    base = multiprocessing.get_context(method)
+    name = f"Killing{base.Process.__name__}"
+    process = type(name, (base.Process,), {"terminate": _terminate_kills, "__module__": __name__})
+    globals()[name] = process
+    return type(f"Killing{type(base).__name__}", (type(base),), {"Process": process})()
+
+
+# fork and spawn only: a forkserver's workers are children of the server, not of the caller
+_CONTEXTS = {method: _killing_context(method) for method in ("fork", "spawn")
+             if method in multiprocessing.get_all_start_methods()}
 
 
 def context(method=None):
-    """A multiprocessing context (``method``, default START_METHOD) for nbalex's workers:
-    its processes' terminate() kills (SIGKILL), since the workers ignore SIGTERM."""
-    base = multiprocessing.get_context(method or START_METHOD)
-    cls = type(f"Killing{type(base).__name__}", (type(base),), {"Process": _killing(base.Process)})
-    return cls()
+    """The multiprocessing context (``method``: "fork" or "spawn", default START_METHOD) for
+    nbalex's workers: its processes' terminate() kills (SIGKILL), since workers ignore SIGTERM."""
+    method = method or START_METHOD
+    if method not in _CONTEXTS:
+        raise ValueError(f"worker processes start by fork or spawn here, not {method!r}")
+    return _CONTEXTS[method]
