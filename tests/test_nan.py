@@ -282,3 +282,58 @@ def test_maxpool_first_nan_wins_in_the_reference():
     y, idx = launch("reference", "maxpool_forward", [((1, 1, 1, 1), F32),
                                                     ((1, 1, 1, 1), np.int32)], [x], 3, 2)
     assert np.isnan(y[0, 0, 0, 0]) and idx[0, 0, 0, 0] == 2
+
+
+# ---- the SGD kernel's non-finite flag (what lets a training loop stop cheaply) --------------
+
+def sgd_with_flag(backend, w, dw, v, flag, tensors):
+    """One sgd_update with a nonfinite flag; returns (w, v, flag) after it."""
+    mod = get_backend(backend)
+    extra = (np.array([0, 10, 40], np.int64), np.array([1.0, 2.0], F32),
+             np.array([0.0, 1.0], F32)) if tensors else (None, None, None)
+    if backend != "cuda":
+        w, v, flag = w.copy(), v.copy(), flag.copy()
+        mod.sgd_update(w, dw, v, 0.1, 0.9, 5e-4, *extra, nonfinite=flag)
+        return w, v, flag
+    from numba import cuda
+    d = [cuda.to_device(a) for a in (w, dw, v, flag)]
+    d_extra = [None if a is None else cuda.to_device(a) for a in extra]
+    mod.sgd_update(d[0], d[1], d[2], 0.1, 0.9, 5e-4, *d_extra, nonfinite=d[3])
+    return d[0].copy_to_host(), d[2].copy_to_host(), d[3].copy_to_host()
+
+
+@pytest.mark.parametrize("tensors", [False, True], ids=["one-tensor", "offsets"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "cuda"])
+def test_sgd_update_flags_a_nonfinite_update(backend, tensors):
+    w, dw, v = plain((40,), 0), plain((40,), 1), plain((40,), 2)
+    clear = np.zeros(1, np.int32)
+    w1, _, flag = sgd_with_flag(backend, w, dw, v, clear, tensors)
+    assert flag[0] == 0 and np.isfinite(w1).all()
+    for spoil in SPECIALS:
+        bad = dw.copy()
+        bad[33] = spoil
+        w1, _, flag = sgd_with_flag(backend, w, bad, v, clear, tensors)
+        assert flag.tolist() == [1], f"{spoil} in dw was not flagged"
+        assert not np.isfinite(w1[33])
+    _, _, flag = sgd_with_flag(backend, w, dw, v, np.ones(1, np.int32), tensors)
+    assert flag[0] == 1                          # the kernel never clears it
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_sgd_step_returns_false_after_a_nan_gradient(backend):
+    from nbalex.model import Net
+    net = Net("tests/configs/tiny.toml", backend=backend, batch_size=2, seed=0)
+    good = net.params()
+    x = np.random.default_rng(0).standard_normal((2, *net.input_shape)).astype(F32)
+    labels = np.array([0, 1], np.int32)
+    net.forward_backward(x, labels)
+    assert net.sgd_step(0.01) is True
+    x[1, 0, 3, 4] = np.nan                       # one NaN pixel: NaN gradients everywhere
+    net.forward_backward(x, labels)
+    assert net.sgd_step(0.01) is False
+    assert net.sgd_step(0.01) is False           # the parameters are still NaN
+    net.load_params(good)                        # what resuming a good checkpoint does
+    net.load_momentum({name: np.zeros_like(a) for name, a in good.items()})
+    x[1, 0, 3, 4] = 0.0
+    net.forward_backward(x, labels)
+    assert net.sgd_step(0.01) is True            # the flag was re-armed after the False
