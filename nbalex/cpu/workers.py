@@ -27,6 +27,7 @@ readers) goes back to OpenBLAS's own threads and gets a fresh worker pool, since
 not survive a fork.
 """
 
+import _thread
 import atexit
 import ctypes
 import os
@@ -143,8 +144,21 @@ class BlasJobPool:
                 slot["job"] = (fn, (i, jobdata + i * elsize, dojob_data))
                 slot["go"].release()
             fn(0, jobdata, dojob_data)
-            for _ in range(numjobs - 1):
-                self._done.acquire()
+            self._wait(numjobs - 1)
+
+    def _wait(self, jobs):
+        """Wait for ``jobs`` pool jobs.  OpenBLAS reuses their buffers once the callback
+        returns, so a Ctrl-C here does not cut the wait short: it is raised again after."""
+        interrupted = False
+        for _ in range(jobs):
+            while True:
+                try:
+                    self._done.acquire()
+                    break
+                except KeyboardInterrupt:
+                    interrupted = True
+        if interrupted:
+            _thread.interrupt_main()
 
 
 _SET_CALLBACK = _openblas_callback_setter()
