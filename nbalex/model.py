@@ -215,7 +215,7 @@ class Net:
             checks.softmax_xent_forward(b["losses"], probs, probs, labels, backend=name)
             checks.softmax_xent_backward(probs, probs, labels, backend=name)
             checks.sgd_update(b["params"], b["grads"], b["momentum"], 0.0, 0.0, 0.0, b["offsets"],
-                              b["lr_mults"], b["decay_mults"], backend=name)
+                              b["lr_mults"], b["decay_mults"], b["nonfinite"], backend=name)
 
     # ---- parameters -------------------------------------------------------------------------
 
