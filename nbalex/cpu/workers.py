@@ -22,7 +22,10 @@ convolutions after them.  So this module hands OpenBLAS's parallel jobs to a poo
 (:class:`BlasJobPool`, through ``openblas_set_threads_callback_function``, OpenBLAS >= 0.3.28)
 whose idle threads sleep.  OpenBLAS still splits the work: the same jobs on the same data, so
 the same bits.  ``NBALEX_BLAS_THREADS=openblas`` (:mod:`nbalex.cpu.threads`) leaves OpenBLAS's
-own threads in charge; :data:`BLAS_POOL` says which runs.  A forked child (the loader's
+own threads in charge; :data:`BLAS_POOL` says which runs.  The hand-off costs some tens of
+microseconds of Python per call: a win where calls are few and large (batch 32: alexnet-mini
+1.17x end to end), a loss where a step makes many small threaded calls (batch 1, whose
+single-image convolutions thread every GEMM: 0.76-0.92x).  A forked child (the loader's
 readers) goes back to OpenBLAS's own threads and gets a fresh worker pool, since threads do
 not survive a fork.
 """
