@@ -10,14 +10,23 @@ import numpy as np
 from nbalex import runtime
 
 
+class NonFiniteOutputs(ValueError):
+    """The network's outputs were NaN or infinite for some images (a diverged network)."""
+
+
 class Scores:
-    """Running top-1/top-5 error and cross-entropy over batches of class probabilities."""
+    """Running top-1/top-5 error and cross-entropy over batches of class probabilities.
+
+    A row holding NaN or inf counts as wrong at top-1 and top-5 and is counted in
+    ``nonfinite``: a diverged network must never look accurate.
+    """
 
     def __init__(self):
         self.images = 0
         self.loss_sum = 0.0
         self.top1_wrong = 0
         self.top5_wrong = 0
+        self.nonfinite = 0
 
     def add(self, probs, labels):
         """Count a batch: ``probs`` (N, K) rows summing to 1, ``labels`` (N,) ints."""
@@ -25,15 +34,21 @@ class Scores:
         labels = np.asarray(labels, dtype=np.int64)
         rows = np.arange(len(labels))
         picked = probs[rows, labels]
+        bad = ~np.isfinite(probs).all(axis=1)
         self.loss_sum += float(-np.log(np.maximum(picked, 1e-30)).sum())
         # rank = how many other classes score at least as high as the true one (a tie is an
         # error: a network whose outputs are all equal must not look perfect)
         rank = (probs >= picked[:, None]).sum(axis=1) - 1
-        self.top1_wrong += int((rank >= 1).sum())
-        self.top5_wrong += int((rank >= 5).sum())
+        self.top1_wrong += int(((rank >= 1) | bad).sum())
+        self.top5_wrong += int(((rank >= 5) | bad).sum())
+        self.nonfinite += int(bad.sum())
         self.images += len(labels)
 
     def result(self):
+        """The scores; NonFiniteOutputs when any image's outputs were NaN or infinite."""
+        if self.nonfinite:
+            raise NonFiniteOutputs(f"the network's outputs are NaN or infinite for "
+                                   f"{self.nonfinite} of {self.images} images")
         n = max(self.images, 1)
         return {"top1_error": self.top1_wrong / n, "top5_error": self.top5_wrong / n,
                 "loss": self.loss_sum / n, "images": self.images}

@@ -50,6 +50,9 @@ CHECKPOINT = "checkpoint.h5"
 LOG = "log.jsonl"
 
 
+RETRY = "Start a new --out folder with a lower --lr"   # --resume keeps the run's --lr
+
+
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -212,6 +215,7 @@ def _run_epoch(run, net, train_loader, val_loader, steps, stop, progress, epochs
     saves the position and raises Interrupted, divergence raises Diverged (the checkpoint
     on disk is the last good one: a save of non-finite parameters is refused)."""
     from nbalex.checkpoint import NonFiniteParameters
+    from nbalex.inference import NonFiniteOutputs
     started = time.perf_counter()
     try:
         try:
@@ -241,8 +245,11 @@ def _run_epoch(run, net, train_loader, val_loader, steps, stop, progress, epochs
             raise Interrupted(run.path, run.epoch, run.step, stop.signum) from None
         run.totals["seconds"] += time.perf_counter() - started
         report(_epoch_line(run.finish_epoch(scores), epochs))
+    except NonFiniteOutputs as exc:
+        raise Diverged(f"validation after epoch {run.epoch + 1}: {exc}; stopped, "
+                       f"{run.saved_text()}. {RETRY}") from None
     except (Diverged, NonFiniteParameters) as exc:
-        raise Diverged(f"{exc}; stopped, {run.saved_text()}. Try a lower --lr.") from None
+        raise Diverged(f"{exc}; stopped, {run.saved_text()}. {RETRY}") from None
 
 
 class _Run:

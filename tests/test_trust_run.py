@@ -70,6 +70,34 @@ def test_a_backend_that_cannot_tell_still_never_saves_a_nan(packed, tmp_path, mo
     assert not (tmp_path / "run" / training.CHECKPOINT).exists()
 
 
+def test_nan_outputs_never_score_as_correct():
+    from nbalex.inference import NonFiniteOutputs, Scores
+    scores = Scores()
+    probs = np.full((3, 4), 0.25)
+    probs[0, 1], probs[1] = 0.7, np.nan          # row 1 came from a diverged network
+    probs[0, [0, 2, 3]] = 0.1
+    scores.add(probs, np.array([1, 2, 0]))
+    assert (scores.top1_wrong, scores.top5_wrong, scores.nonfinite) == (2, 1, 1)
+    with pytest.raises(NonFiniteOutputs, match="NaN or infinite for 1 of 3 images"):
+        scores.result()
+
+
+def test_a_validation_with_nan_outputs_stops_the_run(packed, tmp_path, monkeypatch):  # noqa: F811
+    run = tmp_path / "run"
+    _run(packed, run, epochs=1)
+    saved = (run / training.CHECKPOINT).read_bytes()
+    original = Net.forward
+
+    def overflowing(self, x, *args, **kwargs):   # finite parameters, outputs that overflow
+        logits = original(self, x, *args, **kwargs)
+        return np.full_like(runtime.to_host(logits), np.inf)
+
+    monkeypatch.setattr(Net, "forward", overflowing)
+    with pytest.raises(training.Diverged, match="validation after epoch 2: .*NaN or infinite.*is kept"):
+        _run(packed, run, epochs=2, resume=True)
+    assert (run / training.CHECKPOINT).read_bytes() == saved
+
+
 def test_settings_with_nan_or_inf_are_refused_before_any_work(packed, tmp_path):  # noqa: F811
     for bad in ({"lr": float("nan")}, {"momentum": float("inf")}, {"weight_decay": -1.0}):
         with pytest.raises(ValueError, match="must be a finite number"):
