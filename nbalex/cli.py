@@ -18,7 +18,7 @@ import sys
 import click
 
 BACKENDS = click.Choice(["auto", "cuda", "cpu", "reference"])
-BENCHMARKS = ("kernels", "sgemm", "train")   # modules of nbalex.benchmarks, loaded on demand
+BENCHMARKS = ("kernels", "plan", "sgemm", "train")   # modules of nbalex.benchmarks, on demand
 SHOW_SKIPPED = 10             # skipped files pack names on stderr; the rest are counted
 
 
@@ -185,16 +185,21 @@ def _synth_classes(value):
               help="Use this packed file's class list (pack validation data this way).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (never the "
               "--classes-from file).")
-def pack(src, out, size, workers, classes_from, force):
+@click.pass_context
+def pack(ctx, src, out, size, workers, classes_from, force):
     """Pack a folder of images (SRC/CLASS/IMAGE) into one HDF5 file OUT.
 
     Stores uint8 images, labels, class names, the per-pixel mean and the RGB PCA that the
     training loader needs.  Unreadable images are skipped, counted and named; a class left
     with no image is warned about.  An existing OUT is refused unless --force.
     """
-    from nbalex.io.pack import pack as write_pack
-    summary = write_pack(src, out, size=size, workers=workers, classes_from=classes_from,
-                         progress=True, force=force)
+    from nbalex.io.pack import Stopped, pack as write_pack
+    try:
+        summary = write_pack(src, out, size=size, workers=workers, classes_from=classes_from,
+                             progress=True, force=force)
+    except Stopped as stop:
+        click.echo(f"Stopped: {stop}; {out} was not written", err=True)
+        ctx.exit(128 + stop.signum)
     click.echo(f"packed {summary['images']} images of {summary['classes']} classes "
                f"({summary['size']}x{summary['size']}) into {out}: {summary['skipped']} skipped, "
                f"{summary['seconds']:.1f} s")

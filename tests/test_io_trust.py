@@ -115,10 +115,9 @@ def _python(code):
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-@linux_only
-def test_kill9_of_pack_ends_its_decoders_and_the_next_pack_cleans_up(images, tmp_path):
-    out = tmp_path / "train.h5"
-    proc = _python(f"""
+def _slow_pack(src, out):
+    """``nbalex pack SRC OUT --workers 2`` in a new session, 0.3 s per image."""
+    return _python(f"""
         import sys, time
         from nbalex.io import pack
         real = pack.load_and_resize
@@ -127,10 +126,16 @@ def test_kill9_of_pack_ends_its_decoders_and_the_next_pack_cleans_up(images, tmp
             return real(path, size, notes)
         pack.load_and_resize = slow
         from nbalex.cli import main
-        sys.argv = ["nbalex", "pack", {str(images / "train")!r}, {str(out)!r}, "--size", "24",
+        sys.argv = ["nbalex", "pack", {str(src)!r}, {str(out)!r}, "--size", "24",
                     "--workers", "2"]
         main()
     """)
+
+
+@linux_only
+def test_kill9_of_pack_ends_its_decoders_and_the_next_pack_cleans_up(images, tmp_path):
+    out = tmp_path / "train.h5"
+    proc = _slow_pack(images / "train", out)
     try:
         _wait_for(lambda: len(_children_of(proc.pid)) >= 2 and list(tmp_path.glob(".*.tmp-*")),
                   60, "two decoder processes and the temporary file")
@@ -149,6 +154,24 @@ def test_kill9_of_pack_ends_its_decoders_and_the_next_pack_cleans_up(images, tmp
     summary = pack(images / "train", out, size=24, workers=1, progress=False)
     assert summary["images"] == 24
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.h5"]   # ... the next pack clears
+
+
+@linux_only
+def test_sigterm_to_the_group_stops_pack_cleanly(images, tmp_path):
+    proc = _slow_pack(images / "train", tmp_path / "train.h5")
+    try:
+        _wait_for(lambda: len(_children_of(proc.pid)) >= 2 and list(tmp_path.glob(".*.tmp-*")),
+                  60, "two decoder processes and the temporary file")
+        decoders = _children_of(proc.pid)
+        os.killpg(proc.pid, signal.SIGTERM)          # as timeout, Slurm and docker stop do
+        assert proc.wait(30) == 128 + signal.SIGTERM
+        _wait_for(lambda: not any(_running(pid) for pid in decoders), 5, "decoders to end")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+    assert "Stopped: stopped by SIGTERM" in err, err
+    assert os.listdir(tmp_path) == []                # no temporary file, no lock, no OUT
 
 
 @linux_only

@@ -4,7 +4,8 @@ Modules: ``pack`` (folders of images → HDF5: ``nbalex.io.pack.pack``), ``synth
 synthetic dataset for demos and tests: ``nbalex.io.synth.synth``), ``dataset``
 (``H5Dataset``, reading a packed file), ``loader`` (``Loader``: seeded, resumable, prefetched
 batches with the paper's augmentation on the backend's device), ``augment`` (the random
-draws).  The functions ``pack`` and ``synth`` are not re-exported here, so that the module
+draws), ``image`` (the one path from an image file to a packed square, shared by pack and
+predict), ``children`` (start-up of every worker process: it dies with its parent).  The functions ``pack`` and ``synth`` are not re-exported here, so that the module
 names stay the modules.
 """
 

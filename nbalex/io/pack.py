@@ -17,7 +17,9 @@ replaced only with ``force``; OUT that is the ``classes_from`` file never.
 import contextlib
 import fcntl
 import os
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -150,20 +152,29 @@ def _executor(workers):
 
 
 def _decoded_chunks(items, size, workers):
-    """Yield decode_chunk results in file order, keeping at most 4 tasks per worker in flight."""
+    """Yield decode_chunk results in file order, keeping at most 4 tasks per worker in flight.
+
+    Closed early (Ctrl-C, SIGTERM, a failed chunk, the consumer's error), it kills the decoders
+    at once instead of waiting for their chunks; the caller closes it (contextlib.closing)."""
     chunks = [[p for p, _ in items[i:i + CHUNK]] for i in range(0, len(items), CHUNK)]
-    with _executor(workers) as pool:
-        in_flight = deque()
-        try:
-            for chunk in chunks:
-                in_flight.append(pool.submit(decode_chunk, chunk, size))
-                if len(in_flight) >= 4 * workers:
-                    yield in_flight.popleft().result()
-            while in_flight:
+    pool = _executor(workers)
+    in_flight, finished = deque(), False
+    try:
+        for chunk in chunks:
+            in_flight.append(pool.submit(decode_chunk, chunk, size))
+            if len(in_flight) >= 4 * workers:
                 yield in_flight.popleft().result()
-        finally:
-            for future in in_flight:
-                future.cancel()
+        while in_flight:
+            yield in_flight.popleft().result()
+        finished = True
+    finally:
+        for future in in_flight:
+            future.cancel()
+        if not finished:      # their remaining work is not wanted: stop them now
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                with contextlib.suppress(Exception):
+                    process.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def check_out(out, classes_from=None, force=False):
@@ -214,6 +225,35 @@ def out_lock(out):
         os.close(fd)
 
 
+class Stopped(KeyboardInterrupt):
+    """pack was stopped by SIGTERM or SIGHUP (``signum``); like Ctrl-C, its temporary file
+    is removed."""
+
+    def __init__(self, signum):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt():
+    """SIGTERM and SIGHUP (``timeout``, ``docker stop``, a closed terminal) stop the pack as
+    Ctrl-C does, so the temporary file and the lock are removed (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    previous = {n: signal.signal(getattr(signal, n), stop) for n in names}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), signal.SIG_DFL if handler is None else handler)
+
+
 def pack(src, out, size=256, workers=None, classes_from=None, progress=True, force=False):
     """Pack the ImageNet-style folder ``src`` into the HDF5 file ``out``; returns a summary dict.
 
@@ -233,7 +273,7 @@ def pack(src, out, size=256, workers=None, classes_from=None, progress=True, for
     workers = max(1, int(workers or os.cpu_count() or 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out_lock(out):
+    with _stop_signals_interrupt(), out_lock(out):
         check_out(out, classes_from, force)          # another packer may have just written it
         result = _write(src, out, size, workers, classes, items, progress)
     seconds = time.perf_counter() - t0
@@ -259,9 +299,9 @@ def _write(src, out, size, workers, classes, items, progress):
             bar = tqdm(total=len(items), desc=f"pack {Path(src).name}", unit="img",
                        file=sys.stderr, disable=not progress)
             start = 0
-            with bar:
-                for batch, ok, errors, chunk_stats, chunk_notes in _decoded_chunks(
-                        items, size, workers):
+            decoded = contextlib.closing(_decoded_chunks(items, size, workers))
+            with bar, decoded as results:
+                for batch, ok, errors, chunk_stats, chunk_notes in results:
                     chunk = items[start:start + len(ok)]
                     n = len(good_files)
                     images[n:n + len(batch)] = batch
