@@ -52,6 +52,7 @@ def test_totals_are_the_sums_of_the_rows(alexnet):
         BATCH / (alexnet["predicted_step_ms"] / 1e3))
     for name, p in alexnet["passes"].items():
         assert p["executed_flop"] == sum(r.get("executed_flop", 0) for r in rows if r["pass"] == name)
+        assert p["launches"] == sum(1 for r in rows if r["pass"] == name and "executed_flop" in r)
 
 
 def test_useful_flop_is_the_models_macs_times_the_passes_training_runs(alexnet):

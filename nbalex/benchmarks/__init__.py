@@ -8,7 +8,8 @@ fast) and uses, in this order, the module's
   strings; the subcommand passes them through untouched and exits with its return value.
 
 The subcommands are listed in ``nbalex.cli.BENCHMARKS``: ``kernels`` (every layer's kernels
-against the peer), ``sgemm`` (the matrix multiply), ``train`` (whole training steps).
+against the peer), ``plan`` (the step's kernel launches and their predicted GPU time,
+no GPU needed), ``sgemm`` (the matrix multiply), ``train`` (whole training steps).
 ``static`` (registers, spills and SASS of the kernels, no GPU needed) lives in
 ``nbalex.cuda.static`` and runs in a subprocess without the CUDA simulator.
 Shared timers, checks and tables are in :mod:`nbalex.benchmarks.common`.

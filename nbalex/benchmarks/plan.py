@@ -28,17 +28,17 @@ import json
 from dataclasses import dataclass
 
 import click
+import numpy as np
 
 from nbalex.cuda import tiling
+from nbalex.cuda.launch import THREADS_PER_BLOCK as THREADS, grid_1d
+from nbalex.cuda.softmax_xent import MAX_ROW_BLOCKS, ROW_THREADS
 from nbalex.cuda.static import MAX_WARPS_PER_SM, occupancy
 
 FFMA_PER_SM_PER_CLOCK = 128        # sm_90: 4 schedulers x 32 FP32 lanes
 HBM_FRACTION = 0.8                 # of the datasheet HBM bandwidth a streaming kernel reaches
 LAUNCH_FLOOR_US = 2.0              # least GPU time of any kernel (launch latency and ramp)
-THREADS = 256                      # nbalex.cuda.launch.THREADS_PER_BLOCK
-MAX_BLOCKS = 4096                  # nbalex.cuda.launch.MAX_BLOCKS (1-D grid cap)
 SUM_BLOCKS = 1024                  # cap of the split-K sums' grids (gemm, linear)
-ROW_THREADS, MAX_ROW_BLOCKS = 128, 65535   # softmax_xent forward
 
 
 @dataclass(frozen=True)
@@ -122,16 +122,8 @@ def resident_blocks(kernel):
 
 # ---- the launches of one step ---------------------------------------------------------------
 
-def grid_1d(n, threads=THREADS):
-    """nbalex.cuda.launch.grid_1d: blocks of a grid-stride launch over n items."""
-    return max(1, min(tiling.cdiv(int(n), threads), MAX_BLOCKS))
-
-
 def _prod(shape):
-    out = 1
-    for s in shape:
-        out *= int(s)
-    return out
+    return int(np.prod(shape, dtype=np.int64))
 
 
 def _launch(layer, pass_name, kernel, grid, threads=THREADS, bytes_moved=0, **extra):
@@ -230,9 +222,7 @@ def step_launches(config, batch, sm_count=tiling.SM_COUNT):
                     bytes_moved=pixels * channels * 5 + 4 * crop * crop * channels)]
     gemm_calls = {"conv": conv_launches, "fc": linear_launches}
 
-    def active(step):
-        return step.spec.type != "dropout" or step.spec["p"] > 0
-
+    active = lambda step: step.spec.type != "dropout" or step.spec["p"] > 0   # noqa: E731
     for step in steps:
         if step.spec.type in gemm_calls:
             rows += gemm_calls[step.spec.type](step, batch, "forward", sm_count)
@@ -321,7 +311,8 @@ def assumptions(gpu, source):
 
 def make_plan(model="alexnet", batch=128, gpu=None):
     """The plan of one training step: {"model", "batch_size", "gpu", "rows", "totals",
-    "passes", "predicted_step_ms", "predicted_images_per_s", "assumptions"}.
+    "passes" (totals of each pass's GEMM launches), "predicted_step_ms",
+    "predicted_images_per_s", "assumptions" (strings)}.
 
     ``gpu``: a key of GPUS, or None for the GPU present (its own SM count), else DEFAULT_GPU.
     """
@@ -336,7 +327,8 @@ def make_plan(model="alexnet", batch=128, gpu=None):
         raise ValueError(f"unknown GPU {gpu!r}; expected one of {', '.join(GPUS)}")
     rows = [price(r, card) for r in step_launches(model, batch, card.sms)]
     total = totals(rows)
-    passes = {p: totals([r for r in rows if r["pass"] == p]) for p in tiling.PASSES}
+    passes = {p: totals([r for r in rows if r["pass"] == p and "executed_flop" in r])
+              for p in tiling.PASSES}                # the GEMM launches of each pass
     step_ms = total["predicted_ms"]
     return {"model": model, "batch_size": batch, "gpu": vars(card), "rows": rows,
             "totals": total, "passes": passes, "predicted_step_ms": step_ms,
@@ -377,7 +369,7 @@ def format_plan(plan):
            f"GEMM work: {t['useful_flop'] / 1e9:.1f} GFLOP useful, {t['executed_flop'] / 1e9:.1f} "
            f"GFLOP executed (tile efficiency {t['tile_efficiency']:.2f})"]
     for name, p in plan["passes"].items():
-        out.append(f"  {name}: {p['useful_flop'] / 1e9:.1f} / {p['executed_flop'] / 1e9:.1f} GFLOP "
+        out.append(f"  {name} GEMMs: {p['useful_flop'] / 1e9:.1f} / {p['executed_flop'] / 1e9:.1f} GFLOP "
                    f"(tile efficiency {p['tile_efficiency']:.2f}), {p['predicted_ms']:.2f} ms")
     out += ["", "Assumptions:", *(f"- {a}" for a in plan["assumptions"])]
     return "\n".join(out)
