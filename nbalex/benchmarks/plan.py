@@ -25,6 +25,7 @@ compares it with the static report when the CUDA tools are present.
 """
 
 import json
+import math
 from dataclasses import dataclass
 
 import click
@@ -266,7 +267,7 @@ def price(row, gpu):
     ffma_ms = None
     if "executed_flop" in row:
         rate = gpu.sms * FFMA_PER_SM_PER_CLOCK * gpu.clock_mhz * 1e6 * share   # FFMA/s
-        ffma_ms = row["executed_flop"] / 2 / rate * (-(-waves // 1) / waves) * 1e3
+        ffma_ms = row["executed_flop"] / 2 / rate * (math.ceil(waves) / waves) * 1e3
         row["tile_efficiency"] = row["useful_flop"] / row["executed_flop"]
         row["ffma_share"] = share
     times = {"ffma": ffma_ms or 0.0, "memory": memory_ms, "launch": LAUNCH_FLOOR_US / 1e3}
