@@ -7,13 +7,16 @@ as uint64 and masked to 32 bits, which is exact (no overflow) in the simulator a
 to a plain 32-bit multiply on the device.
 """
 
+# lab:begin dropout.imports
 import numpy as np
 from numba import cuda, float32, uint8, uint32, uint64
 
 from nbalex import checks
 from nbalex.backends import dropout_threshold, mix32 as mix32_host
 from nbalex.cuda.launch import flat, grid_1d, stream_or_default, THREADS_PER_BLOCK
+# lab:end dropout.imports
 
+# lab:begin dropout.helpers
 SEED_SALT = 0x9E3779B9
 """XORed into the seed before it is mixed (see nbalex.backends.dropout_keep)."""
 
@@ -22,11 +25,14 @@ SEED_SALT = 0x9E3779B9
 def mul32(x, c):
     """(x * c) mod 2**32 for uint32 x and c."""
     return uint32((uint64(x) * uint64(c)) & uint64(0xFFFFFFFF))
+# lab:end dropout.helpers
 
 
+# lab:begin dropout.mix32
 @cuda.jit(device=True, inline=True)
 def mix32(x):
     """lowbias32, bit for bit the same as nbalex.backends.mix32, on a uint32."""
+    # lab:end dropout.mix32
     x ^= x >> uint32(16)
     x = mul32(x, 0x7FEB352D)
     x ^= x >> uint32(15)
@@ -35,6 +41,7 @@ def mix32(x):
     return x
 
 
+# lab:begin dropout.forward_kernel
 @cuda.jit
 def dropout_forward_kernel(y, mask, x, seed_mix, offset, threshold, keep):
     """Draw the mask and apply it: for every flat index i,
@@ -48,6 +55,7 @@ def dropout_forward_kernel(y, mask, x, seed_mix, offset, threshold, keep):
     keep = 1-p (a division, not a multiply by 1/keep: bit for bit the reference's y).
     One grid-stride loop over the elements.
     """
+    # lab:end dropout.forward_kernel
     start = cuda.grid(1)
     step = cuda.gridsize(1)
     for i in range(start, x.shape[0], step):
@@ -60,6 +68,7 @@ def dropout_forward_kernel(y, mask, x, seed_mix, offset, threshold, keep):
             y[i] = x[i] * float32(0.0)
 
 
+# lab:begin dropout.backward_kernel
 @cuda.jit
 def dropout_backward_kernel(dx, dy, mask, keep):
     """dx[i] = dy[i] / keep where mask[i] is nonzero, else dy[i] * 0 (keep = 1-p; NaN stays).
@@ -67,6 +76,7 @@ def dropout_backward_kernel(dx, dy, mask, keep):
     dx, dy: 1-D float32; mask: 1-D uint8 (same length); dx written, may be dy.
     One grid-stride loop over the elements.
     """
+    # lab:end dropout.backward_kernel
     start = cuda.grid(1)
     step = cuda.gridsize(1)
     for i in range(start, dy.shape[0], step):
@@ -74,6 +84,7 @@ def dropout_backward_kernel(dx, dy, mask, keep):
         dx[i] = g / keep if mask[i] != 0 else g * float32(0.0)
 
 
+# lab:begin dropout.launchers
 STATIC_SIGNATURES = [
     (dropout_forward_kernel,
      "void(float32[::1], uint8[::1], float32[::1], uint32, uint32, uint32, float32)", False),
@@ -104,3 +115,4 @@ def dropout_backward(dx, dy, mask, p, stream=None):
         return
     dropout_backward_kernel[grid_1d(dy.size), THREADS_PER_BLOCK, stream_or_default(stream)](
         flat(dx), flat(dy), flat(mask), keep)
+# lab:end dropout.launchers

@@ -16,6 +16,7 @@ it is summed again over the next window from scratch, so a NaN or inf reaches ex
 channels whose window holds it, as in the reference, and the finite path costs one test.
 """
 
+# lab:begin lrn.imports
 import math
 
 import numpy as np
@@ -23,15 +24,19 @@ from numba import cuda, float32, float64
 
 from nbalex import checks
 from nbalex.cuda.launch import grid_1d, stream_or_default, THREADS_PER_BLOCK
+# lab:end lrn.imports
 
 
+# lab:begin lrn.helpers
 @cuda.jit(device=True, inline="always")
 def split_column(col, plane):
     """(n, s) of the column index col = n*S + s, S = plane."""
     n = col // plane
     return n, col - n * plane
+# lab:end lrn.helpers
 
 
+# lab:begin lrn.forward_kernel
 @cuda.jit
 def lrn_forward_kernel(y, scale, x, half, alpha, beta, k):
     """scale[n,c,s] = k + alpha * sum_{c' in [c-half, c+half] ∩ [0,C)} x[n,c',s]**2 and
@@ -41,6 +46,7 @@ def lrn_forward_kernel(y, scale, x, half, alpha, beta, k):
     written and must not alias x.  A scale with no elements (inference) is not written.  One thread per column (n, s), grid-stride over the N*S
     columns; it writes y and scale for all C channels.
     """
+    # lab:end lrn.forward_kernel
     n_img, channels, plane = x.shape
     keep = scale.shape[0] != 0
     for col in range(cuda.grid(1), n_img * plane, cuda.gridsize(1)):
@@ -71,6 +77,7 @@ def lrn_forward_kernel(y, scale, x, half, alpha, beta, k):
                     window += e * e
 
 
+# lab:begin lrn.backward_kernel
 @cuda.jit
 def lrn_backward_kernel(dx, dy, x, y, scale, half, two_alpha_beta, beta):
     """dx[n,c,s] = dy[c]*scale[c]**(-beta)
@@ -81,6 +88,7 @@ def lrn_backward_kernel(dx, dy, x, y, scale, half, two_alpha_beta, beta):
     One thread per column (n, s), grid-stride over the N*S columns, walking the C channels
     with the window sum of dy*y/scale kept as a running sum.
     """
+    # lab:end lrn.backward_kernel
     n_img, channels, plane = x.shape
     for col in range(cuda.grid(1), n_img * plane, cuda.gridsize(1)):
         n, s = split_column(col, plane)
@@ -103,6 +111,7 @@ def lrn_backward_kernel(dx, dy, x, y, scale, half, two_alpha_beta, beta):
                     window += dy[n, j, s] * y[n, j, s] / scale[n, j, s]
 
 
+# lab:begin lrn.launchers
 _A3 = "float32[:, :, ::1]"
 STATIC_SIGNATURES = [
     (lrn_forward_kernel, f"void({_A3}, {_A3}, {_A3}, int64, float32, float32, float32)", False),
@@ -142,3 +151,4 @@ def lrn_backward(dx, dy, x, y, scale, size, alpha, beta, k, stream=None):
     lrn_backward_kernel[grid_1d(cols[0] * cols[2]), THREADS_PER_BLOCK, stream_or_default(stream)](
         dx.reshape(cols), dy.reshape(cols), x.reshape(cols), y.reshape(cols),
         scale.reshape(cols), half, np.float32(2.0 * alpha * beta), np.float32(beta))
+# lab:end lrn.launchers

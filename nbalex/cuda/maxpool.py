@@ -5,20 +5,25 @@ backward pass is a gather, not a scatter: each input element sums the dy of the 
 that contain it and chose it.  No atomics, so the result is the same on every run.
 """
 
+# lab:begin maxpool.imports
 import numpy as np
 from numba import cuda, float32, int32
 
 from nbalex import checks
 from nbalex.cuda.launch import THREADS_PER_BLOCK, grid_1d, stream_or_default
+# lab:end maxpool.imports
 
 
+# lab:begin maxpool.helpers
 @cuda.jit(device=True, inline="always")
 def unravel(i, height, width):
     """(p, h, w) of the C-order flat index i = (p*height + h)*width + w."""
     rest = i // width
     return rest // height, rest % height, i % width
+# lab:end maxpool.helpers
 
 
+# lab:begin maxpool.forward_kernel
 @cuda.jit
 def maxpool_forward_kernel(y, idx, x, size, stride):
     """y[p,oh,ow] = max of x[p, oh*stride : oh*stride+size, ow*stride : ow*stride+size],
@@ -29,6 +34,7 @@ def maxpool_forward_kernel(y, idx, x, size, stride):
     written (an idx with no elements, for inference, is not).  One thread per output element, grid-stride over P*OH*OW in C order (adjacent
     threads take adjacent ow, so the stores are coalesced).
     """
+    # lab:end maxpool.forward_kernel
     planes, height, width = x.shape
     out_h, out_w = y.shape[1], y.shape[2]
     keep = idx.shape[0] != 0
@@ -49,6 +55,7 @@ def maxpool_forward_kernel(y, idx, x, size, stride):
             idx[p, oh, ow] = int32(best_at)
 
 
+# lab:begin maxpool.backward_kernel
 @cuda.jit
 def maxpool_backward_kernel(dx, dy, idx, size, stride):
     """dx[p,h,w] = sum of dy[p,oh,ow] over the windows (oh, ow) that contain (h, w) and
@@ -58,6 +65,7 @@ def maxpool_backward_kernel(dx, dy, idx, size, stride):
     idx (P,OH,OW) int32 come from the forward pass.  One thread per input element,
     grid-stride over P*H*W in C order; it visits at most ceil(size/stride)**2 windows.
     """
+    # lab:end maxpool.backward_kernel
     planes, height, width = dx.shape
     out_h, out_w = dy.shape[1], dy.shape[2]
     for i in range(cuda.grid(1), planes * height * width, cuda.gridsize(1)):
@@ -78,6 +86,7 @@ def maxpool_backward_kernel(dx, dy, idx, size, stride):
         dx[p, h, w] = acc
 
 
+# lab:begin maxpool.launchers
 _F3 = "float32[:, :, ::1]"
 _I3 = "int32[:, :, ::1]"
 STATIC_SIGNATURES = [
@@ -118,3 +127,4 @@ def maxpool_backward(dx, dy, idx, size, stride, stream=None):
         return
     maxpool_backward_kernel[grid_1d(dx.size), THREADS_PER_BLOCK, stream_or_default(stream)](
         _planes(dx), _planes(dy), _planes(idx), size, stride)
+# lab:end maxpool.launchers

@@ -4,12 +4,15 @@ The convolution and linear launchers fuse ReLU into their epilogue (``relu=True`
 kernels serve the layers where it stands alone, and the backward pass everywhere.
 """
 
+# lab:begin relu.imports
 from numba import cuda, float32
 
 from nbalex import checks
 from nbalex.cuda.launch import flat, grid_1d, stream_or_default, THREADS_PER_BLOCK
+# lab:end relu.imports
 
 
+# lab:begin relu.forward_kernel
 @cuda.jit
 def relu_forward_kernel(y, x):
     """y[i] = max(x[i], 0) for every i (a NaN stays NaN, as with np.maximum), one grid-stride
@@ -17,6 +20,7 @@ def relu_forward_kernel(y, x):
 
     x, y: 1-D float32 of the same length; y is written and may be the same array as x.
     """
+    # lab:end relu.forward_kernel
     start = cuda.grid(1)
     step = cuda.gridsize(1)
     for i in range(start, x.shape[0], step):
@@ -24,6 +28,7 @@ def relu_forward_kernel(y, x):
         y[i] = float32(0.0) if v < 0 else v
 
 
+# lab:begin relu.backward_kernel
 @cuda.jit
 def relu_backward_kernel(dx, dy, y):
     """dx[i] = dy[i] * (y[i] > 0), a multiply as in the reference (a NaN or inf dy at an
@@ -31,6 +36,7 @@ def relu_backward_kernel(dx, dy, y):
 
     dx, dy, y: 1-D float32 of the same length; dx is written and may be the same array as dy.
     """
+    # lab:end relu.backward_kernel
     start = cuda.grid(1)
     step = cuda.gridsize(1)
     for i in range(start, y.shape[0], step):
@@ -38,6 +44,7 @@ def relu_backward_kernel(dx, dy, y):
         dx[i] = g if y[i] > 0 else g * float32(0.0)
 
 
+# lab:begin relu.launchers
 STATIC_SIGNATURES = [
     (relu_forward_kernel, "void(float32[::1], float32[::1])", False),
     (relu_backward_kernel, "void(float32[::1], float32[::1], float32[::1])", False),
@@ -60,3 +67,4 @@ def relu_backward(dx, dy, y, stream=None):
         return
     relu_backward_kernel[grid_1d(y.size), THREADS_PER_BLOCK, stream_or_default(stream)](
         flat(dx), flat(dy), flat(y))
+# lab:end relu.launchers

@@ -12,6 +12,7 @@ or infinite (many threads may store the same 1: no atomics needed); the kernels 
 it.  Passed as None, the check is compiled out (Numba prunes the ``is not None`` branch).
 """
 
+# lab:begin sgd.imports
 import math
 
 import numpy as np
@@ -20,16 +21,20 @@ from numba import cuda
 from nbalex import checks
 from nbalex.cuda.launch import (THREADS_PER_BLOCK, check_array, check_shape, grid_1d,
                                 stream_or_default)
+# lab:end sgd.imports
 
 
+# lab:begin sgd.helpers
 @cuda.jit(device=True, inline="always")
 def flag_nonfinite(nonfinite, value):
     """nonfinite[0] = 1 when value is NaN or infinite (nothing when nonfinite is None)."""
     if nonfinite is not None:
         if not math.isfinite(value):
             nonfinite[0] = 1
+# lab:end sgd.helpers
 
 
+# lab:begin sgd.update_kernel
 @cuda.jit
 def sgd_update_kernel(w, dw, v, lr, momentum, weight_decay, offsets, lr_mults, decay_mults,
                       nonfinite):
@@ -41,6 +46,7 @@ def sgd_update_kernel(w, dw, v, lr, momentum, weight_decay, offsets, lr_mults, d
     offsets: (T+1,) int64, offsets[0] = 0, offsets[T] = len(w); lr_mults, decay_mults: (T,)
     float32; nonfinite: int32 (1,) or None.  One grid-stride loop over the elements.
     """
+    # lab:end sgd.update_kernel
     last_tensor = lr_mults.shape[0] - 1
     start = cuda.grid(1)
     step = cuda.gridsize(1)
@@ -58,6 +64,7 @@ def sgd_update_kernel(w, dw, v, lr, momentum, weight_decay, offsets, lr_mults, d
         flag_nonfinite(nonfinite, wi)
 
 
+# lab:begin sgd.single_kernel
 @cuda.jit
 def sgd_update_single_kernel(w, dw, v, lr, momentum, weight_decay, nonfinite):
     """The same rule with both multipliers 1 for every element:
@@ -66,6 +73,7 @@ def sgd_update_single_kernel(w, dw, v, lr, momentum, weight_decay, nonfinite):
     w, dw, v: 1-D float32 (same length), w and v updated in place, dw read; nonfinite:
     int32 (1,) or None.  One grid-stride loop over the elements.
     """
+    # lab:end sgd.single_kernel
     start = cuda.grid(1)
     step = cuda.gridsize(1)
     for i in range(start, w.shape[0], step):
@@ -77,6 +85,7 @@ def sgd_update_single_kernel(w, dw, v, lr, momentum, weight_decay, nonfinite):
         flag_nonfinite(nonfinite, wi)
 
 
+# lab:begin sgd.launchers
 _F1 = "float32[::1]"
 STATIC_SIGNATURES = [
     (sgd_update_kernel,
@@ -128,3 +137,4 @@ def sgd_update(w, dw, v, lr, momentum, weight_decay, offsets=None, lr_mults=None
     check_array("decay_mults", decay_mults, shape=(n_tensors,))
     sgd_update_kernel[grid_1d(w.size), THREADS_PER_BLOCK, stream](
         w, dw, v, *scalars, offsets, lr_mults, decay_mults, nonfinite)
+# lab:end sgd.launchers

@@ -7,6 +7,7 @@ writes exp(z - max) / sum.  The logits are read twice and the probabilities writ
 subtracting the row max keeps exp() finite for any logits.
 """
 
+# lab:begin softmax_xent.imports
 import math
 
 import numpy as np
@@ -20,8 +21,10 @@ ROW_THREADS = 128
 
 MAX_ROW_BLOCKS = 65535
 """Cap on the forward grid; blocks loop over rows beyond it."""
+# lab:end softmax_xent.imports
 
 
+# lab:begin softmax_xent.forward_kernel
 @cuda.jit
 def softmax_xent_forward_kernel(losses, probs, logits, labels):
     """probs[n, :] = softmax(logits[n, :]) and losses[n] = logsumexp(logits[n, :]) -
@@ -33,6 +36,7 @@ def softmax_xent_forward_kernel(losses, probs, logits, labels):
     Launched with ROW_THREADS threads per block; block b handles rows b, b + gridDim.x, ...
     Thread t covers columns t, t + ROW_THREADS, ... of its row.
     """
+    # lab:end softmax_xent.forward_kernel
     n_rows, n_cls = logits.shape
     t = cuda.threadIdx.x
     part_max = cuda.shared.array(ROW_THREADS, float32)
@@ -88,6 +92,7 @@ def softmax_xent_forward_kernel(losses, probs, logits, labels):
         cuda.syncthreads()  # all threads have read part_max[0]/part_sum[0] before the next row
 
 
+# lab:begin softmax_xent.backward_kernel
 @cuda.jit
 def softmax_xent_backward_kernel(dlogits, probs, labels, inv_n):
     """dlogits[n, k] = (probs[n, k] - (k == labels[n])) * inv_n, inv_n = 1/N.
@@ -95,6 +100,7 @@ def softmax_xent_backward_kernel(dlogits, probs, labels, inv_n):
     probs, dlogits (N, K) float32 (dlogits written, may be probs), labels (N,) int32.
     One thread per element, grid-stride over N*K in C order.
     """
+    # lab:end softmax_xent.backward_kernel
     n_rows, n_cls = probs.shape
     start = cuda.grid(1)
     step = cuda.gridsize(1)
@@ -107,6 +113,7 @@ def softmax_xent_backward_kernel(dlogits, probs, labels, inv_n):
         dlogits[row, k] = g * inv_n
 
 
+# lab:begin softmax_xent.launchers
 STATIC_SIGNATURES = [
     (softmax_xent_forward_kernel,
      "void(float32[::1], float32[:, ::1], float32[:, ::1], int32[::1])", False, ROW_THREADS),
@@ -136,3 +143,4 @@ def softmax_xent_backward(dlogits, probs, labels, stream=None):
         return
     softmax_xent_backward_kernel[grid_1d(n * k), THREADS_PER_BLOCK, stream_or_default(stream)](
         dlogits, probs, labels, np.float32(1.0 / n))
+# lab:end softmax_xent.launchers

@@ -1,0 +1,27 @@
+"""``python -m nbalex.labs.child LAB FILE BACKEND``: grade FILE, one JSON line per case.
+
+The grader's child process (:mod:`nbalex.labs.grader` starts it with a time limit, with
+``NUMBA_ENABLE_CUDASIM=1`` set when there is no GPU).  The first line is
+``{"event": "start", "cases": [labels]}``; each case follows as soon as it is done, so a
+case that hangs still leaves the earlier ones' results.
+"""
+
+import json
+import sys
+
+
+def main(argv=None):
+    lab_name, path, backend = (argv if argv is not None else sys.argv[1:])[:3]
+    from nbalex.labs.registry import get
+    from nbalex.labs.run import run_cases
+
+    def emit(record):
+        sys.stdout.write(json.dumps(record) + "\n")
+        sys.stdout.flush()
+
+    run_cases(get(lab_name), path, backend, emit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

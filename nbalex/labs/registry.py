@@ -1,0 +1,105 @@
+"""The exercises, in the order they build on each other.
+
+Each :class:`Lab` names the op it teaches, the package file whose launchers are its solution
+(``solution``, relative to the package), the launchers a student module must export, and how
+its starter and handout are cut from that file: ``starter`` lists marked regions (see
+:mod:`nbalex.labs.excerpts`) in file order, each either ``GIVEN`` (copied as it is: imports,
+helpers, the launchers) or a stub (the kernel's header and contract, with the body to write).
+"""
+
+import dataclasses
+
+from nbalex.labs import cases as case_sets
+
+GIVEN = None
+"""A starter region copied verbatim (any other value is the stub body put under it)."""
+
+TODO = ("    # Your code here: the docstring above is the contract (which thread computes what).\n"
+        "    pass\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class Lab:
+    name: str
+    op: str                       # the op, as nbalex.ops names it
+    teaches: str                  # one line: what the exercise teaches
+    solution: str                 # package file (relative) whose launchers solve it
+    launchers: tuple              # functions the student module must export
+    starter: tuple                # ((marker, GIVEN or stub body), ...) in file order
+    cases: object                 # () -> [cases.Case]
+    reference: str                # reference file (relative) the math is read from
+    hints: tuple = ()
+    excerpts: tuple = ()          # extra ((file, marker, title), ...) shown in the handout
+
+    def case_list(self):
+        return self.cases()
+
+
+def _layer(name, op, teaches, kernels, cases, hints, helpers=(), launchers=None, stubs=None):
+    """A lab over one of nbalex/cuda/<name>.py's files: imports, helpers (given), kernels
+    (stubs), launchers (given)."""
+    stubs = stubs or {}
+    regions = [(f"{name}.imports", GIVEN)] + [(f"{name}.{h}", GIVEN) for h in helpers] + \
+        [(f"{name}.{k}", stubs.get(k, TODO)) for k in kernels] + [(f"{name}.launchers", GIVEN)]
+    return Lab(name, op, teaches, f"cuda/{name}.py",
+               tuple(launchers or (f"{op}_forward", f"{op}_backward")), tuple(regions), cases,
+               f"reference/{name}.py", tuple(hints))
+
+
+LABS = (
+    _layer("relu", "relu", "one thread per element, a grid-stride loop, bounds",
+           ("forward_kernel", "backward_kernel"), case_sets.relu_cases,
+           ("cuda.grid(1) is this thread's first element and cuda.gridsize(1) the step to its "
+            "next one: the loop covers any length with any grid.",
+            "The backward pass multiplies (dy * (y > 0)) so that a NaN in dy stays NaN.")),
+    _layer("dropout", "dropout", "a counter-based hash: random numbers without state",
+           ("mix32", "forward_kernel", "backward_kernel"), case_sets.dropout_cases,
+           ("mix32 is nbalex.backends.mix32 in uint32 arithmetic: every multiply through mul32, "
+            "every shift by a uint32.",
+            "The draw for element i uses offset + i, not i: a slice of a batch draws what the "
+            "whole batch would.",
+            "Divide by keep = 1-p (do not multiply by 1/keep): the reference divides."),
+           helpers=("helpers",),
+           stubs={"mix32": "    # Your code here: lowbias32 (three xor-shifts, two multiplies).\n"
+                           "    return x\n"}),
+    _layer("maxpool", "maxpool", "windows that overlap; the argmax kept for a gather backward",
+           ("forward_kernel", "backward_kernel"), case_sets.maxpool_cases,
+           ("Ties go to the first element in row-major window order: replace the best only "
+            "when strictly greater.",
+            "The backward pass is a gather: each input element sums the dy of the windows that "
+            "chose it, so no two threads write the same element (no atomics).",
+            "Window (oh, ow) starts at (oh*stride, ow*stride): the stride, not the size."),
+           helpers=("helpers",)),
+    _layer("lrn", "lrn", "a running window sum across channels, one thread per column",
+           ("forward_kernel", "backward_kernel"), case_sets.lrn_cases,
+           ("The window of channel c is [c - size//2, c + size//2] clipped to [0, C).",
+            "Keep the window sum running: add the channel entering, subtract the one leaving.",
+            "alpha is not divided by size (the paper's formula)."),
+           helpers=("helpers",)),
+    _layer("softmax_xent", "softmax_xent", "a block reduction in shared memory (max, then sum)",
+           ("forward_kernel", "backward_kernel"), case_sets.softmax_xent_cases,
+           ("Subtract the row's max before exp: logits of 50 overflow float32's exp otherwise.",
+            "Every thread must reach every cuda.syncthreads(): no barrier inside an if that "
+            "some threads skip.",
+            "The backward pass divides by N, the batch size (the loss is the batch mean)."),
+           ),
+    _layer("sgd", "sgd", "one pass over flat buffers with per-tensor multipliers",
+           ("update_kernel", "single_kernel"), case_sets.sgd_cases,
+           ("Tensor t holds elements offsets[t] <= i < offsets[t+1]; a tensor may be empty.",
+            "v first, then w += v (the new v), in float32.",
+            "nonfinite[0] = 1 when an updated w is NaN or infinite; never clear it."),
+           helpers=("helpers",), launchers=("sgd_update",)),
+)
+
+
+def names():
+    return [lab.name for lab in LABS]
+
+
+def get(name):
+    """The Lab called ``name``; a ValueError listing the labs when there is none."""
+    for lab in LABS:
+        if lab.name == name:
+            return lab
+    raise ValueError(f"no lab {name!r}: choose one of {', '.join(names())} "
+                     "(`nbalex lab list` describes them)")
