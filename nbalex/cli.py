@@ -505,5 +505,55 @@ def static(ctx, args):
     ctx.exit(subprocess.run([sys.executable, "-c", code, *args], env=env).returncode)
 
 
+# ------------------------------------------------------------------------------- lab
+@cli.group(cls=NbalexGroup, epilog=_examples("nbalex lab list", "nbalex lab start relu lab1",
+                                             "nbalex lab check relu lab1/relu.py"))
+def lab():
+    """GPU teaching labs: write a layer's kernels, graded against the reference."""
+
+
+@lab.command("list")
+def lab_list():
+    """The exercises in order, one line each: name, op, what it teaches."""
+    from nbalex.labs.registry import LABS
+    width = max(len(x.name) for x in LABS)
+    for x in LABS:
+        click.echo(f"{x.name:<{width}}  {x.op:<13} {x.teaches}")
+
+
+@lab.command("start", epilog=_examples("nbalex lab start relu lab1"))
+@click.argument("name")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Replace a handout or starter already in FOLDER.")
+def lab_start(name, folder, force):
+    """Write NAME's handout (NAME.md) and starter module (NAME.py) into FOLDER."""
+    from nbalex.labs.handout import start
+    for path in start(name, folder, force=force):
+        click.echo(path)
+
+
+@lab.command("check", epilog=_examples("nbalex lab check relu lab1/relu.py",
+                                       "nbalex lab check relu lab1/relu.py --json",
+                                       note="Exit status 0 when every case passes, 1 "
+                                            "otherwise."))
+@click.argument("name")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--backend", type=click.Choice(["cuda", "cpu", "reference"]), default="cuda",
+              show_default=True, help="cuda: the GPU, or the simulator when there is none.")
+@click.option("--timeout", type=FiniteFloat(0, min_open=True), default=60.0,
+              show_default=True, help="Seconds one case may take before it counts as hung.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (score, cases).")
+@click.pass_context
+def lab_check(ctx, name, file, backend, timeout, as_json):
+    """Grade FILE's launchers for lab NAME against the reference at small, awkward shapes."""
+    from nbalex.labs.grader import check, format_report
+    try:
+        report = check(name, file, backend=backend, timeout=timeout)
+    except ValueError as exc:               # an unknown lab or not a .py file: exit 2, not 1
+        raise OneLineUsageError(_one_line(exc)) from None
+    click.echo(json.dumps(report, indent=1) if as_json else format_report(report))
+    ctx.exit(0 if report["passed"] else 1)
+
+
 if __name__ == "__main__":
     main()
