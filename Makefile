@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 # demo: 6 synthetic classes, alexnet-mini on the CPU in a few minutes.  The step schedule
 # (lr/10 after epoch 12) replaces the paper's plateau rule here: with a 180-image validation

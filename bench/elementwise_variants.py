@@ -68,14 +68,14 @@ def relu_value(v):
 
 @cuda.jit(device=True, inline="always")
 def relu_grad(g, y):
-    """g where the forward output y is positive, else 0."""
-    return g if y > 0 else float32(0.0)
+    """g where the forward output y is positive, else g * 0 (NaN stays): the package's rule."""
+    return g if y > 0 else g * float32(0.0)
 
 
 @cuda.jit(device=True, inline="always")
 def dropout_grad(g, m, keep):
-    """g / keep where the mask byte m is nonzero, else 0 (a division, as in the package)."""
-    return g / keep if m != 0 else float32(0.0)
+    """g / keep where the mask byte m is nonzero, else g * 0 (the package's rule)."""
+    return g / keep if m != 0 else g * float32(0.0)
 
 
 @cuda.jit(device=True, inline="always")
@@ -157,10 +157,11 @@ def dropout_backward_unroll4(dx, dy, mask, keep):
 
 
 @cuda.jit
-def sgd_update_single_unroll4(w, dw, v, lr, momentum, weight_decay):
+def sgd_update_single_unroll4(w, dw, v, lr, momentum, weight_decay, nonfinite):
     """For every i: v[i] = momentum*v[i] - lr*(weight_decay*w[i] + dw[i]); w[i] += v[i].
 
-    w, dw, v: 1-D float32 of the same length n; w and v updated in place, dw read.
+    w, dw, v: 1-D float32 of the same length n; w and v updated in place, dw read;
+    nonfinite: int32 (1,) or None, set to 1 when an updated w is not finite (as the package's).
     Indexing as in relu_forward_unroll4: each iteration loads 4 elements of each of w, dw
     and v (12 loads) before storing any.
     """
@@ -175,9 +176,12 @@ def sgd_update_single_unroll4(w, dw, v, lr, momentum, weight_decay):
         w[i + s], v[i + s] = sgd_step(w1, g1, v1, lr, momentum, weight_decay)
         w[i + 2 * s], v[i + 2 * s] = sgd_step(w2, g2, v2, lr, momentum, weight_decay)
         w[i + 3 * s], v[i + 3 * s] = sgd_step(w3, g3, v3, lr, momentum, weight_decay)
+        for wi in (w[i], w[i + s], w[i + 2 * s], w[i + 3 * s]):
+            sgd.flag_nonfinite(nonfinite, wi)
         i += 4 * s
     while i < n:
         w[i], v[i] = sgd_step(w[i], dw[i], v[i], lr, momentum, weight_decay)
+        sgd.flag_nonfinite(nonfinite, w[i])
         i += s
 
 
@@ -195,7 +199,8 @@ STATIC_SIGNATURES = [
     (relu_forward_unroll4, f"void({_F1}, {_F1})", False, _T),
     (relu_backward_unroll4, f"void({_F1}, {_F1}, {_F1})", False, _T),
     (dropout_backward_unroll4, f"void({_F1}, {_F1}, uint8[::1], float32)", False, _T),
-    (sgd_update_single_unroll4, f"void({_F1}, {_F1}, {_F1}, float32, float32, float32)", False, _T),
+    (sgd_update_single_unroll4, f"void({_F1}, {_F1}, {_F1}, float32, float32, float32, int32[::1])",
+     False, _T),
 ]
 """For nbalex.cuda.static.analyze(STATIC_SIGNATURES), run with the simulator off (sm_90,
 numba-cuda 0.30: 32, 32, 38 and 38 registers, no spills; the package kernels 28-31)."""
@@ -263,7 +268,7 @@ OPS = [
        lambda rng, n: [rng.standard_normal(n, dtype=np.float32) * np.float32(0.01),
                        rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3),
                        rng.standard_normal(n, dtype=np.float32) * np.float32(1e-4)],
-       (0, 2), SGD_SCALARS, 20,
+       (0, 2), (*SGD_SCALARS, None), 20,
        lambda a: reference.sgd_update(a[0], a[1], a[2], *SGD_SCALARS), [PARAMS]),
 ]
 

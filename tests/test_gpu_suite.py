@@ -75,9 +75,15 @@ def test_dry_run_reports_every_step_and_the_failing_test(machine):
     table = tables[0].read_text()
     assert "| tests | failed (exit 1) |" in table
     assert "test_probe.py::test_breaks" in table and "1 failed, 1 passed" in table
-    assert "test_probe.py::test_passes PASSED" in (out / "pytest.log").read_text()
+    assert _passed("test_probe.py::test_passes", (out / "pytest.log").read_text())
     assert "steps not ok: tests" in run.stdout
     assert (out / "raw.tar.gz").stat().st_size > 0
+
+
+def _passed(test, log):
+    """Whether pytest -v's log reports ``test`` passed, with or without pytest-xdist (which
+    writes "[gw0] [ 50%] PASSED path::test" instead of "path::test PASSED")."""
+    return any(test in line and "PASSED" in line for line in log.splitlines())
 
 
 def test_a_run_cut_short_keeps_the_finished_steps(machine):
@@ -92,11 +98,11 @@ def test_a_run_cut_short_keeps_the_finished_steps(machine):
     try:
         deadline = time.monotonic() + 90
         log = out / "pytest.log"
-        while time.monotonic() < deadline and "test_first PASSED" not in (
-                log.read_text() if log.exists() else ""):
+        while time.monotonic() < deadline and not _passed(
+                "test_first", log.read_text() if log.exists() else ""):
             assert proc.poll() is None, "the suite ended before the slow test"
             time.sleep(0.5)
-        assert "test_first PASSED" in log.read_text()
+        assert _passed("test_first", log.read_text())
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
