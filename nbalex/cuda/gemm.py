@@ -246,6 +246,7 @@ def make_gemm_kernel(setup_a, fetch_a, layout_a, setup_b, fetch_b, layout_b, kra
             return tid // b_kgroups, (tid % b_kgroups) * eb, 1
         return tid % bn, tid // bn, b_step
 
+    # lab:begin gemm.fma_step
     @cuda.jit(device=True, inline="always")
     def fma_step(acc, a_s, b_s, ra, rb):
         """acc += A[:, kk] (x) B[kk, :] for this thread's 8x8 tile; ra, rb: fragment offsets."""
@@ -259,6 +260,7 @@ def make_gemm_kernel(setup_a, fetch_a, layout_a, setup_b, fetch_b, layout_b, kra
         for i in range(TM):
             for j in range(TN):
                 acc[i * TN + j] += a_frag[i] * b_frag[j]
+    # lab:end gemm.fma_step
 
     @cuda.jit(device=True, inline="always")
     def store_column(out, bias, geo, z, mrow, n, acc, j):

@@ -92,6 +92,35 @@ LABS = (
 )
 
 
+def _rung(name, teaches, hints, excerpts=()):
+    """A rung of the GEMM ladder: nbalex/labs/solutions/<name>.py behind sgemm(c, a, b)."""
+    return Lab(name, "sgemm", teaches, f"labs/solutions/{name}.py", ("sgemm",),
+               ((f"{name}.imports", GIVEN), (f"{name}.kernel", TODO),
+                (f"{name}.launchers", GIVEN)),
+               case_sets.sgemm_cases, "reference/linear.py", tuple(hints), tuple(excerpts))
+
+
+LABS = LABS + (
+    _rung("gemm_naive", "GEMM rung 1: one thread per element of C",
+          ("c = a @ b with a (M, K), b (K, N): c[i, j] is row i of a times column j of b.",
+           "x is the fast index of cuda.grid(2): give it the column, so neighbouring threads "
+           "read neighbouring b[k, j] (coalesced).",
+           "Guard the threads past the edge of C: the grid is rounded up to whole blocks.")),
+    _rung("gemm_tiled", "GEMM rung 2: shared-memory tiles, two barriers per K step",
+          ("Load a partial tile with zeros past the edge, so every thread runs every step and "
+           "reaches every cuda.syncthreads().",
+           "The first barrier: the tile is loaded before anyone reads it; the second: nobody "
+           "overwrites it while others still read.",
+           "Guard only the final store.")),
+    _rung("gemm_register", "GEMM rung 3: a 4x4 tile of C per thread, in registers",
+          ("Store the A tile transposed (a_s[k, m]) so a thread's four rows are adjacent.",
+           "Each step kk: 4 loads of A, 4 of B, 16 multiply-adds (an outer product).",
+           "Sum in k order: a different order changes the last bits."),
+          (("cuda/gemm.py", "gemm.fma_step",
+            "The next rung: the package's GEMM (8x8 per thread, double-buffered)"),)),
+)
+
+
 def names():
     return [lab.name for lab in LABS]
 
