@@ -110,8 +110,9 @@ def hint_for(got, expected, wrong, rtol, atol):
         return (f"only the last elements along axis {edge} are wrong: a bounds check or a "
                 "partial tile (zero-fill what lies past the edge, guard only the store)")
     if got.dtype.kind == "f":
-        scale = np.maximum(np.abs(expected[wrong]), 1e-30)
-        rel = float(np.max(np.abs(got[wrong] - expected[wrong]) / scale))
+        scale = np.maximum(np.abs(expected[wrong].astype(np.float64)), 1e-30)
+        with np.errstate(all="ignore"):
+            rel = float(np.max(np.abs(got[wrong] - expected[wrong]) / scale))
         if rel < 1e-2:
             return (f"close but outside the tolerance (rtol {rtol:g}, atol {atol:g}; largest "
                     f"relative error {rel:.2g}): a sum taken in another order or in float32 "
