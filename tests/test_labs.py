@@ -126,12 +126,12 @@ BUGS = [
     ("lrn", "            entering = c + half + 1\n            if entering < channels:\n"
             "                e = x",
      "            entering = c + half\n            if entering < channels:\n"
-     "                e = x", "lrn_forward"),
+     "                e = x", "of axis 1 (of 7)"),
     ("softmax_xent", "width = ROW_THREADS // 2", "width = ROW_THREADS // 4",
-     "logits(2, 300)"),
+     "not 1: the block's reduction"),
     ("softmax_xent", "dlogits[row, k] = g * inv_n", "dlogits[row, k] = g",
      "3 times the expected"),
-    ("sgd", "offsets[t + 1] <= i", "offsets[t + 1] < i", "offsets [0, 10, 300, 301, 1000]"),
+    ("sgd", "offsets[t + 1] <= i", "offsets[t + 1] < i", "tensor boundaries (elements [10, 300, 301])"),
     ("sgd", "            nonfinite[0] = 1", "            nonfinite[0] = 0",
     '"array": "nonfinite"'),
     ("gemm_naive", "if i < c.shape[0] and j < c.shape[1]:", "if True:", "IndexError"),

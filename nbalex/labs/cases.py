@@ -131,6 +131,30 @@ def maxpool_cases():
 
 
 # -------------------------------------------------------------------------------- lrn
+def _window_hint(x, size, alpha, k):
+    """The LRN hint: scale matches a window one channel too short or long at an end."""
+    x2 = x.astype(np.float64) ** 2
+    channels, half = x.shape[1], size // 2
+
+    def scale_for(lo, hi):
+        out = np.empty_like(x2)
+        for c in range(channels):
+            window = x2[:, max(c - lo, 0):min(c + hi + 1, channels)]
+            out[:, c] = k + alpha * window.sum(axis=1)
+        return out
+
+    def special(name, got, expected, wrong):
+        if name != "scale":
+            return None
+        for lo, hi in [(half, half - 1), (half, half + 1), (half - 1, half), (half + 1, half)]:
+            if lo >= 0 and hi >= 0 and np.allclose(got, scale_for(lo, hi), rtol=1e-5, atol=1e-6):
+                return (f"scale sums the window [c-{lo}, c+{hi}], not [c-{half}, c+{half}]: the "
+                        f"channel {'entering' if hi != half else 'leaving'} the running window "
+                        "is off by one")
+        return None
+    return special
+
+
 def lrn_cases():
     rng, out = _rng(4), []
     for shape, size, alpha, beta, k in [((2, 7, 3, 2), 5, 1e-2, 0.75, 2.0),
@@ -145,7 +169,7 @@ def lrn_cases():
         out.append(Case("lrn_forward", f"lrn_forward {geo}",
                         lambda f, a, p=(size, alpha, beta, k): f(a["y"], a["scale"], a["x"], *p),
                         {"x": x}, {"y": y64.astype(np.float32), "scale": s64.astype(np.float32)},
-                        tol={"y": tol, "scale": tol}))
+                        tol={"y": tol, "scale": tol}, special=_window_hint(x, size, alpha, k)))
         dy = _normal(rng, shape)
         dx64 = np.empty(shape)
         y, scale = y64.astype(np.float32), s64.astype(np.float32)
@@ -160,6 +184,19 @@ def lrn_cases():
 
 
 # ----------------------------------------------------------------------- softmax_xent
+def _row_sum_hint(name, got, expected, wrong):
+    """The softmax hint: a row whose probabilities do not sum to 1 lost part of a reduction."""
+    if name != "probs" or not np.all(np.isfinite(got)):
+        return None
+    sums = got.astype(np.float64).sum(axis=1)
+    bad = np.flatnonzero(np.abs(sums - 1) > 1e-4)
+    if bad.size:
+        return (f"the probabilities of row {int(bad[0])} sum to {sums[bad[0]]:.6g}, not 1: the "
+                "block's reduction (the max, the sum of exponentials) left out some threads' "
+                "partial results (the tree's widths, its barriers, the merge)")
+    return None
+
+
 def softmax_xent_cases():
     rng, out = _rng(5), []
     for n, k, shift in [(1, 1, 0.0), (3, 10, 0.0), (2, 300, 50.0), (4, 129, -20.0)]:
@@ -173,7 +210,7 @@ def softmax_xent_cases():
                         lambda f, a: f(a["losses"], a["probs"], a["logits"], a["labels"]),
                         {"logits": logits, "labels": labels},
                         {"losses": losses.astype(np.float32), "probs": probs.astype(np.float32)},
-                        tol={"losses": tol, "probs": tol}))
+                        tol={"losses": tol, "probs": tol}, special=_row_sum_hint))
         p32 = probs.astype(np.float32)
         dl = np.empty((n, k))
         ref.softmax_xent_backward(dl, p32.astype(np.float64), labels)
@@ -185,6 +222,22 @@ def softmax_xent_cases():
 
 
 # -------------------------------------------------------------------------------- sgd
+def _boundary_hint(offsets):
+    """The sgd hint: every wrong element is the first or last of a tensor."""
+    if offsets is None:
+        return None
+    edges = set(offsets[1:-1]) | {o - 1 for o in offsets[1:-1]}
+
+    def special(name, got, expected, wrong):
+        at = set(int(i) for i in np.flatnonzero(wrong))
+        if at and at <= edges:
+            return (f"wrong only at tensor boundaries (elements {sorted(at)}): element i "
+                    "belongs to tensor t when offsets[t] <= i < offsets[t+1], and a tensor "
+                    "may be empty")
+        return None
+    return special
+
+
 def sgd_cases():
     rng, out = _rng(6), []
     plans = [(777, None, None, None),
@@ -207,7 +260,8 @@ def sgd_cases():
         tol = (1e-6, 1e-6)
         out.append(Case("sgd_update", f"sgd_update len {size}, {tensors}", call,
                         {"dw": dw, **extra}, {}, inout={"w": w, "v": v},
-                        expected_inout={"w": w1, "v": v1}, tol={"w": tol, "v": tol}))
+                        expected_inout={"w": w1, "v": v1}, tol={"w": tol, "v": tol},
+                        special=_boundary_hint(offsets)))
     # the divergence flag: an infinite gradient in the last element
     w, v = _normal(rng, (300,)), np.zeros(300, np.float32)
     dw = _normal(rng, (300,))

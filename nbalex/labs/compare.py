@@ -117,8 +117,23 @@ def hint_for(got, expected, wrong, rtol, atol):
             return (f"close but outside the tolerance (rtol {rtol:g}, atol {atol:g}; largest "
                     f"relative error {rel:.2g}): a sum taken in another order or in float32 "
                     "where the reference keeps more precision, or a term left out")
+    where = _only_at(wrong)
+    if where:
+        return where
     return (f"{n_wrong} of {size} elements are wrong; compare the first ones with the math in "
             "the handout")
+
+
+def _only_at(wrong):
+    """"wrong only at ..." when the errors sit at a few indices of one axis."""
+    for axis in range(wrong.ndim):
+        hit = np.flatnonzero(wrong.any(axis=tuple(a for a in range(wrong.ndim) if a != axis)))
+        if 0 < hit.size <= 6 and hit.size < wrong.shape[axis]:
+            listed = ", ".join(str(int(i)) for i in hit)
+            return (f"wrong only at index {listed} of axis {axis} (of {wrong.shape[axis]}), "
+                    "right elsewhere: look at what is special there (an edge, a boundary "
+                    "between tensors or windows)")
+    return None
 
 
 def _edge_axis(mask):
