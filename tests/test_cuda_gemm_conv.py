@@ -15,7 +15,7 @@ from numba import cuda
 from conftest import requires_gpu
 
 from nbalex.cuda import conv2d as cuda_conv
-from nbalex.cuda import gemm
+from nbalex.cuda import gemm, tiling
 from nbalex.cuda import linear as cuda_linear
 from nbalex.reference import conv2d as ref_conv
 from nbalex.reference import linear as ref_linear
@@ -74,7 +74,7 @@ def test_conv2d_matches_reference(rng, n, c, h, w, f, kh, kw, stride, pad, group
 
 def test_conv2d_backward_weights_split_k(rng, monkeypatch):
     """Several K slices, summed from the workspace, give the same gradient as one."""
-    monkeypatch.setattr(gemm, "MIN_SPLIT_TILES", 3)
+    monkeypatch.setattr(tiling, "MIN_SPLIT_TILES", 3)
     splits, k_split = cuda_conv.backward_weights_splits((2, 2, 6, 6), (3, 2, 3, 3), 1, 1, 1)
     total = 2 * 6 * 6                       # the reduction runs over N*OH*OW
     assert splits == 3 and k_split % gemm.BK == 0
@@ -88,8 +88,11 @@ def test_conv2d_workspace_holds_the_split_k_slices():
     x_shape, w_shape = (128, 3, 227, 227), (96, 3, 11, 11)
     splits, _ = cuda_conv.backward_weights_splits(x_shape, w_shape, 4, 0, 1)
     assert splits > 1
+    shape = tiling.conv_gemm("backward-weights", x_shape, w_shape, 4, 0, 1)
+    largest = max(tiling.gemm_tiling(shape, sms).splits for sms in tiling.TABLE_SM_COUNTS)
+    assert largest >= splits and largest > tiling.gemm_tiling(shape, 114).splits
     size = cuda_conv.conv2d_workspace_size(x_shape, w_shape, 4, 0, 1)
-    assert size == splits * (96 * 3 * 11 * 11 + 96)
+    assert size == largest * (96 * 3 * 11 * 11 + 96)           # any card of the table fits
     assert size * 4 < 32 * 2**20                            # tens of MB at most
     assert cuda_conv.conv2d_workspace_size((1, 2048, 4, 4), (2048, 2048, 1, 1), 1, 0, 1) == 0
 
@@ -98,7 +101,7 @@ def test_conv2d_split_k_uses_the_given_workspace_deterministically(rng, monkeypa
     """With a workspace (filled with NaN first) the split backward-weights writes every slice
     before summing them, gives the reference's gradient, and the same bits twice; a short
     workspace is refused."""
-    monkeypatch.setattr(gemm, "MIN_SPLIT_TILES", 3)
+    monkeypatch.setattr(tiling, "MIN_SPLIT_TILES", 3)
     args = (1, 1, 1)
     x = rng.standard_normal((2, 2, 6, 6)).astype(np.float32)
     dy = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
@@ -179,12 +182,12 @@ def test_linear_matches_reference(rng, n, m, k, relu):
 def test_linear_split_k_matches_reference(rng, monkeypatch):
     """Forward (bias + ReLU while the slices are summed) and backward-data with K cut into
     slices that are not multiples of each other, give the reference's result."""
-    monkeypatch.setattr(gemm, "MIN_SPLIT_TILES", 2)
+    monkeypatch.setattr(tiling, "MIN_SPLIT_TILES", 2)
     n, m, k = 3, 37, 45
-    splits, k_split = cuda_linear.split_k(n, m, k)            # forward: reduction over K
+    splits, k_split = cuda_linear.split_k("forward", n, k, m)        # reduction over K
     assert splits == 3 and k_split % gemm.BK == 0 and k % k_split != 0
     assert (splits - 1) * k_split < k <= splits * k_split       # every slice holds work
-    splits, k_split = cuda_linear.split_k(n, k, m)            # backward-data: over M
+    splits, k_split = cuda_linear.split_k("backward-data", n, k, m)  # over M
     assert splits == 2 and k_split % gemm.BK == 0 and m % k_split != 0
     linear_case(rng, n, m, k, True)
 
@@ -192,7 +195,7 @@ def test_linear_split_k_matches_reference(rng, monkeypatch):
 def test_linear_split_k_uses_the_given_workspace_deterministically(rng, monkeypatch):
     """linear_workspace_size covers both split passes; with a NaN-filled workspace the results
     match the reference and repeat bit for bit; a short workspace is refused."""
-    monkeypatch.setattr(gemm, "MIN_SPLIT_TILES", 2)
+    monkeypatch.setattr(tiling, "MIN_SPLIT_TILES", 2)
     n, m, k = 3, 37, 45
     size = cuda_linear.linear_workspace_size((n, k), (m, k))
     assert size == max(3 * n * m, 2 * n * k)
@@ -214,17 +217,72 @@ def test_linear_split_k_uses_the_given_workspace_deterministically(rng, monkeypa
 
 
 def test_linear_split_k_only_for_small_grids():
-    """fc6-fc8 at batch 128 are split to at most TARGET_BLOCKS blocks of at least
-    MIN_SPLIT_TILES K tiles each; a grid of SM_COUNT tiles or more is left whole."""
-    for rows, cols, inner in [(128, 4096, 9216), (128, 4096, 4096), (128, 1000, 4096),
-                              (128, 9216, 4096)]:
-        splits, k_split = cuda_linear.split_k(rows, cols, inner)
-        tiles = gemm.cdiv(rows, gemm.BM) * gemm.cdiv(cols, gemm.BN)
-        assert splits > 1 and gemm.SM_COUNT <= tiles * splits <= gemm.TARGET_BLOCKS
-        assert k_split >= gemm.MIN_SPLIT_TILES * gemm.BK
-        assert (splits - 1) * k_split < inner <= splits * k_split
-    assert cuda_linear.split_k(2048, 4096, 9216) == (1, 9216)
-    assert cuda_linear.split_k(128, 4096, 64) == (1, 64)       # too short to cut
+    """fc6-fc8 at batch 128 are split to about 2 blocks' worth of threads per SM, slices of
+    at least MIN_SPLIT_TILES K tiles each; a grid that fills the GPU is left whole."""
+    for n, k, m, pass_name in [(128, 9216, 4096, "forward"), (128, 4096, 4096, "forward"),
+                               (128, 4096, 1000, "forward"), (128, 9216, 4096, "backward-data")]:
+        t = tiling.gemm_tiling(tiling.linear_gemm(pass_name, n, k, m), gemm.sm_count())
+        inner = t.shape.k
+        assert (t.splits, t.k_split) == cuda_linear.split_k(pass_name, n, k, m)
+        assert t.splits > 1 and gemm.sm_count() * 256 <= t.blocks * t.threads
+        assert t.blocks * t.threads <= 2 * gemm.sm_count() * 256
+        assert t.k_split >= tiling.MIN_SPLIT_TILES * gemm.BK
+        assert (t.splits - 1) * t.k_split < inner <= t.splits * t.k_split
+    assert cuda_linear.split_k("forward", 2048, 9216, 4096) == (1, 9216)
+    assert cuda_linear.split_k("forward", 128, 64, 4096) == (1, 64)     # too short to cut
+
+
+# ---- every smaller tile instance, once per pass kernel, at tiny awkward shapes --------------
+
+SMALL_TILES = [t for t in tiling.TILES if t != (gemm.BM, gemm.BN)]
+
+
+def force_tile(monkeypatch, tile):
+    """Launch every GEMM at ``tile`` where its kernel is built at it (else at 128x128)."""
+    monkeypatch.setattr(tiling, "TILES", (tile,))
+
+
+@pytest.mark.parametrize("tile", SMALL_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+def test_conv2d_tile_instances_match_reference(rng, monkeypatch, tile):
+    """Partial tiles along M and N, a K tail (K = 18), padding; stride 1 runs the unit-stride
+    backward-data kernel.  Only the passes built at ``tile`` are run."""
+    force_tile(monkeypatch, tile)
+    x_shape, w_shape = (2, 3, 5, 4), (5, 3, 3, 2)
+    fwd = tiling.gemm_tiling(tiling.conv_gemm("forward", x_shape, w_shape, 1, 1, 1))
+    assert (fwd.bm, fwd.bn) == tile
+    built = [p for p in ("backward-data", "backward-weights")
+             if tile in tiling.conv_gemm(p, x_shape, w_shape, 1, 1, 1).tiles]
+    if len(built) == 2:
+        conv_case(rng, 2, 3, 5, 4, 5, 3, 2, 1, 1, 1, True)
+        return
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    y = np.full((2, 5, 5, 5), np.nan, np.float32)
+    cuda_conv.conv2d_forward(y, x, w, b, 1, 1, 1, relu=True)
+    y_ref = np.empty(y.shape)
+    ref_conv.conv2d_forward(y_ref, *(a.astype(np.float64) for a in (x, w, b)), 1, 1, 1, relu=True)
+    assert_close(y, y_ref)
+
+
+@pytest.mark.parametrize("tile", SMALL_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+def test_linear_tile_instances_match_reference(rng, monkeypatch, tile):
+    """Every fc kernel at ``tile``: forward, backward-data and backward-weights unsplit (K
+    tails, partial tiles), then forward and backward-data split into slices."""
+    force_tile(monkeypatch, tile)
+    t = tiling.gemm_tiling(tiling.linear_gemm("backward-weights", 3, 7, 5))
+    assert (t.bm, t.bn) == tile
+    linear_case(rng, 3, 5, 7, True)
+    monkeypatch.setattr(tiling, "MIN_SPLIT_TILES", 2)
+    n, m, k = 3, 37, 45
+    assert cuda_linear.split_k("forward", n, k, m)[0] > 1
+    assert cuda_linear.split_k("backward-data", n, k, m)[0] > 1
+    x, w, b, dy = (rng.standard_normal(s).astype(np.float32) for s in ((n, k), (m, k), (m,), (n, m)))
+    y, dx = np.empty((n, m), np.float32), np.empty((n, k), np.float32)
+    cuda_linear.linear_forward(y, x, w, b, relu=True)
+    cuda_linear.linear_backward_data(dx, dy, w)
+    assert_close(y, np.maximum(x.astype(np.float64) @ w.T.astype(np.float64) + b, 0))
+    assert_close(dx, dy.astype(np.float64) @ w.astype(np.float64))
 
 
 def test_linear_launchers_check_preconditions():

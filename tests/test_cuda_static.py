@@ -48,6 +48,21 @@ def test_every_module_with_kernels_is_covered(report):
     assert {"conv_forward_kernel", "conv_backward_data_kernel", "conv_backward_weights_kernel",
             "linear_forward_kernel", "linear_backward_data_kernel",
             "linear_backward_weights_kernel"} <= gemm_names
+    # every tile instance the launchers may choose (nbalex.cuda.tiling) is measured
+    from nbalex.cuda import conv2d, linear, tiling
+    families = [(conv2d.FORWARD, "forward"), (conv2d.BACKWARD_DATA, "backward-data"),
+                (conv2d.BACKWARD_DATA_UNIT_STRIDE, "backward-data-unit-stride"),
+                (conv2d.BACKWARD_WEIGHTS, "backward-weights")]
+    for family, pass_name in families:
+        assert set(family) == set(tiling.CONV_TILES[pass_name])
+    for family in (linear.FORWARD, linear.BACKWARD_DATA, linear.BACKWARD_DATA_SPLIT,
+                   linear.BACKWARD_WEIGHTS):
+        assert set(family) == set(tiling.LINEAR_TILES)
+    instances = {kernel.__name__ for family, _ in families for kernel, _ in family.values()}
+    instances |= {kernel.__name__ for family in (linear.FORWARD, linear.BACKWARD_DATA,
+                                                 linear.BACKWARD_DATA_SPLIT, linear.BACKWARD_WEIGHTS)
+                  for kernel, _ in family.values()}
+    assert len(instances) == 27 and instances <= gemm_names
 
 
 @pinned

@@ -64,16 +64,35 @@ DEFAULT_GPU = "h100-sxm"
 STATIC = {
     "augment_batch_kernel": (28, 0, 256, None),
     "conv_forward_kernel": (128, 16896, 256, 0.718),
+    "conv_forward_kernel_128x64": (141, 12800, 128, 0.689),
+    "conv_forward_kernel_64x128": (141, 12800, 128, 0.641),
+    "conv_forward_kernel_64x64": (145, 8704, 64, 0.615),
     "conv_backward_data_kernel": (127, 16896, 256, 0.619),
     "conv_backward_data_unit_stride_kernel": (127, 16896, 256, 0.681),
+    "conv_backward_data_unit_stride_kernel_128x64": (149, 12800, 128, 0.633),
+    "conv_backward_data_unit_stride_kernel_64x128": (153, 12800, 128, 0.600),
     "conv_backward_weights_kernel": (128, 16896, 256, 0.694),
+    "conv_backward_weights_kernel_128x64": (141, 12800, 128, 0.631),
+    "conv_backward_weights_kernel_64x128": (143, 12800, 128, 0.609),
     "dropout_forward_kernel": (31, 0, 256, None),
     "dropout_backward_kernel": (31, 0, 256, None),
     "sum_slices_kernel": (30, 0, 256, None),
     "linear_forward_kernel": (126, 16896, 256, 0.786),
+    "linear_forward_kernel_128x64": (139, 12800, 128, 0.754),
+    "linear_forward_kernel_64x128": (139, 12800, 128, 0.753),
+    "linear_forward_kernel_64x64": (141, 8704, 64, 0.721),
     "linear_backward_data_kernel": (128, 16896, 256, 0.778),
+    "linear_backward_data_kernel_128x64": (130, 12800, 128, 0.756),
+    "linear_backward_data_kernel_64x128": (139, 12800, 128, 0.750),
+    "linear_backward_data_kernel_64x64": (143, 8704, 64, 0.716),
     "linear_backward_data_split_kernel": (124, 16896, 256, 0.791),
+    "linear_backward_data_split_kernel_128x64": (141, 12800, 128, 0.756),
+    "linear_backward_data_split_kernel_64x128": (141, 12800, 128, 0.750),
+    "linear_backward_data_split_kernel_64x64": (145, 8704, 64, 0.716),
     "linear_backward_weights_kernel": (128, 16896, 256, 0.786),
+    "linear_backward_weights_kernel_128x64": (139, 12800, 128, 0.753),
+    "linear_backward_weights_kernel_64x128": (139, 12800, 128, 0.749),
+    "linear_backward_weights_kernel_64x64": (143, 8704, 64, 0.722),
     "linear_bias_grad_kernel": (26, 0, 256, None),
     "linear_sum_bias_relu_kernel": (30, 0, 256, None),
     "lrn_forward_kernel": (48, 0, 256, None),
@@ -141,9 +160,10 @@ def _sum_launch(layer, pass_name, kernel, size, splits, extra_bytes=0):
 
 
 def _gemm(layer, pass_name, kernel, t, bytes_moved):
-    """The row of one GEMM launch cut as ``t`` (a tiling.GemmTiling)."""
+    """The row of one GEMM launch cut as ``t`` (a tiling.GemmTiling); ``kernel`` names the
+    pass's kernel, the row names the instance of t's tile (tiling.instance_name)."""
     shape = t.shape
-    return _launch(layer, pass_name, kernel, list(t.grid), t.threads, bytes_moved, M=shape.m,
+    return _launch(layer, pass_name, tiling.instance_name(kernel, t.bm, t.bn), list(t.grid), t.threads, bytes_moved, M=shape.m,
                    N=shape.n, K=shape.k, groups=shape.groups, tile=f"{t.bm}x{t.bn}x{t.bk}",
                    split_k=t.splits, k_split=t.k_split, useful_flop=2 * shape.useful_macs,
                    executed_flop=2 * t.executed_macs)

@@ -25,9 +25,9 @@ with divisors prepared on the host in the geometry tuple
 """
 
 from nbalex import checks
-from nbalex.cuda import gemm
+from nbalex.cuda import gemm, tiling
 from nbalex.cuda.conv2d_loaders import (
-    GEO_SIG, G_CG, G_FG, G_KK, G_N, G_OH, G_OW, conv_geometry,
+    GEO_SIG, conv_geometry,
     fwd_krange, fwd_setup_w, fwd_fetch_w, fwd_setup_x, fwd_fetch_x, fwd_store_y,
     bwd_data_krange, bwd_data_setup_w, bwd_data_fetch_w, bwd_data_setup_dy, bwd_data_fetch_dy,
     bwd_data_fetch_dy_unit_stride, bwd_data_store_dx,
@@ -36,58 +36,66 @@ from nbalex.cuda.gemm import K_FAST
 from nbalex.cuda.launch import flat, stream_or_default
 
 
-# ---- kernels: one GEMM per pass, built from that pass's loaders -----------------------
+# ---- kernels: one GEMM per pass, built from that pass's loaders, one instance per tile -------
+# {(bm, bn): (kernel, threads)}: the 128x128 instance is named as the pass (e.g.
+# conv_forward_kernel), the others with their tile (conv_forward_kernel_64x128);
+# nbalex.cuda.tiling.gemm_tiling chooses one per launch.
 
-conv_forward_kernel, GEMM_THREADS = gemm.make_gemm_kernel(
+FORWARD = gemm.make_gemm_kernels(
     fwd_setup_w, fwd_fetch_w, K_FAST, fwd_setup_x, fwd_fetch_x, K_FAST, fwd_krange,
-    fwd_store_y, name="conv_forward_kernel")
-conv_forward_kernel.__doc__ = """y = conv(x, w) + b (ReLU'd if geo[G_RELU]) as an implicit GEMM.
-
-    y (N*F*OH*OW,) written, w (F*Cg*KH*KW,), x (N*C*H*W,), b (F,): flat float32, geo from
-    conv_geometry.  Grid (ceil(N*OH*OW/128), ceil(Fg/128), groups), 256 threads; each
-    thread computes 8 filters x 8 output pixels of its group (see nbalex.cuda.gemm).
-    """
-
-
-conv_backward_data_kernel, _ = gemm.make_gemm_kernel(
+    fwd_store_y, name="conv_forward_kernel", tiles=tiling.CONV_TILES["forward"])
+BACKWARD_DATA = gemm.make_gemm_kernels(
     bwd_data_setup_w, bwd_data_fetch_w, K_FAST, bwd_data_setup_dy, bwd_data_fetch_dy, K_FAST,
-    bwd_data_krange, bwd_data_store_dx, name="conv_backward_data_kernel")
-conv_backward_data_unit_stride_kernel, _ = gemm.make_gemm_kernel(
+    bwd_data_krange, bwd_data_store_dx, name="conv_backward_data_kernel",
+    tiles=tiling.CONV_TILES["backward-data"])
+BACKWARD_DATA_UNIT_STRIDE = gemm.make_gemm_kernels(
     bwd_data_setup_w, bwd_data_fetch_w, K_FAST, bwd_data_setup_dy,
     bwd_data_fetch_dy_unit_stride, K_FAST, bwd_data_krange, bwd_data_store_dx,
-    name="conv_backward_data_unit_stride_kernel")
-conv_backward_data_kernel.__doc__ = """dx = conv_transpose(dy, w) as an implicit GEMM over dy.
-
-    dx (N*C*H*W,) written, w (F*Cg*KH*KW,), dy (N*F*OH*OW,), flat float32; the 4th argument
-    is unused (pass w).  Grid (ceil(N*H*W/128), ceil(Cg/128), groups), 256 threads; each
-    thread computes 8 input channels x 8 input pixels of its group.  Any stride.
-    """
-conv_backward_data_unit_stride_kernel.__doc__ = (
-    conv_backward_data_kernel.__doc__.replace("Any stride.", "Stride 1 only (conv2-conv5)."))
-
-
-conv_backward_weights_kernel, _ = gemm.make_gemm_kernel(
+    name="conv_backward_data_unit_stride_kernel",
+    tiles=tiling.CONV_TILES["backward-data-unit-stride"])
+# int32 loader state, no per-thread wrap ends: 128 registers at 128x128, no spills
+BACKWARD_WEIGHTS = gemm.make_gemm_kernels(
     bwd_w_setup_dy, bwd_w_fetch_dy, K_FAST, bwd_w_setup_x, bwd_w_fetch_x, K_FAST,
     bwd_w_krange, bwd_w_store_dw, name="conv_backward_weights_kernel",
-    min_blocks=2)  # int32 loader state, no per-thread wrap ends: 128 registers, no spills
-conv_backward_weights_kernel.__doc__ = """dw = sum over (image, oh, ow) of dy (x) im2col(x),
+    tiles=tiling.CONV_TILES["backward-weights"])
+
+_DOCS = {
+    "FORWARD": """y = conv(x, w) + b (ReLU'd if geo[G_RELU]) as an implicit GEMM.
+
+    y (N*F*OH*OW,) written, w (F*Cg*KH*KW,), x (N*C*H*W,), b (F,): flat float32, geo from
+    conv_geometry.  Grid (ceil(N*OH*OW/bn), ceil(Fg/bm), groups), (bm/8)*(bn/8) threads;
+    each thread computes 8 filters x 8 output pixels of its group (see nbalex.cuda.gemm).
+    """,
+    "BACKWARD_DATA": """dx = conv_transpose(dy, w) as an implicit GEMM over dy.
+
+    dx (N*C*H*W,) written, w (F*Cg*KH*KW,), dy (N*F*OH*OW,), flat float32; the 4th argument
+    is unused (pass w).  Grid (ceil(N*H*W/bn), ceil(Cg/bm), groups), (bm/8)*(bn/8)
+    threads; each thread computes 8 input channels x 8 input pixels of its group.  Any stride.
+    """,
+    "BACKWARD_WEIGHTS": """dw = sum over (image, oh, ow) of dy (x) im2col(x),
     and db = the sum of dy, as the GEMM's extra all-ones column of im2col(x).
 
     dw (splits*F*Cg*KH*KW,) and db (splits*F,) written, K slice s into slice s (with one
     slice: dw and db themselves; with several, the workspace, summed by the launcher),
     dy (N*F*OH*OW,), x (N*C*H*W,), flat float32.
-    Grid (ceil((Cg*KH*KW+1)/128), ceil(Fg/128), groups*splits), 256 threads; each thread
-    computes 8 filters x 8 (c, kh, kw) taps for its group and K slice.
-    """
-
+    Grid (ceil((Cg*KH*KW+1)/bn), ceil(Fg/bm), groups*splits), (bm/8)*(bn/8) threads; each
+    thread computes 8 filters x 8 (c, kh, kw) taps for its group and K slice.
+    """,
+}
+_DOCS["BACKWARD_DATA_UNIT_STRIDE"] = _DOCS["BACKWARD_DATA"].replace("Any stride.",
+                                                                    "Stride 1 only (conv2-conv5).")
+for _family, _doc in _DOCS.items():
+    for _kernel, _ in globals()[_family].values():
+        _kernel.__doc__ = _doc
+conv_forward_kernel, GEMM_THREADS = FORWARD[(gemm.BM, gemm.BN)]       # the 128x128 instances
+conv_backward_data_kernel = BACKWARD_DATA[(gemm.BM, gemm.BN)][0]
+conv_backward_data_unit_stride_kernel = BACKWARD_DATA_UNIT_STRIDE[(gemm.BM, gemm.BN)][0]
+conv_backward_weights_kernel = BACKWARD_WEIGHTS[(gemm.BM, gemm.BN)][0]
 
 _GEMM_SIG = "void(float32[::1], float32[::1], float32[::1], float32[::1], " + GEO_SIG + ")"
-STATIC_SIGNATURES = [
-    (conv_forward_kernel, _GEMM_SIG, True, GEMM_THREADS),
-    (conv_backward_data_kernel, _GEMM_SIG, True, GEMM_THREADS),
-    (conv_backward_data_unit_stride_kernel, _GEMM_SIG, True, GEMM_THREADS),
-    (conv_backward_weights_kernel, _GEMM_SIG, True, GEMM_THREADS),
-]
+STATIC_SIGNATURES = [row for family in (FORWARD, BACKWARD_DATA, BACKWARD_DATA_UNIT_STRIDE,
+                                        BACKWARD_WEIGHTS)
+                     for row in gemm.static_signatures(family, _GEMM_SIG)]
 
 
 # ---- launchers ---------------------------------------------------------------------
@@ -102,16 +110,19 @@ def _conv_sizes(x_shape, w_shape, stride, pad, groups):
     return n, f, oh, ow
 
 
-def _grid(m, n, z):
-    bm, bn = gemm.BM, gemm.BN
-    return (gemm.cdiv(n, bn), gemm.cdiv(m, bm), z)
+def _tiled(kernels, pass_name, x_shape, w_shape, stride, pad, groups):
+    """(kernel, threads, tiling) of one pass on the current device (gemm.launch_tiling)."""
+    return gemm.launch_tiling(kernels, tiling.conv_gemm(pass_name, x_shape, w_shape, stride,
+                                                        pad, groups))
 
 
 @checks.checked(checks.conv2d_workspace_size, "cuda")
 def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
     """float32 elements of backward-weights' split-K slices: splits x (dw size + F), or 0
-    when it does not split (forward and backward-data need none)."""
-    splits, _ = backward_weights_splits(x_shape, w_shape, stride, pad, groups)
+    when it does not split (forward and backward-data need none).  ``splits`` is the
+    largest over gemm.workspace_sm_counts() (the device, or every card of the plan's table)."""
+    shape = tiling.conv_gemm("backward-weights", x_shape, w_shape, stride, pad, groups)
+    splits = gemm.largest_split(shape)
     if splits == 1:
         return 0
     f, cg, kh, kw = (int(v) for v in w_shape)
@@ -121,29 +132,28 @@ def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
 @checks.checked(checks.conv2d_forward, "cuda")
 def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, stream=None):
     """y (N,F,OH,OW) = conv(x, w) + b, ReLU'd when ``relu``; float32, C-contiguous."""
-    n, f, oh, ow = _conv_sizes(x.shape, w.shape, stride, pad, groups)
+    _conv_sizes(x.shape, w.shape, stride, pad, groups)
     geo = conv_geometry(x.shape, w.shape, stride, pad, groups, relu=relu)
-    grid = _grid(geo[G_FG], n * oh * ow, groups)
-    conv_forward_kernel[grid, GEMM_THREADS, stream_or_default(stream)](
-        flat(y), flat(w), flat(x), b, geo)
+    kernel, threads, t = _tiled(FORWARD, "forward", x.shape, w.shape, stride, pad, groups)
+    kernel[t.grid, threads, stream_or_default(stream)](flat(y), flat(w), flat(x), b, geo)
 
 
 @checks.checked(checks.conv2d_backward_data, "cuda")
 def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=None):
     """dx (N,C,H,W) = gradient of the convolution w.r.t. x, given dy (N,F,OH,OW); overwritten."""
-    n, f, oh, ow = _conv_sizes(dx.shape, w.shape, stride, pad, groups)
+    _conv_sizes(dx.shape, w.shape, stride, pad, groups)
     geo = conv_geometry(dx.shape, w.shape, stride, pad, groups)
-    grid = _grid(geo[G_CG], n * dx.shape[2] * dx.shape[3], groups)
-    kernel = conv_backward_data_unit_stride_kernel if stride == 1 else conv_backward_data_kernel
-    kernel[grid, GEMM_THREADS, stream_or_default(stream)](
-        flat(dx), flat(w), flat(dy), flat(w), geo)
+    family = BACKWARD_DATA_UNIT_STRIDE if stride == 1 else BACKWARD_DATA
+    kernel, threads, t = _tiled(family, "backward-data", dx.shape, w.shape, stride, pad, groups)
+    kernel[t.grid, threads, stream_or_default(stream)](flat(dx), flat(w), flat(dy), flat(w), geo)
 
 
 def backward_weights_splits(x_shape, w_shape, stride, pad, groups):
-    """(splits, k_split): how the N*OH*OW reduction of backward-weights is cut (gemm.split_k)."""
-    geo = conv_geometry(x_shape, w_shape, stride, pad, groups)
-    blocks = gemm.cdiv(geo[G_FG], gemm.BM) * gemm.cdiv(geo[G_KK] + 1, gemm.BN) * groups
-    return gemm.split_k(blocks, geo[G_N] * geo[G_OH] * geo[G_OW])
+    """(splits, k_split): how the N*OH*OW reduction of backward-weights is cut on the current
+    device (tiling.gemm_tiling)."""
+    t = tiling.gemm_tiling(tiling.conv_gemm("backward-weights", x_shape, w_shape, stride, pad,
+                                            groups), gemm.sm_count())
+    return t.splits, t.k_split
 
 
 @checks.checked(checks.conv2d_backward_weights, "cuda")
@@ -151,16 +161,15 @@ def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, 
     """dw (F,C/G,KH,KW) and db (F,) = gradients w.r.t. w and b; both overwritten."""
     n, f, oh, ow = _conv_sizes(x.shape, dw.shape, stride, pad, groups)
     stream = stream_or_default(stream)
-    splits, k_split = backward_weights_splits(x.shape, dw.shape, stride, pad, groups)
-    geo = conv_geometry(x.shape, dw.shape, stride, pad, groups, splits=splits, k_split=k_split)
-    grid = _grid(geo[G_FG], geo[G_KK] + 1, groups * splits)
+    kernel, threads, t = _tiled(BACKWARD_WEIGHTS, "backward-weights", x.shape, dw.shape, stride,
+                                pad, groups)
+    splits = t.splits
+    geo = conv_geometry(x.shape, dw.shape, stride, pad, groups, splits=splits, k_split=t.k_split)
     if splits == 1:
-        conv_backward_weights_kernel[grid, GEMM_THREADS, stream](flat(dw), flat(dy), flat(x), db,
-                                                                 geo)
+        kernel[t.grid, threads, stream](flat(dw), flat(dy), flat(x), db, geo)
         return
     parts = gemm.split_workspace(workspace, splits * (dw.size + f))   # conv2d_workspace_size
     dw_parts, db_parts = parts[:splits * dw.size], parts[splits * dw.size:]
-    conv_backward_weights_kernel[grid, GEMM_THREADS, stream](dw_parts, flat(dy), flat(x),
-                                                             db_parts, geo)
+    kernel[t.grid, threads, stream](dw_parts, flat(dy), flat(x), db_parts, geo)
     gemm.sum_slices(flat(dw), dw_parts, splits, stream)
     gemm.sum_slices(db, db_parts, splits, stream)

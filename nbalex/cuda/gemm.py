@@ -48,12 +48,15 @@ one C element, checking ``m < M`` and ``n < N`` itself.  ``geo`` is a tuple of i
 geometry the launcher builds.
 """
 
+import functools
+
 import numpy as np
 from numba import config, cuda, float32, int32, int64, uint32, uint64
 
 from nbalex.backends import workspace_view
+from nbalex.cuda import tiling
 
-BK = 8            # K depth of one shared-memory tile
+BK = tiling.BK    # K depth of one shared-memory tile
 TM = 8            # rows of C per thread
 TN = 8            # columns of C per thread
 K_FAST = 0        # loader layout: k is the contiguous index of the operand in memory
@@ -63,8 +66,8 @@ ROW_FAST = 1      # loader layout: the row index (m or n) is the contiguous one
 # rejects any alignment request (and needs none).
 SMEM_ALIGN = None if config.ENABLE_CUDASIM else 16
 
-BM = 128          # rows of C per block (the default tile; 256 threads at 8x8 each)
-BN = 128          # columns of C per block
+BM = tiling.BM    # rows of C per block of the largest tile (256 threads at 8x8 each)
+BN = tiling.BN    # columns of C per block of the largest tile
 
 
 @cuda.jit(device=True, inline="always")
@@ -136,33 +139,44 @@ def cdiv(a, b):
     return -(-a // b)
 
 
-# ---- split-K: when a GEMM's output grid is too small to fill the GPU ----------------------
+# ---- the tile and split of a launch, and the SMs they are sized for -----------------------
 
-SM_COUNT = 132           # H100 SXM: a grid with at least this many blocks is not split
-TARGET_BLOCKS = 264      # split-K aims for at most this many blocks: 2 per SM
-MIN_SPLIT_TILES = 16     # ...while giving every slice at least this many K tiles
 SUM_THREADS = 256
 
 
-def split_k(blocks, inner):
-    """(splits, k_split): how the reduction (length ``inner``) of a grid of ``blocks`` is cut.
+def sm_count():
+    """SMs of the current device, read once per device; the simulator (which has no SMs) and
+    a machine without a GPU get tiling.SM_COUNT, the plan's default card."""
+    if config.ENABLE_CUDASIM or not cuda.is_available():
+        return tiling.SM_COUNT
+    return _device_sm_count(cuda.get_current_device().id)
 
-    A grid of at least SM_COUNT blocks is not split (1, inner).  A smaller one gets
-    ``TARGET_BLOCKS // blocks`` slices (so at most TARGET_BLOCKS blocks, 2 per SM), fewer if
-    a slice would hold under MIN_SPLIT_TILES K tiles; ``k_split`` is a multiple of the K
-    tile, and ``splits`` is recounted from it so that every slice holds work.  Slice z stores
-    its partial output into slice z of a workspace (``splits`` outputs end to end), and
-    :func:`sum_slices` adds them in slice order: the result does not depend on which block
-    finished first, so it is the same, bit for bit, on every run.
-    """
-    if blocks >= SM_COUNT:
-        return 1, inner
-    k_tiles = cdiv(inner, BK)
-    splits = max(1, min(TARGET_BLOCKS // blocks, k_tiles // MIN_SPLIT_TILES))
-    if splits == 1:
-        return 1, inner
-    k_split = cdiv(k_tiles, splits) * BK
-    return cdiv(inner, k_split), k_split
+
+@functools.lru_cache(maxsize=None)
+def _device_sm_count(device_id):
+    return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+
+
+def workspace_sm_counts():
+    """The SM counts a workspace is sized for: the device's on a GPU; without one (the
+    simulator, an arena sized on a CPU-only machine) every card of the plan's --gpu table,
+    so that the workspace holds the largest split any of them would choose."""
+    if config.ENABLE_CUDASIM or not cuda.is_available():
+        return tiling.TABLE_SM_COUNTS
+    return (sm_count(),)
+
+
+def launch_tiling(kernels, shape):
+    """(kernel, threads, tiling) of GEMM ``shape`` on the current device: the instance of
+    ``kernels`` (a make_gemm_kernels dict) for the tile tiling.gemm_tiling chooses."""
+    t = tiling.gemm_tiling(shape, sm_count())
+    kernel, threads = kernels[(t.bm, t.bn)]
+    return kernel, threads, t
+
+
+def largest_split(shape):
+    """The most K slices tiling.gemm_tiling gives ``shape`` over workspace_sm_counts()."""
+    return max(tiling.gemm_tiling(shape, sms).splits for sms in workspace_sm_counts())
 
 
 @cuda.jit
@@ -198,6 +212,23 @@ def split_workspace(workspace, size):
 
 STATIC_SIGNATURES = [(sum_slices_kernel, "void(float32[::1], float32[::1], int64, int64)", False,
                       SUM_THREADS)]
+
+
+def make_gemm_kernels(setup_a, fetch_a, layout_a, setup_b, fetch_b, layout_b, krange, store,
+                      name, tiles=tiling.TILES):
+    """{(bm, bn): (kernel, threads)}: one :func:`make_gemm_kernel` instance per tile of
+    ``tiles``, named by tiling.instance_name, each with launch bound tiling.MIN_BLOCKS of its
+    threads per block."""
+    return {(bm, bn): make_gemm_kernel(
+        setup_a, fetch_a, layout_a, setup_b, fetch_b, layout_b, krange, store, bm=bm, bn=bn,
+        name=tiling.instance_name(name, bm, bn),
+        min_blocks=tiling.MIN_BLOCKS[(bm // TM) * (bn // TN)])
+        for bm, bn in tiles}
+
+
+def static_signatures(kernels, signature):
+    """STATIC_SIGNATURES rows of every instance of a make_gemm_kernels dict."""
+    return [(kernel, signature, True, threads) for kernel, threads in kernels.values()]
 
 
 def make_gemm_kernel(setup_a, fetch_a, layout_a, setup_b, fetch_b, layout_b, krange, store,

@@ -26,7 +26,7 @@ the switch makes its unsplit kernel spill.
 from numba import cuda, float32, int32, uint64
 
 from nbalex import checks
-from nbalex.cuda import gemm
+from nbalex.cuda import gemm, tiling
 from nbalex.cuda.gemm import K_FAST, ROW_FAST, fetch_strided
 from nbalex.cuda.launch import flat, stream_or_default
 
@@ -143,14 +143,14 @@ def fwd_store_y(y, b, geo, z, i, j, v):
             y[uint64(int32(i * geo[G_M] + j))] = v
 
 
-linear_forward_kernel, GEMM_THREADS = gemm.make_gemm_kernel(
+FORWARD = gemm.make_gemm_kernels(
     rows_of(G_N, G_K, sliced=True), fetch_unit_stride, K_FAST,   # A = x: row i is x[i, :]
     rows_of(G_M, G_K, sliced=True), fetch_unit_stride, K_FAST,   # B = w.T: column j is w[j, :]
-    reduce_over_k, fwd_store_y, name="linear_forward_kernel")
-linear_forward_kernel.__doc__ = """y = x @ w.T + b (ReLU'd if geo[G_RELU]).
+    reduce_over_k, fwd_store_y, name="linear_forward_kernel", tiles=tiling.LINEAR_TILES)
+_FORWARD_DOC = """y = x @ w.T + b (ReLU'd if geo[G_RELU]).
 
-    y (N*M,), x (N*K,), w (M*K,), b (M,): flat float32.  Grid (ceil(M/128), ceil(N/128),
-    splits), 256 threads; each thread computes 8 rows x 8 features of y over K slice
+    y (N*M,), x (N*K,), w (M*K,), b (M,): flat float32.  Grid (ceil(M/bn), ceil(N/bm),
+    splits), (bm/8)*(bn/8) threads; each thread computes 8 rows x 8 features of y over K slice
     blockIdx.z.  One slice: y written, bias and ReLU fused.  Several: the first argument is
     the workspace (splits*N*M,) and slice z's partial product is written to its slice z,
     no bias or ReLU.
@@ -159,45 +159,55 @@ linear_forward_kernel.__doc__ = """y = x @ w.T + b (ReLU'd if geo[G_RELU]).
 
 # ---- backward data: dx = dy @ w -----------------------------------------------------------
 
-linear_backward_data_kernel, _ = gemm.make_gemm_kernel(
+# 128 registers, no spills (141 unbounded): zero-extended load indices
+BACKWARD_DATA = gemm.make_gemm_kernels(
     rows_of(G_N, G_M), fetch_unit_stride, K_FAST,        # A = dy: row i is dy[i, :]
     columns_of(G_K), fetch_at_stride(G_K), ROW_FAST,     # B = w: column j is w[:, j]
-    reduce_over_m, store_into(G_N, G_K), name="linear_backward_data_kernel",
-    min_blocks=2)  # 128 registers, no spills (141 unbounded): zero-extended load indices
-linear_backward_data_kernel.__doc__ = """dx = dy @ w.
+    reduce_over_m, store_into(G_N, G_K), name="linear_backward_data_kernel", tiles=tiling.LINEAR_TILES)
+_BACKWARD_DATA_DOC = """dx = dy @ w.
 
     dx (N*K,) written, dy (N*M,), w (M*K,), flat float32; the 4th argument is unused (pass
-    w).  Grid (ceil(K/128), ceil(N/128)), 256 threads; each thread computes 8x8 of dx.
+    w).  Grid (ceil(K/bn), ceil(N/bm)), (bm/8)*(bn/8) threads; each thread computes 8x8 of dx.
     """
 
 # A kernel of its own rather than a run-time switch in the one above: folding the slice
 # start into the loaders' offsets and switching the store makes that kernel spill 16 bytes
 # at 128 registers; this one fits 2 blocks/SM without spills (145 registers unbounded).
-linear_backward_data_split_kernel, _ = gemm.make_gemm_kernel(
+BACKWARD_DATA_SPLIT = gemm.make_gemm_kernels(
     rows_of(G_N, G_M, sliced=True), fetch_unit_stride, K_FAST,
     columns_of(G_K, sliced=True), fetch_at_stride(G_K), ROW_FAST,
-    reduce_over_m_slice, slice_into(G_N, G_K), name="linear_backward_data_split_kernel",
-    min_blocks=2)
-linear_backward_data_split_kernel.__doc__ = """parts[z] = dy[:, slice z] @ w[slice z, :].
+    reduce_over_m_slice, slice_into(G_N, G_K), name="linear_backward_data_split_kernel", tiles=tiling.LINEAR_TILES)
+_BACKWARD_DATA_SPLIT_DOC = """parts[z] = dy[:, slice z] @ w[slice z, :].
 
     parts (splits*N*K,) the workspace, slice z written, dy (N*M,), w (M*K,), flat float32;
-    the 4th argument is unused (pass w).  Grid (ceil(K/128), ceil(N/128),
-    splits), 256 threads; each thread computes 8x8 of dx over M rows [z*k_split,
+    the 4th argument is unused (pass w).  Grid (ceil(K/bn), ceil(N/bm),
+    splits), (bm/8)*(bn/8) threads; each thread computes 8x8 of dx over M rows [z*k_split,
     min((z+1)*k_split, M)), z = blockIdx.z.
     """
 
 
 # ---- backward weights: dw = dy.T @ x ------------------------------------------------------
 
-linear_backward_weights_kernel, _ = gemm.make_gemm_kernel(
+BACKWARD_WEIGHTS = gemm.make_gemm_kernels(
     columns_of(G_M), fetch_at_stride(G_M), ROW_FAST,     # A = dy.T: row i is dy[:, i]
     columns_of(G_K), fetch_at_stride(G_K), ROW_FAST,     # B = x: column j is x[:, j]
-    reduce_over_n, store_into(G_M, G_K), name="linear_backward_weights_kernel")
-linear_backward_weights_kernel.__doc__ = """dw = dy.T @ x.
+    reduce_over_n, store_into(G_M, G_K), name="linear_backward_weights_kernel", tiles=tiling.LINEAR_TILES)
+_BACKWARD_WEIGHTS_DOC = """dw = dy.T @ x.
 
     dw (M*K,) written, dy (N*M,), x (N*K,), flat float32; the 4th argument is unused (pass
-    dy).  Grid (ceil(K/128), ceil(M/128)), 256 threads; each thread computes 8x8 of dw.
+    dy).  Grid (ceil(K/bn), ceil(M/bm)), (bm/8)*(bn/8) threads; each thread computes 8x8 of dw.
     """
+
+_FAMILIES = ((FORWARD, _FORWARD_DOC), (BACKWARD_DATA, _BACKWARD_DATA_DOC),
+             (BACKWARD_DATA_SPLIT, _BACKWARD_DATA_SPLIT_DOC),
+             (BACKWARD_WEIGHTS, _BACKWARD_WEIGHTS_DOC))
+for _family, _doc in _FAMILIES:
+    for _kernel, _ in _family.values():
+        _kernel.__doc__ = _doc
+linear_forward_kernel, GEMM_THREADS = FORWARD[(gemm.BM, gemm.BN)]     # the 128x128 instances
+linear_backward_data_kernel = BACKWARD_DATA[(gemm.BM, gemm.BN)][0]
+linear_backward_data_split_kernel = BACKWARD_DATA_SPLIT[(gemm.BM, gemm.BN)][0]
+linear_backward_weights_kernel = BACKWARD_WEIGHTS[(gemm.BM, gemm.BN)][0]
 
 
 @cuda.jit
@@ -234,11 +244,8 @@ def linear_sum_bias_relu_kernel(y, parts, b, m_cols, splits, relu):
 
 
 _GEMM_SIG = "void(float32[::1], float32[::1], float32[::1], float32[::1], " + GEO_SIG + ")"
-STATIC_SIGNATURES = [
-    (linear_forward_kernel, _GEMM_SIG, True, GEMM_THREADS),
-    (linear_backward_data_kernel, _GEMM_SIG, True, GEMM_THREADS),
-    (linear_backward_data_split_kernel, _GEMM_SIG, True, GEMM_THREADS),
-    (linear_backward_weights_kernel, _GEMM_SIG, True, GEMM_THREADS),
+STATIC_SIGNATURES = [row for family, _ in _FAMILIES
+                     for row in gemm.static_signatures(family, _GEMM_SIG)] + [
     (linear_bias_grad_kernel, "void(float32[::1], float32[::1], int64, int64)", False,
      BIAS_THREADS),
     (linear_sum_bias_relu_kernel,
@@ -248,14 +255,15 @@ STATIC_SIGNATURES = [
 
 # ---- launchers ----------------------------------------------------------------------------
 
-def _grid(rows, cols, splits=1):
-    bm, bn = gemm.BM, gemm.BN
-    return (gemm.cdiv(cols, bn), gemm.cdiv(rows, bm), splits)
+def _tiled(kernels, pass_name, n, k, m):
+    """(kernel, threads, tiling) of one pass of x (n, k), w (m, k) on the current device."""
+    return gemm.launch_tiling(kernels, tiling.linear_gemm(pass_name, n, k, m))
 
 
-def split_k(rows, cols, inner):
-    """gemm.split_k for a (rows x cols) output of 128x128 tiles: (splits, k_split)."""
-    return gemm.split_k(gemm.cdiv(rows, gemm.BM) * gemm.cdiv(cols, gemm.BN), inner)
+def split_k(pass_name, n, k, m):
+    """(splits, k_split) of pass ``pass_name`` of x (n, k), w (m, k) on the current device."""
+    t = tiling.gemm_tiling(tiling.linear_gemm(pass_name, n, k, m), gemm.sm_count())
+    return t.splits, t.k_split
 
 
 def _check_sizes(n, m, k):
@@ -267,10 +275,11 @@ def _check_sizes(n, m, k):
 @checks.checked(checks.linear_workspace_size, "cuda")
 def linear_workspace_size(x_shape, w_shape):
     """float32 elements for the split-K slices of forward (splits x N*M) or backward-data
-    (splits x N*K), whichever is larger; 0 when neither splits."""
+    (splits x N*K), whichever is larger; 0 when neither splits.  ``splits`` is the largest
+    over gemm.workspace_sm_counts() (the device, or every card of the plan's table)."""
     n, k, m = int(x_shape[0]), int(x_shape[1]), int(w_shape[0])
-    fwd_splits, _ = split_k(n, m, k)
-    data_splits, _ = split_k(n, k, m)
+    fwd_splits = gemm.largest_split(tiling.linear_gemm("forward", n, k, m))
+    data_splits = gemm.largest_split(tiling.linear_gemm("backward-data", n, k, m))
     return max(fwd_splits * n * m if fwd_splits > 1 else 0,
                data_splits * n * k if data_splits > 1 else 0)
 
@@ -286,9 +295,10 @@ def linear_forward(y, x, w, b, relu=False, workspace=None, stream=None):
     (n, k), m = x.shape, w.shape[0]
     _check_sizes(n, m, k)
     stream = stream_or_default(stream)
-    splits, k_split = split_k(n, m, k)
+    kernel, threads, t = _tiled(FORWARD, "forward", n, k, m)
+    splits, k_split = t.splits, t.k_split
     parts = _slices(workspace, splits, n * m)
-    linear_forward_kernel[_grid(n, m, splits), GEMM_THREADS, stream](
+    kernel[t.grid, threads, stream](
         flat(y) if parts is None else parts, flat(x), flat(w), b,
         (n, m, k, int(bool(relu)), splits, k_split))
     if parts is not None:
@@ -303,10 +313,11 @@ def linear_backward_data(dx, dy, w, workspace=None, stream=None):
     (n, m), k = dy.shape, w.shape[1]
     _check_sizes(n, m, k)
     stream = stream_or_default(stream)
-    splits, k_split = split_k(n, k, m)
+    t = tiling.gemm_tiling(tiling.linear_gemm("backward-data", n, k, m), gemm.sm_count())
+    splits, k_split = t.splits, t.k_split
+    kernel, threads = (BACKWARD_DATA if splits == 1 else BACKWARD_DATA_SPLIT)[(t.bm, t.bn)]
     parts = _slices(workspace, splits, n * k)
-    kernel = linear_backward_data_kernel if parts is None else linear_backward_data_split_kernel
-    kernel[_grid(n, k, splits), GEMM_THREADS, stream](
+    kernel[t.grid, threads, stream](
         flat(dx) if parts is None else parts, flat(dy), flat(w), flat(w),
         (n, m, k, 0, splits, k_split))
     if parts is not None:
@@ -319,8 +330,8 @@ def linear_backward_weights(dw, db, dy, x, workspace=None, stream=None):
     (n, m), k = dy.shape, x.shape[1]
     _check_sizes(n, m, k)
     stream = stream_or_default(stream)
-    linear_backward_weights_kernel[_grid(m, k), GEMM_THREADS, stream](
-        flat(dw), flat(dy), flat(x), flat(dy), (n, m, k, 0, 1, n))
+    kernel, threads, t = _tiled(BACKWARD_WEIGHTS, "backward-weights", n, k, m)
+    kernel[t.grid, threads, stream](flat(dw), flat(dy), flat(x), flat(dy), (n, m, k, 0, 1, n))
     threads = min(BIAS_THREADS, 32 * gemm.cdiv(m, 32))
     linear_bias_grad_kernel[gemm.cdiv(m, threads), threads, stream](
         db, flat(dy), n, m)
