@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from nbalex.backends import get_backend
-from nbalex.cuda import gemm
+from nbalex.cuda import tiling
 
 F32 = np.float32
 SPECIALS = (np.nan, np.inf, -np.inf)
@@ -249,7 +249,7 @@ CASES = {
 def test_specials_propagate_as_in_the_reference(case, backend, monkeypatch):
     if backend == "cuda" and case.startswith("conv2d") and case.split("_")[1] not in CUDA_CONV:
         pytest.skip("the same CUDA kernels as the other geometries (simulator time)")
-    monkeypatch.setattr(gemm, "MIN_SPLIT_TILES", 1)     # split-K wherever K has 2+ tiles
+    monkeypatch.setattr(tiling, "MIN_SPLIT_TILES", 1)     # split-K wherever K has 2+ tiles
     ref = CASES[case]("reference")
     assert any(not np.isfinite(r).all() for r in ref if r.dtype.kind == "f"), \
         f"{case}: the reference output holds no NaN or inf, so the case tests nothing"
