@@ -9,7 +9,8 @@ import pytest
 
 from nbalex import reference as ref
 from nbalex.backends import dropout_keep
-from nbalex.cpu import conv2d, dropout, linear, lrn, maxpool, relu, sgd, softmax_xent
+from nbalex.cpu import (conv2d, conv_strategy, dropout, linear, lrn, maxpool, relu, sgd,
+                        softmax_xent, workers)
 
 GARBAGE = 7.0
 
@@ -37,7 +38,37 @@ CONV_CASES = [
     (3, 8, 11, 11, 8, 2, 3, 1, 4),    # stride > kernel, padded
     (2, 6, 15, 15, 4, 5, 2, 2, 2),
     (1, 3, 23, 23, 5, 11, 4, 0, 1),   # conv1-like
+    (2, 5, 13, 13, 6, 3, 1, 1, 1),    # stride 1, 13x13 map: kernel-row path
+    (3, 4, 14, 13, 6, 5, 1, 2, 2),    # stride 1, 14x13, 5x5 kernel, grouped: kernel-row path
+    (3, 8, 5, 5, 6, 3, 1, 1, 2),      # stride 1, 5x5 map (alexnet-mini conv4-like): im2col
+    (1, 6, 5, 5, 4, 3, 1, 1, 1),      # one image, 5x5 map: im2col on the calling thread
 ]
+
+
+def _conv_path(case):
+    n, c, h, w, f, k, stride, pad, groups = case
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    return conv_strategy.choose(oh, ow, k, k, stride, pad, workers.gemm is not None)
+
+
+def test_conv_cases_cover_every_path_the_strategy_can_choose():
+    """Every path choose() returns somewhere is taken by a reference-checked case here."""
+    paths = {"pointwise", "im2col"} | ({"tap_rows"} if workers.gemm is not None else set())
+    assert {_conv_path(case) for case in CONV_CASES} == paths
+
+
+@pytest.mark.parametrize("oh,ow,kh,stride,pad,want", [
+    (5, 5, 3, 1, 1, "im2col"),        # alexnet-mini conv3-5
+    (12, 12, 5, 1, 2, "im2col"),      # alexnet-mini conv2
+    (13, 13, 3, 1, 1, "tap_rows"),    # alexnet conv3-5
+    (27, 27, 5, 1, 2, "tap_rows"),    # alexnet conv2
+    (25, 25, 7, 2, 0, "im2col"),      # strided: no kernel-row path
+    (7, 7, 1, 1, 0, "pointwise"),
+])
+def test_conv_strategy_by_shape(oh, ow, kh, stride, pad, want):
+    assert conv_strategy.choose(oh, ow, kh, kh, stride, pad, True) == want
+    if want == "tap_rows":          # without cblas_sgemm the kernel-row path is never chosen
+        assert conv_strategy.choose(oh, ow, kh, kh, stride, pad, False) == "im2col"
 
 
 def _conv_arrays(rng, case):

@@ -18,8 +18,9 @@ partial dw.T and the GEMM output being added to it).  With one image per chunk, 
 dy and write y in place, without the layout shuffles.  A 1x1, stride-1, unpadded convolution
 needs no im2col: its forward and backward-data passes are batched GEMMs on the NCHW arrays.
 
-Stride-1 convolutions other than the pointwise one (conv2..conv5 of AlexNet) take a leaner
-path, one image at a time, where BLAS's ``cblas_sgemm`` is reachable
+Stride-1 convolutions on maps larger than 12x12 other than the pointwise one (conv2..conv5
+of AlexNet; smaller maps keep the chunks above, see :mod:`nbalex.cpu.conv_strategy`) take a
+leaner path, one image at a time, where BLAS's ``cblas_sgemm`` is reachable
 (:func:`nbalex.cpu.workers.gemm`); ``rows = tap_rows(x[n])`` is (C*KW, HP*OW), KH times
 smaller than cols, and for kernel row p its window ``rows[:, p*OW : p*OW + P]`` is cols'
 block of rows (c, p, q) (layout in :mod:`nbalex.cpu.im2col`)::
@@ -45,6 +46,7 @@ import numpy as np
 from nbalex import checks
 from nbalex.backends import host_array, workspace_view
 
+from . import conv_strategy as strategy
 from . import im2col as k
 from . import workers
 
@@ -75,13 +77,10 @@ def chunk_images(n, rows, p_out):
     return max(1, min(n, wanted, COLS_BUDGET // max(1, rows * p_out)))
 
 
-def _is_pointwise(kh, kw, stride, pad):
-    return kh == 1 and kw == 1 and stride == 1 and pad == 0
-
-
-def _uses_tap_rows(kh, kw, stride, pad):
-    """Whether the stride-1 kernel-row GEMM path applies (else im2col + one GEMM per group)."""
-    return workers.gemm is not None and stride == 1 and not _is_pointwise(kh, kw, stride, pad)
+def _path(x_shape, w_shape, stride, pad, groups):
+    """The path :func:`nbalex.cpu.conv_strategy.choose` picks for the shape."""
+    _, _, _, _, kh, kw, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
+    return strategy.choose(oh, ow, kh, kw, stride, pad, workers.gemm is not None)
 
 
 def _tap_sizes(x_shape, w_shape, pad, groups):
@@ -108,10 +107,10 @@ def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
     """float32 elements the launchers use.
 
     Kernel-row path: the rearranged filters, then per worker its tap_rows matrix and a
-    dw-sized accumulator.  Otherwise per worker cols + yt + two dw-sized buffers.
+    dw-sized accumulator.  Otherwise per worker cols + yt + two dw-sized buffers (unused by
+    the pointwise path).
     """
-    if _uses_tap_rows(w_shape[2], w_shape[3], stride, pad):
-        _geometry(x_shape, w_shape, stride, pad, groups)
+    if _path(x_shape, w_shape, stride, pad, groups) == "tap_rows":
         filters, rows, acc = _tap_sizes(x_shape, w_shape, pad, groups)
         return filters + workers.WORKERS * (rows + acc)
     _, cols, yt, dw = _per_worker(x_shape, w_shape, stride, pad, groups)
@@ -253,12 +252,13 @@ def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, 
     """y (N,F,OH,OW) <- conv(x, w) + b, then max(y, 0) if ``relu``.  y is overwritten."""
     n, c, f, cg, kh, kw, oh, ow = _geometry(x.shape, w.shape, stride, pad, groups)
     fg, kg, p_out = f // groups, cg * kh * kw, oh * ow
-    if _is_pointwise(kh, kw, stride, pad):
+    path = _path(x.shape, w.shape, stride, pad, groups)
+    if path == "pointwise":
         wg = w.reshape(groups, fg, cg)
         np.matmul(wg, x.reshape(n, groups, cg, p_out), out=y.reshape(n, groups, fg, p_out))
         k.add_bias_relu_nchw(y, b, relu)
         return
-    if _uses_tap_rows(kh, kw, stride, pad):
+    if path == "tap_rows":
         _tap_forward(y, x, w, b, pad, groups, relu, workspace)
         return
     nb, slices = _buffers(workspace, x.shape, w.shape, stride, pad, groups)
@@ -287,11 +287,12 @@ def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=
     """dx (N,C,H,W) <- dL/dx given dy (N,F,OH,OW).  dx is overwritten."""
     n, c, f, cg, kh, kw, oh, ow = _geometry(dx.shape, w.shape, stride, pad, groups)
     fg, kg, p_out = f // groups, cg * kh * kw, oh * ow
-    if _is_pointwise(kh, kw, stride, pad):
+    path = _path(dx.shape, w.shape, stride, pad, groups)
+    if path == "pointwise":
         wt = w.reshape(groups, fg, cg).transpose(0, 2, 1)
         np.matmul(wt, dy.reshape(n, groups, fg, p_out), out=dx.reshape(n, groups, cg, p_out))
         return
-    if _uses_tap_rows(kh, kw, stride, pad):
+    if path == "tap_rows":
         _tap_backward_data(dx, dy, w, pad, groups, workspace)
         return
     nb, slices = _buffers(workspace, dx.shape, w.shape, stride, pad, groups)
@@ -321,7 +322,8 @@ def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, 
     """
     n, c, f, cg, kh, kw, oh, ow = _geometry(x.shape, dw.shape, stride, pad, groups)
     fg, kg, p_out = f // groups, cg * kh * kw, oh * ow
-    if _uses_tap_rows(kh, kw, stride, pad):
+    path = _path(x.shape, dw.shape, stride, pad, groups)
+    if path == "tap_rows":
         _tap_backward_weights(dw, db, dy, x, pad, groups, workspace)
         return
     nb, slices = _buffers(workspace, x.shape, dw.shape, stride, pad, groups)

@@ -1,0 +1,44 @@
+"""Which CPU convolution path runs for a shape (:mod:`nbalex.cpu.conv2d` has the paths).
+
+:func:`choose` is a pure function of the convolution's shape and of whether cblas_sgemm is
+reachable, so the same command takes the same path and gives the same bits:
+
+``pointwise``  1x1, stride 1, unpadded: batched GEMMs on the NCHW arrays, no im2col.
+``tap_rows``   stride 1 on maps larger than SMALL_MAP_PIXELS: per image, KH accumulating
+               GEMMs on a column matrix KH times smaller than im2col's.
+``im2col``     everything else: batch-parallel im2col chunks of several images each, one
+               GEMM per group and chunk, nb*P >= conv2d.TARGET_WIDTH columns wide.
+
+Why small maps leave the kernel-row path: its GEMMs are one image wide, P columns, and a 5x5
+map gives P = 25, far too narrow for BLAS; a chunk of images makes them hundreds wide.
+Measured on the 2-core EPYC, alexnet-mini at batch 32, best of 9, ms forward / backward data
+/ backward weights, kernel-row -> im2col: conv2 (12x12) 12.2/11.8/8.2 -> 4.6/3.5/7.4,
+conv3 (5x5) 4.6/4.2/5.1 -> 3.2/2.2/4.4, conv4 6.2/5.8/5.8 -> 3.1/2.0/3.7, conv5
+5.7/6.7/5.9 -> 3.5/1.3/2.4; at batch 1, conv3-5 0.3/0.3/0.5 -> 0.2/0.1/0.4.  AlexNet's
+13x13 and larger maps stay on the kernel-row path, which won there (see nbalex.cpu.conv2d).
+
+Folding the whole batch into one GEMM per group was measured as well and lost: with OpenBLAS's
+threads inside the GEMM (their jobs wait on each other spinning; on shared cores a descheduled
+job stalled a 2 ms GEMM for 16-24 ms), and with its columns split between the workers
+(single-threaded BLAS each), which was no faster than the chunks above.
+"""
+
+# The largest output map (OH*OW pixels) that takes the im2col path when the kernel-row path
+# could run: alexnet-mini's conv2 (12x12) does, AlexNet's 13x13 conv3-5 do not.
+SMALL_MAP_PIXELS = 12 * 12
+
+
+def is_pointwise(kh, kw, stride, pad):
+    return kh == 1 and kw == 1 and stride == 1 and pad == 0
+
+
+def choose(oh, ow, kh, kw, stride, pad, has_gemm):
+    """'pointwise', 'tap_rows' or 'im2col' for (oh, ow) outputs of a (kh, kw) kernel.
+
+    ``has_gemm``: whether cblas_sgemm is reachable (the kernel-row path needs it).
+    """
+    if is_pointwise(kh, kw, stride, pad):
+        return "pointwise"
+    if has_gemm and stride == 1 and oh * ow > SMALL_MAP_PIXELS:
+        return "tap_rows"
+    return "im2col"
