@@ -129,9 +129,47 @@ def cli():
     """nbalex: AlexNet (Krizhevsky, Sutskever & Hinton, 2012) from scratch in Numba."""
 
 
-def main():
-    """Console-script entry point."""
-    cli(prog_name="nbalex")
+def main(argv=None):
+    """Console-script entry point.
+
+    Under a launcher (``mpiexec -n N``, ``srun``) the process group is joined and this
+    rank's threads are sized before anything imports numba; only ``nbalex train`` runs
+    there (synchronous data parallelism, see :mod:`nbalex.parallel_run`).  An error on any
+    rank is one ``Error: rank R of N: ...`` line and ends the whole job.  Outside a
+    launcher nothing of this happens.
+    """
+    from nbalex.distributed import launcher, world as process_group
+    try:
+        started = launcher.detect()
+    except launcher.LauncherError as error:
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(2)
+    if started is None:
+        return cli(prog_name="nbalex", args=argv)
+    w = process_group.init_or_exit()
+    process_group.size_threads(w)
+    if w.size == 1:
+        return cli(prog_name="nbalex", args=argv)
+    code = w.run(_rank_main, w, sys.argv[1:] if argv is None else list(argv))
+    sys.exit(code or 0)
+
+
+def _rank_main(w, args):
+    """One rank's command line: ``nbalex train`` only; click's errors end the job (one line,
+    rank 0's when every rank has the same error).  Returns the exit status of a command
+    that stopped on request (every rank stops at the same step)."""
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command != "train" and not {"-h", "--help", "--version"} & set(args):
+        w.abort(f"only `nbalex train` runs under a launcher of {w.size} processes "
+                f"(got {command or 'no command'}); run the others without mpiexec/srun", 2,
+                alike=True)
+    try:
+        code = cli.main(args=args, prog_name="nbalex", standalone_mode=False)
+    except click.ClickException as error:
+        w.abort(error.format_message(), error.exit_code, alike=True)
+    except click.Abort:
+        w.abort("aborted", 1)
+    return code if isinstance(code, int) else 0
 
 
 # ----------------------------------------------------------------------------- data
@@ -285,21 +323,33 @@ def train(ctx, data, val, model, epochs, batch_size, lr, momentum, weight_decay,
         summary = training.train(data, val, out_dir, settings, epochs, backend=backend,
                                  gpus=gpus, resume=resume, given=given, workers=workers,
                                  progress=progress, stop_after_steps=stop_after_steps,
-                                 report=lambda line: click.echo(line, err=True))
+                                 report=lambda line: click.echo(line, err=True),
+                                 gpus_given=_given(ctx, "gpus"))
     except (training.Interrupted, training.Quit) as stop:
-        click.echo(f"Stopped: {stop}", err=True)
+        if _is_root():
+            click.echo(f"Stopped: {stop}", err=True)
         ctx.exit(stop.exit_code)
-    if summary["history"]:
+    if summary["history"] and _is_root():
         last = summary["history"][-1]
         click.echo(f"done: {summary['epochs']} epochs, top-1 error "
                    f"{100 * last['top1_error']:.2f}%, top-5 error {100 * last['top5_error']:.2f}%;"
                    f" checkpoint {summary['checkpoint']}")
 
 
+def _given(ctx, name):
+    from click.core import ParameterSource
+    return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+
+def _is_root():
+    """False on ranks other than 0 of a data-parallel job (they print nothing)."""
+    from nbalex.distributed import world as process_group
+    return process_group.init().is_root
+
+
 def _check_gpus_need_cuda(ctx, backend):
     """Refuse ``--gpus`` given with a backend that runs on the host (a usage error)."""
-    from click.core import ParameterSource
-    if ctx.get_parameter_source("gpus") != ParameterSource.COMMANDLINE:
+    if not _given(ctx, "gpus"):
         return
     from nbalex.backends import resolve
     resolved = resolve(backend)

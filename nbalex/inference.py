@@ -44,6 +44,17 @@ class Scores:
         self.nonfinite += int(bad.sum())
         self.images += len(labels)
 
+    def reduced(self, world):
+        """These counts summed over ``world``'s ranks (a collective; rank order, so every rank
+        gets the same bits): each rank scored its share of the data."""
+        total = world.sum([self.images, self.loss_sum, self.top1_wrong, self.top5_wrong,
+                           self.nonfinite])
+        out = Scores()
+        out.images, out.top1_wrong, out.top5_wrong, out.nonfinite = (
+            int(v) for v in total[[0, 2, 3, 4]])
+        out.loss_sum = float(total[1])
+        return out
+
     def result(self):
         """The scores; NonFiniteOutputs when any image's outputs were NaN or infinite."""
         if self.nonfinite:
@@ -62,13 +73,27 @@ def softmax(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def evaluate(net, loader, ten_crop=False, should_stop=None, progress=False, desc="eval"):
+def evaluate(net, loader, ten_crop=False, should_stop=None, progress=False, desc="eval",
+             world=None):
     """Top-1/top-5 error and mean loss of ``net`` over one pass of ``loader``.
 
     With ``ten_crop`` the loader yields 10 views per image (rows i*10 .. i*10+9 belong to
     image i) and the softmax is averaged over them.  ``should_stop()`` is polled after every
     batch; when it says yes the pass is abandoned and ``None`` is returned.
+
+    ``world`` of several ranks: each rank's ``loader`` holds its share of the data (a
+    ``shard``); the counts are summed over ranks once at the end, so every rank returns the
+    same scores, and ``None`` on every rank when any rank was asked to stop.
     """
+    scores = _score(net, loader, ten_crop, should_stop, progress, desc)
+    if world is not None and world.size > 1:
+        if world.any_flag(scores is None):
+            return None
+        scores = scores.reduced(world)
+    return None if scores is None else scores.result()
+
+
+def _score(net, loader, ten_crop, should_stop, progress, desc):
     scores = Scores()
     with runtime.progress_bar(progress, getattr(loader, "batches_per_epoch", None), desc, unit="batch") as bar:
         for x, labels in loader.epoch(0):
@@ -80,7 +105,7 @@ def evaluate(net, loader, ten_crop=False, should_stop=None, progress=False, desc
             bar.update(1)
             if should_stop is not None and should_stop():
                 return None
-    return scores.result()
+    return scores
 
 
 def load_checkpoint(path, backend="auto", batch_size=1, gpus=(0,)):

@@ -24,6 +24,7 @@ so the gather's backward sums the towers' parts of each block (a reduce-scatter)
 after the logits, whose gradient every tower computes whole.
 """
 
+import functools
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -188,12 +189,14 @@ class Conv:
         self.x, self.y = x, y
         return y
 
-    def backward(self, dy, free, n, need_dx):
+    def backward(self, dy, free, n, need_dx, on_weights=None):
         be, ctx = self.ctx.run, self.ctx
         if self.relu:
             be.relu_backward(dy, dy, self.y, stream=ctx.stream)
         be.conv2d_backward_weights(self.dw, self.db, dy, self.x, self.stride, self.pad, self.step.groups,
                                    workspace=ctx.workspace, stream=ctx.stream)
+        if on_weights is not None:      # this layer's gradients are final (queued on ctx.stream)
+            on_weights()
         if not need_dx:
             return None, False
         dx = view(free, n, self.step.in_shape)
@@ -229,12 +232,14 @@ class Linear:
         self.y = y
         return y
 
-    def backward(self, dy, free, n, need_dx):
+    def backward(self, dy, free, n, need_dx, on_weights=None):
         be, ctx = self.ctx.run, self.ctx
         if self.relu:
             be.relu_backward(dy, dy, self.y, stream=ctx.stream)
         be.linear_backward_weights(self.dw, self.db, dy, self.x, workspace=ctx.workspace,
                                    stream=ctx.stream)
+        if on_weights is not None:
+            on_weights()
         if not need_dx:
             return None, False
         dx = view(free, n, (self.inputs,))
@@ -438,10 +443,17 @@ class LayerStage:
                 ys.append(ex.forward(x, n, run))
         return ys
 
-    def backward(self, dys, frees, n, need_dx):
+    def backward(self, dys, frees, n, need_dx, on_weights=None):
+        """``on_weights(layer_name, tower)`` (conv and fc layers only) is called on each tower
+        right after its backward-weights launch, before its backward-data: data parallelism
+        starts that layer's gradient allreduce there (:meth:`nbalex.model.Net.forward_backward`)."""
         dxs, wrote = [], False
-        for ctx, ex, dy, free in zip(self.ctxs, self.executors, dys, frees):
+        for t, (ctx, ex, dy, free) in enumerate(zip(self.ctxs, self.executors, dys, frees)):
             with ctx.place.activate():
-                dx, wrote = ex.backward(dy, free, n, need_dx)
+                if on_weights is None:
+                    dx, wrote = ex.backward(dy, free, n, need_dx)
+                else:
+                    hook = functools.partial(on_weights, self.step.spec.name, t)
+                    dx, wrote = ex.backward(dy, free, n, need_dx, on_weights=hook)
             dxs.append(dx)
         return dxs, wrote

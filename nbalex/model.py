@@ -328,13 +328,19 @@ class Net:
         self._synchronize()
         return np.array(self._logits_host[:n])
 
-    def forward_backward(self, x, labels, train=True, seed=0, batch_offset=0):
+    def forward_backward(self, x, labels, train=True, seed=0, batch_offset=0, grad_sync=None):
         """Mean softmax cross-entropy of the batch; fills the gradients (overwriting them).
 
         ``batch_offset`` is the index of x[0] in the global batch when x is one slice of it
         (data parallelism): dropout then draws, for each example, the mask the whole batch
         would give it in one process (a layer's element offset is batch_offset times its
-        elements per example)."""
+        elements per example).
+
+        ``grad_sync`` (data parallelism, :class:`nbalex.distributed.sync.GradSync`): its
+        ``ready(layer_name, tower)`` is called right after each conv/fc layer's
+        backward-weights on each tower (that layer's gradients are final: its allreduce
+        starts while the earlier layers' backward runs) and ``progress()`` after every
+        backward stage.  The caller waits for the reduction before :meth:`sgd_step`."""
         run = self._pass(train, seed, batch_offset, keep=True)
         n, xs = self._inputs(x)
         labels = np.asarray(labels)
@@ -361,7 +367,13 @@ class Net:
         current = 0
         for i in range(len(self._stages) - 1, self._first_param_stage - 1, -1):
             frees = [b["grad_bufs"][1 - current] for b in self._buffers]
-            grads, wrote = self._stages[i].backward(grads, frees, n, i > self._first_param_stage)
+            stage, need_dx = self._stages[i], i > self._first_param_stage
+            if grad_sync is not None and stage.has_params:
+                grads, wrote = stage.backward(grads, frees, n, need_dx, on_weights=grad_sync.ready)
+            else:
+                grads, wrote = stage.backward(grads, frees, n, need_dx)
+            if grad_sync is not None:
+                grad_sync.progress()
             current = 1 - current if wrote else current
         self._synchronize()
         return float(np.mean(self._losses_host[:n], dtype=np.float64))

@@ -5,6 +5,8 @@ progress bars, and the stop request their loops poll between steps.
 
 import contextlib
 import hashlib
+import json
+import os
 import signal
 import sys
 
@@ -223,6 +225,10 @@ class StopRequest:
         print(f"\n{name}: stopping after this step to save the position ({again} quits "
               f"without saving)", file=sys.stderr)
 
+    def adopt(self):
+        """Take a stop request agreed among ranks (made on another rank) as this one's."""
+        self.requested = True
+
     def count_step(self):
         self.steps += 1
         if self.after_steps is not None and self.steps >= self.after_steps:
@@ -230,3 +236,57 @@ class StopRequest:
 
     def __call__(self):
         return self.requested
+
+
+# ------------------------------------------------------------ run folder helpers
+def write_log(path, history):
+    """(Re)write the JSON-lines log from the epochs the checkpoint knows about (atomically)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def append_log(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def first_conv_weight(net):
+    """The first 4-D parameter (the first convolution's filters), or None."""
+    params = net.params()
+    for name in net.param_names():
+        if np.ndim(params[name]) == 4:
+            return params[name]
+    return None
+
+
+def extra_text(value):
+    """A string stored in a checkpoint's ``extra`` (h5py may hand back bytes)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return extra_text(value[()] if value.ndim == 0 else value.item())
+    return str(value)
+
+
+def check_same_model(model, config_text, path, classes=None):
+    """Raise ValueError when ``--model`` (name or path; None = not given) is not the config in
+    the checkpoint at ``path``.  The stored config is sized to the run's ``classes``; the
+    given one is sized the same way before they are compared."""
+    if model is None:
+        return
+    from nbalex.config import resolve_source, sized_to
+    given = resolve_source(model)[0] if classes is None else sized_to(model, classes)
+    if given.strip() != str(config_text).strip():
+        raise ValueError(f"--model {model} is not the model of the run in {path}; leave "
+                         f"--model out to resume it, or start a new --out folder")
+
+
+def epoch_line(row, epochs):
+    return (f"epoch {row['epoch']}/{epochs}  lr {row['lr']:.3g}  loss {row['train_loss']:.4f}  "
+            f"val loss {row['val_loss']:.4f}  top-1 {100 * row['top1_error']:.1f}%  "
+            f"top-5 {100 * row['top5_error']:.1f}%  {row['images_per_s']:.0f} img/s  "
+            f"{row['seconds']:.1f} s")

@@ -22,6 +22,11 @@ Ctrl-C does not kill a step half-way: the first SIGINT (or SIGTERM, SIGHUP, SIGU
 one stops at once without saving (:class:`Quit`, whose message says what the checkpoint
 holds).
 
+Under ``mpiexec -n N`` (or ``srun``) the run is synchronous data-parallel SGD over N ranks
+(:mod:`nbalex.parallel_run`): ``--batch-size`` is the global batch, each rank trains on its
+equal share of it with the global batch's draws, the gradients are averaged after backward,
+every stop decision is agreed at a step boundary and rank 0 alone writes the run folder.
+
 A run is checked on resume: the checkpoint records the training and validation data's
 fingerprints (refused when they differ), the config (sized to the data: an output layer
 with ``outputs = "classes"`` takes the training data's class count), and the backend and
@@ -33,7 +38,6 @@ non-finite loss, stops the run with :class:`Diverged`; no non-finite checkpoint 
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -42,6 +46,8 @@ from pathlib import Path
 import numpy as np
 
 from nbalex import inference, runtime
+from nbalex.parallel_run import Ranks
+from nbalex.runtime import check_same_model as _check_same_model, epoch_line as _epoch_line
 from nbalex.optim import make_schedule
 from nbalex.runtime import STOP_SIGNALS, StopRequest  # noqa: F401  (part of this module's interface)
 from nbalex.backends import mix32
@@ -122,48 +128,10 @@ def step_seed(seed, epoch, step):
     return mix32(mix32(mix32(seed) ^ (epoch + 1)) ^ (step + 1))
 
 
-# ----------------------------------------------------------------------------- helpers
-def _check_same_model(model, config_text, path, classes=None):
-    """Raise ValueError when ``--model`` (name or path; None = not given) is not the config in
-    the checkpoint at ``path``.  The stored config is sized to the run's ``classes``; the
-    given one is sized the same way before they are compared."""
-    if model is None:
-        return
-    from nbalex.config import resolve_source, sized_to
-    given = resolve_source(model)[0] if classes is None else sized_to(model, classes)
-    if given.strip() != str(config_text).strip():
-        raise ValueError(f"--model {model} is not the model of the run in {path}; leave "
-                         f"--model out to resume it, or start a new --out folder")
-
-
 # ------------------------------------------------------------------------------ training
 def _fresh_epoch():
     """Running totals of the epoch in progress (kept in the checkpoint across a resume)."""
     return {"loss_sum": 0.0, "images": 0, "train_seconds": 0.0, "seconds": 0.0}
-
-
-def _write_log(path, history):
-    """(Re)write the JSON-lines log from the epochs the checkpoint knows about (atomically)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _append_log(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _first_conv_weight(net):
-    """The first 4-D parameter (the first convolution's filters), or None."""
-    params = net.params()
-    for name in net.param_names():
-        if np.ndim(params[name]) == 4:
-            return params[name]
-    return None
 
 
 def _stderr(message):
@@ -171,25 +139,33 @@ def _stderr(message):
 
 
 def train(data, val, out, settings, epochs, *, backend="auto", gpus=(0,), resume=False,
-          given=None, workers=2, progress=True, stop_after_steps=None, report=_stderr):
+          given=None, workers=2, progress=True, stop_after_steps=None, report=_stderr,
+          world=None, gpus_given=False):
     """Train (or, with ``resume``, continue training) a network; returns a summary dict.
 
     ``settings`` (:class:`Settings`) is used for a new run; on resume the checkpoint's
     settings are used and ``given`` (the options the user passed) must agree with them.
     Raises :class:`Interrupted` after a stop signal (position saved), :class:`Quit` after a
     second one, :class:`Diverged` when the loss or a parameter stops being finite (last
-    good checkpoint kept), ValueError on unusable inputs.
+    good checkpoint kept), ValueError on unusable inputs.  ``world``: the process group
+    (default :func:`nbalex.distributed.world.init`: a world of one outside a launcher).
     """
     from nbalex.io.loader import Loader
     from nbalex.backends import resolve
+    from nbalex.distributed import world as process_group
 
     backend = resolve(backend)
-    run = _Run.start(data, val, Path(out), settings, epochs, given, resume, backend, gpus, report)
+    ranks = Ranks(world if world is not None else process_group.init())
+    report, progress = ranks.report(report), progress and ranks.is_root
+    gpus = ranks.gpus(gpus, backend, gpus_given)
+    run = _Run.start(data, val, Path(out), settings, epochs, given, resume, backend, gpus, report,
+                     ranks)
     net, settings = run.net, run.settings
     if run.epoch >= epochs:
         report(f"nothing to do: {out} already holds {run.epoch} epochs (--epochs {epochs})")
         return {"epochs": run.epoch, "history": run.history, "checkpoint": str(run.path)}
-    loader_args = dict(backend=backend, seed=settings.seed, workers=workers, tower=runtime.loader_tower(net))
+    loader_args = dict(backend=backend, seed=settings.seed, workers=workers,
+                       tower=runtime.loader_tower(net), shard=ranks.shard())
     with Loader(data, settings.batch_size, net.input_size, train=True, **loader_args) as train_loader, \
             Loader(val, settings.batch_size, net.input_size, train=False, view="center",
                    drop_last=False, mean=train_loader.mean, **loader_args) as val_loader, \
@@ -197,10 +173,14 @@ def train(data, val, out, settings, epochs, *, backend="auto", gpus=(0,), resume
         steps = train_loader.batches_per_epoch
         report(f"{'resuming' if resume else 'training'} {net.name} ({net.num_params():,} "
                f"parameters{run.sized_note}, backend {backend}) at epoch {run.epoch + 1}, step "
-               f"{run.step} of {steps}; batch {settings.batch_size}, lr {run.lr:g}; run folder {out}")
+               f"{run.step} of {steps}; batch {settings.batch_size}"
+               f"{f' over {ranks.size} ranks' if ranks.size > 1 else ''}, lr {run.lr:g}; "
+               f"run folder {out}")
+        run.sync = ranks.grad_sync(net)
         try:
             while run.epoch < epochs:
-                if stop():   # a stop request while the last epoch was being saved
+                if ranks.any(stop()):   # a stop request while the last epoch was being saved
+                    stop.adopt()
                     raise Interrupted(run.path, run.epoch, run.step, stop.signum)
                 _run_epoch(run, net, train_loader, val_loader, steps, stop, progress, epochs, report)
         except KeyboardInterrupt:
@@ -222,9 +202,12 @@ def _run_epoch(run, net, train_loader, val_loader, steps, stop, progress, epochs
             _train_epoch(net, train_loader, run, steps, stop, progress,
                          f"epoch {run.epoch + 1}/{epochs}")
             run.totals["train_seconds"] += time.perf_counter() - started
-            scores = None if stop() else inference.evaluate(
+            stopping = run.ranks.any(stop())
+            if stopping:
+                stop.adopt()
+            scores = None if stopping else inference.evaluate(
                 net, val_loader, should_stop=stop, progress=progress,
-                desc=f"validate {run.epoch + 1}")
+                desc=f"validate {run.epoch + 1}", world=run.ranks.world)
             if scores is None:
                 raise KeyboardInterrupt
         except KeyboardInterrupt:
@@ -255,8 +238,9 @@ def _run_epoch(run, net, train_loader, val_loader, steps, stop, progress, epochs
 class _Run:
     """A run folder's state: the network, settings, position, schedule and history."""
 
-    def __init__(self, out, net, settings, state, record, data):
+    def __init__(self, out, net, settings, state, record, data, ranks):
         self.out, self.path, self.net, self.settings = out, out / CHECKPOINT, net, settings
+        self.ranks, self.sync = ranks, None
         self.classes, self.mean, self.record = data["classes"], data["mean"], record
         self.history, self.totals = record["history"], record["epoch_totals"]
         self.schedule = make_schedule(settings, record["schedule"])
@@ -268,9 +252,10 @@ class _Run:
         self.sized_note = data["sized_note"]
 
     @classmethod
-    def start(cls, data, val, out, settings, epochs, given, resume, backend, gpus, report=_stderr):
+    def start(cls, data, val, out, settings, epochs, given, resume, backend, gpus, report, ranks):
         """A new run in ``out``, or the one saved there (``resume``); checks the data (its
-        fingerprints against the checkpoint's on resume) and sizes the model to it."""
+        fingerprints against the checkpoint's on resume) and sizes the model to it.  Every
+        rank reads the checkpoint; rank 0 alone writes the run folder."""
         from nbalex import checkpoint
         from nbalex.config import follows_data, sized_to
         from nbalex.io.dataset import H5Dataset
@@ -288,7 +273,7 @@ class _Run:
                 extra = state.get("extra") or {}
                 if "run" not in extra:
                     raise ValueError(f"{path} was not written by `nbalex train`; cannot resume it")
-                record = json.loads(_extra_text(extra["run"]))
+                record = json.loads(runtime.extra_text(extra["run"]))
                 given = dict(given or {})
                 stored_classes = len(extra.get("classes") or found["classes"])
                 _check_same_model(given.pop("model", None), state["config_text"], path,
@@ -296,6 +281,7 @@ class _Run:
                 settings = Settings(**record["settings"]).merged(given)
                 runtime.check_same_data(record.get("data"), found, report)
                 runtime.check_same_host(record.get("host"), backend, report)
+                ranks.check_same_ranks(record.get("ranks"), report)
                 config = state["config_text"]
             else:
                 if path.exists():
@@ -304,32 +290,40 @@ class _Run:
                 settings.check()
                 record = {"history": [], "epoch_totals": _fresh_epoch(), "schedule": None}
                 config = sized_to(settings.model, len(found["classes"]))
-            net = runtime.build_net(config, backend, settings.batch_size, gpus, settings.seed)
+            local = ranks.local_batch(settings.batch_size)
+            net = runtime.build_net(config, backend, local, gpus, settings.seed)
             runtime.check_data(net, train_set, data)
             runtime.check_data(net, val_set, val, classes=train_set.classes)
         record.update(data={"train": found["train"], "val": found["val"]},
-                      host=runtime.host_signature(backend))
+                      host=runtime.host_signature(backend), ranks=ranks.size)
         found["sized_note"] = (f", {net.layers[-1].name} sized to {net.num_classes} classes"
                                if follows_data(net.config_text) else "")
         if state is not None:
             net.load_params(state["params"])
             net.load_momentum(state["momentum"])
-        out.mkdir(parents=True, exist_ok=True)
-        _write_log(out / LOG, record["history"])
-        (out / "model.toml").write_text(net.config_text)
-        return cls(out, net, settings, state, record, found)
+        if ranks.is_root:
+            out.mkdir(parents=True, exist_ok=True)
+            runtime.write_log(out / LOG, record["history"])
+            (out / "model.toml").write_text(net.config_text)
+        return cls(out, net, settings, state, record, found, ranks)
 
     def save(self):
-        """Write the checkpoint at the current position (atomic); remember it as saved."""
+        """Write the checkpoint at the current position (atomic); remember it as saved.
+
+        Every rank calls it: the parameters' crc32 is compared across ranks first (drift
+        raises DriftError on every rank), then rank 0 writes."""
         from nbalex import checkpoint
-        record = {**self.record, "settings": dataclasses.asdict(self.settings),
+        crc = self.ranks.check_params(self.net)
+        self.saved = (self.epoch, self.step)
+        if not self.ranks.is_root:
+            return
+        record = {**self.record, "params_crc32": crc, "settings": dataclasses.asdict(self.settings),
                   "history": self.history, "epoch_totals": self.totals,
                   "schedule": self.schedule.state_dict()}
         extra = {"run": json.dumps(record), "classes": self.classes, "mean": self.mean}
         checkpoint.save(self.path, self.net, epoch=self.epoch, step=self.step, lr=self.lr,
                         seed=self.settings.seed,
                         loader_state={"epoch": self.epoch, "batch": self.step}, extra=extra)
-        self.saved = (self.epoch, self.step)
 
     def saved_text(self):
         """What the run folder holds, in words (for the messages of a stopped run)."""
@@ -353,9 +347,11 @@ class _Run:
         self.lr = float(self.schedule.step(row["top1_error"]))
         self.epoch, self.step, self.totals = self.epoch + 1, 0, _fresh_epoch()
         self.save()
-        _append_log(self.out / LOG, row)
+        if not self.ranks.is_root:
+            return row
+        runtime.append_log(self.out / LOG, row)
         plots.plot_curves(self.history, self.out / "curves.png")
-        weights = _first_conv_weight(self.net)
+        weights = runtime.first_conv_weight(self.net)
         if weights is not None:
             plots.plot_filters(weights, self.out / "filters.png")
         return row
@@ -371,39 +367,32 @@ def _train_epoch(net, loader, run, steps, stop, progress, desc):
         tick = time.perf_counter()
         for x, labels in loader.epoch(epoch, start_batch=run.step):
             loss = float(net.forward_backward(x, labels, train=True,
-                                              seed=step_seed(settings.seed, epoch, run.step)))
+                                              seed=step_seed(settings.seed, epoch, run.step),
+                                              batch_offset=loader.share(run.step)[0],
+                                              grad_sync=run.sync))
+            if run.sync is not None:
+                run.sync.wait()     # the gradients are the global batch's mean on every rank
+            finite = net.sgd_step(run.lr, momentum=settings.momentum,
+                                  weight_decay=settings.weight_decay)
+            stop.count_step()
+            # agreed by every rank (a world of one: these values): the global batch's loss,
+            # a non-finite update anywhere, a stop request anywhere
+            loss, images, bad, stopping = run.ranks.agree_step(loss, len(labels),
+                                                               finite is False, stop())
             if not math.isfinite(loss):
                 raise Diverged(f"the training loss became {loss} at epoch {epoch + 1}, "
                                f"step {run.step + 1}")
-            finite = net.sgd_step(run.lr, momentum=settings.momentum,
-                                  weight_decay=settings.weight_decay)
-            if finite is False:   # None: the backend cannot tell (the save checks later)
+            if bad:   # finite None: the backend cannot tell (the save checks later)
                 raise Diverged(f"a parameter became NaN or infinite at epoch {epoch + 1}, "
                                f"step {run.step + 1}")
             run.step += 1
-            run.totals["loss_sum"] += loss * len(labels)
-            run.totals["images"] += len(labels)
+            run.totals["loss_sum"] += loss * images
+            run.totals["images"] += images
             now = time.perf_counter()
-            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{len(labels) / max(now - tick, 1e-9):.0f}",
+            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images / max(now - tick, 1e-9):.0f}",
                             refresh=False)
             bar.update(1)
             tick = now
-            stop.count_step()
-            if stop():
+            if stopping:
+                stop.adopt()
                 break
-
-
-def _epoch_line(row, epochs):
-    return (f"epoch {row['epoch']}/{epochs}  lr {row['lr']:.3g}  loss {row['train_loss']:.4f}  "
-            f"val loss {row['val_loss']:.4f}  top-1 {100 * row['top1_error']:.1f}%  "
-            f"top-5 {100 * row['top5_error']:.1f}%  {row['images_per_s']:.0f} img/s  "
-            f"{row['seconds']:.1f} s")
-
-
-def _extra_text(value):
-    """A string stored in a checkpoint's ``extra`` (h5py may hand back bytes)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray):
-        return _extra_text(value[()] if value.ndim == 0 else value.item())
-    return str(value)

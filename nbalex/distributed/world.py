@@ -19,6 +19,7 @@ The agreement helpers are collectives: every rank calls them at the same step bo
 
 import os
 import sys
+import time
 import traceback
 import zlib
 
@@ -29,6 +30,10 @@ from nbalex.distributed.launcher import LauncherError, detect
 THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                     "MKL_NUM_THREADS")
 """The variables :func:`size_threads` sets (each only where the user has not set it)."""
+
+
+ALIKE_GRACE_S = 3.0
+"""How long a rank other than 0 waits, on an error all ranks meet alike, for rank 0's abort."""
 
 
 class DriftError(RuntimeError):
@@ -145,12 +150,17 @@ class World:
 
     # -- failure: one rank's error ends the job -------------------------------------------
 
-    def abort(self, message, code=1):
+    def abort(self, message, code=1, alike=False):
         """Print ``Error: rank R of N: message`` (one line) and end the whole job now.
 
         Under MPI this is ``MPI_Abort``: every rank is killed by the launcher, none is left
         waiting in a collective or in finalize.  In a world of one it exits the process.
+        ``alike``: an error every rank probably meets alike (a bad option, a batch that does
+        not divide): ranks other than 0 wait :data:`ALIKE_GRACE_S` for rank 0's abort to end
+        them, so the job says it once; a rank whose error was its own still speaks then.
         """
+        if alike and self.comm is not None and self.rank != 0:
+            time.sleep(ALIKE_GRACE_S)
         if os.environ.get("NBALEX_TRACEBACK") and sys.exc_info()[0] is not None:
             traceback.print_exc()
         sys.stdout.flush()

@@ -14,6 +14,13 @@ so the array yielded for batch b stays valid until the next iteration.  Reader p
 The order of an epoch and every random draw depend only on (seed, epoch, batch), see
 :mod:`nbalex.io.augment`, so ``epoch(e, start_batch=k)`` continues an interrupted epoch
 with exactly the batches it would have produced.
+
+Data parallelism (``shard=(rank, ranks)``): ``batch_size`` stays the global batch and the
+epoch order is the one a single process uses; each rank reads and augments only its rows of
+every global batch, a contiguous share (:meth:`Loader.share`; equal shares when the batch
+divides by the ranks, as training requires), with the global batch's crop, flip and colour
+draws sliced to those rows.  So N ranks see, at each step, exactly the images and draws one
+process would.  A rank whose share of a short last batch is empty skips that batch.
 """
 
 import contextlib
@@ -26,6 +33,7 @@ from collections import deque
 import numpy as np
 
 from nbalex.backends import resolve
+from nbalex.distributed.reduce import split_counts
 from nbalex.io import children
 from nbalex.io.augment import TEN_VIEWS, epoch_order, eval_draws, train_draws
 from nbalex.io.dataset import H5Dataset
@@ -144,16 +152,22 @@ class Loader:
     labels int32 NumPy (B,).  ``mean`` (S,S,3) replaces the file's own mean image: evaluation
     subtracts the training set's mean, as the paper does.  For cuda, ``tower`` supplies ``compute_stream``,
     ``copy_stream`` and ``arena.alloc(shape, dtype)``; without one the loader makes its own.
+    ``shard=(rank, ranks)``: this rank's rows of every global batch of ``batch_size`` (module
+    docstring); ``batches_per_epoch`` counts global batches.
     """
 
     def __init__(self, path, batch_size, crop_size, backend="cpu", train=True, seed=0,
-                 workers=2, tower=None, view="center", drop_last=True, mean=None):
+                 workers=2, tower=None, view="center", drop_last=True, mean=None, shard=(0, 1)):
         self.path, self.batch_size, self.crop_size = str(path), int(batch_size), int(crop_size)
         self.backend, self.train, self.seed = resolve(backend), bool(train), int(seed)
         if view not in ("center", "ten"):
             raise ValueError(f"unknown view {view!r}: choose 'center' or 'ten'")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be positive, got {batch_size}")
+        self.rank, self.ranks = int(shard[0]), int(shard[1])
+        if not 0 <= self.rank < self.ranks:
+            raise ValueError(f"shard {tuple(shard)}: rank must lie in 0..ranks-1")
+        self.local_batch = -(-self.batch_size // self.ranks)    # the most rows a rank takes
         self.view = "center" if self.train else view
         self.views = TEN_VIEWS if self.view == "ten" else 1
         self.drop_last = bool(drop_last) and self.train
@@ -163,11 +177,12 @@ class Loader:
         if not 0 < self.crop_size <= ds.image_size:
             self.close()
             raise ValueError(f"crop size {crop_size} must be in 1..{ds.image_size} (packed size)")
-        n, b = ds.num_images, self.batch_size
-        self.batches_per_epoch = n // b if self.drop_last else -(-n // b)
+        n, b = ds.num_images, self.local_batch
+        whole = self.batch_size
+        self.batches_per_epoch = n // whole if self.drop_last else -(-n // whole)
         if self.batches_per_epoch == 0:
             self.close()
-            raise DataError(f"{self.path} has {n} images, fewer than one batch of {b}")
+            raise DataError(f"{self.path} has {n} images, fewer than one batch of {whole}")
         self.num_images, self.image_size = n, ds.image_size
         # the mean subtracted: the file's own, or (evaluation) the training set's
         self.mean = ds.mean if mean is None else np.ascontiguousarray(mean, np.float32)
@@ -191,7 +206,7 @@ class Loader:
     # ---------------------------------------------------------------- cuda buffers, streams
     def _setup_device(self, tower):
         from numba import cuda
-        b, s, c, v = self.batch_size, self.image_size, self.crop_size, self.views
+        b, s, c, v = self.local_batch, self.image_size, self.crop_size, self.views
         if tower is None:
             self.compute_stream, self.copy_stream = cuda.stream(), cuda.stream()
             alloc = lambda shape, dtype: cuda.device_array(shape, dtype)  # noqa: E731
@@ -240,16 +255,28 @@ class Loader:
     def __len__(self):
         return self.batches_per_epoch
 
+    def share(self, batch):
+        """(first, count, whole): this rank's rows of global batch ``batch`` are rows
+        ``first .. first+count-1`` of its ``whole`` rows (contiguous, in rank order)."""
+        start = batch * self.batch_size
+        whole = min(start + self.batch_size, self.num_images) - start
+        counts = split_counts(whole, self.ranks)
+        return sum(counts[:self.rank]), counts[self.rank], whole
+
     def _indices(self, order, batch):
-        return order[batch * self.batch_size:(batch + 1) * self.batch_size]
+        first, count, _ = self.share(batch)
+        start = batch * self.batch_size + first
+        return order[start:start + count]
 
     def _draws(self, count, epoch, batch):
-        """(crop_y, crop_x, flip, rgb_shift), each with a leading views axis (1 or 10)."""
+        """(crop_y, crop_x, flip, rgb_shift), each with a leading views axis (1 or 10);
+        for training, the global batch's draws, sliced to this rank's rows."""
         ds = self.dataset
         if self.train:
-            draws = train_draws(count, ds.image_size, self.crop_size, ds.eigval, ds.eigvec,
+            first, mine, whole = self.share(batch)
+            draws = train_draws(whole, ds.image_size, self.crop_size, ds.eigval, ds.eigvec,
                                 self.seed, epoch, batch)
-            return tuple(a[None] for a in draws)
+            return tuple(a[first:first + count][None] for a in draws)
         draws = eval_draws(count, ds.image_size, self.crop_size, self.view)
         return draws if self.view == "ten" else tuple(a[None] for a in draws)
 
@@ -257,15 +284,17 @@ class Loader:
         """Yield (batch, slot, indices) once the slot holds the batch; the consumer frees slots
         with :meth:`_release`.  Keeps every free slot busy reading ahead."""
         pending = deque()
-        upcoming = start
+        batches = [b for b in range(start, self.batches_per_epoch) if self.share(b)[1] > 0]
+        upcoming = 0
         try:
-            for _ in range(start, self.batches_per_epoch):
-                while self._free and upcoming < self.batches_per_epoch:
+            for _ in batches:
+                while self._free and upcoming < len(batches):
                     slot = self._free.popleft()
                     if self._slot_ready[slot] is not None:
                         self._slot_ready[slot].synchronize()   # its last H2D copy has finished
-                    indices = self._indices(order, upcoming)
-                    pending.append((upcoming, self._readers.submit(slot, indices), slot, indices))
+                    indices = self._indices(order, batches[upcoming])
+                    pending.append((batches[upcoming], self._readers.submit(slot, indices), slot,
+                                    indices))
                     upcoming += 1
                 batch, ticket, slot, indices = pending.popleft()
                 self._readers.wait(ticket)
