@@ -286,3 +286,23 @@ def test_conv2d_workers_split_the_batch_and_restore_blas_threads(rng):
     _close(y, want)
     if before is not None:
         assert workers._CONTROLS[0]() == before
+
+
+def test_one_image_on_a_small_map_runs_single_threaded_blas(rng):
+    """A lone chunk with serial_blas sees 1 BLAS thread, then the count is restored; without
+    it BLAS keeps its threads; the conv on such a shape still equals the reference."""
+    from nbalex.cpu import workers
+    if workers._CONTROLS is None:
+        pytest.skip("OpenBLAS thread controls not found")
+    get = workers._CONTROLS[0]
+    before, seen = get(), []
+    workers.run(lambda t, lo, hi: seen.append(get()), 1, serial_blas=True)
+    workers.run(lambda t, lo, hi: seen.append(get()), 1)
+    assert seen == [1, before] and get() == before
+    assert conv_strategy.small_map(12, 12) and not conv_strategy.small_map(13, 13)
+    x, wt, b, dy, stride, pad, groups = _conv_arrays(rng, (1, 6, 5, 5, 4, 3, 1, 1, 1))
+    y, want = _garbage_like(dy), np.empty_like(dy)
+    conv2d.conv2d_forward(y, x, wt, b, stride, pad, groups)
+    ref.conv2d_forward(want, x, wt, b, stride, pad, groups)
+    _close(y, want)
+    assert get() == before

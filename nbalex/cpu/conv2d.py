@@ -279,7 +279,7 @@ def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, 
             else:
                 k.scatter_bias_relu(y, yt, b, n0, m, relu)
 
-    workers.run(work, n)
+    workers.run(work, n, serial_blas=strategy.small_map(oh, ow))
 
 
 @checks.checked(checks.conv2d_backward_data, "cpu")
@@ -309,7 +309,7 @@ def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=
                           out=cols[g * kg:(g + 1) * kg, :width])
             k.col2im(dx, cols, n0, m, kh, kw, stride, pad, oh, ow)
 
-    workers.run(work, n)
+    workers.run(work, n, serial_blas=strategy.small_map(oh, ow))
 
 
 @checks.checked(checks.conv2d_backward_weights, "cpu")
@@ -343,7 +343,7 @@ def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, 
             if n0 != lo:
                 part += tmp
 
-    busy = workers.run(work, n)
+    busy = workers.run(work, n, serial_blas=strategy.small_map(oh, ow))
     dw2 = dw.reshape(f, kg)
     for g in range(groups):
         block = slice(g * kg * fg, (g + 1) * kg * fg)

@@ -28,6 +28,17 @@ job stalled a 2 ms GEMM for 16-24 ms), and with its columns split between the wo
 SMALL_MAP_PIXELS = 12 * 12
 
 
+def small_map(oh, ow):
+    """Whether an (oh, ow) output map counts as small (at most SMALL_MAP_PIXELS pixels).
+
+    A small map's single image gives GEMMs too small to share between threads: its chunk
+    runs with single-threaded BLAS (:func:`nbalex.cpu.workers.run`).  alexnet-mini at batch 1
+    after PyTorch's threads had run (bench/bench_cpu.py): inference 12.2 ms with threaded
+    BLAS in conv2-5, 3.9 ms on the kernel-row path before.
+    """
+    return oh * ow <= SMALL_MAP_PIXELS
+
+
 def is_pointwise(kh, kw, stride, pad):
     return kh == 1 and kw == 1 and stride == 1 and pad == 0
 
@@ -39,6 +50,6 @@ def choose(oh, ow, kh, kw, stride, pad, has_gemm):
     """
     if is_pointwise(kh, kw, stride, pad):
         return "pointwise"
-    if has_gemm and stride == 1 and oh * ow > SMALL_MAP_PIXELS:
+    if has_gemm and stride == 1 and not small_map(oh, ow):
         return "tap_rows"
     return "im2col"

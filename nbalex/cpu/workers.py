@@ -242,6 +242,11 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @contextmanager
+def _nothing():
+    yield
+
+
+@contextmanager
 def _single_threaded_blas():
     get, put = _CONTROLS
     before = get()
@@ -258,16 +263,20 @@ def split(n, parts):
     return [(min(n, t * step), min(n, (t + 1) * step)) for t in range(parts)]
 
 
-def run(work, n):
+def run(work, n, serial_blas=False):
     """Call work(t, lo, hi) for worker t over its share [lo, hi) of n images, all in parallel.
 
-    Returns the list of workers that had images.  Exceptions propagate to the caller.
+    When a single worker has images it runs on the calling thread, with BLAS threaded as
+    usual unless ``serial_blas`` (for GEMMs too small to share: threaded OpenBLAS jobs wait
+    on each other, and one descheduled by a busy core stalls the call).  Returns the list
+    of workers that had images.  Exceptions propagate to the caller.
     """
     ranges = split(n, WORKERS)
     busy = [t for t, (lo, hi) in enumerate(ranges) if hi > lo]
     if WORKERS == 1 or len(busy) == 1:
-        for t in busy:
-            work(t, *ranges[t])
+        with _single_threaded_blas() if serial_blas and _CONTROLS else _nothing():
+            for t in busy:
+                work(t, *ranges[t])
         return busy
     if not _pool:
         _pool.append(ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="nbalex-cpu"))
