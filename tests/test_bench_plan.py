@@ -282,29 +282,6 @@ def test_plan_lists_the_launches_a_training_step_makes(batch):
 
 # ---- the checked-in static table ---------------------------------------------------------------
 
-_TOOLS = static.toolchain() if static.tools_present() else {"matches": False}
-
-
-@pytest.mark.skipif(not static.tools_present(), reason="ptxas/cuobjdump/nvdisasm missing")
-@pytest.mark.skipif(not _TOOLS["matches"] and os.environ.get("NBALEX_STATIC_STRICT") != "1",
-                    reason=f"the table is CUDA {static.PINNED_CUDA}'s; found {_TOOLS.get('ptxas')}")
-def test_static_table_matches_the_static_report():
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    run = subprocess.run([sys.executable, "-m", "nbalex.cuda.static", "--json"], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-4000:]
-    report = {r["name"]: r for r in json.loads(run.stdout)}
-    assert plan_mod.STATIC_RELEASE == static.PINNED_CUDA
-    for name, (regs, smem, threads, share) in plan_mod.STATIC.items():
-        got = report[name]
-        assert (got["registers"], got["shared_bytes"], got["threads_per_block"]) == \
-            (regs, smem, threads), name
-        if share is None:
-            assert not got["is_gemm"], name
-        else:
-            assert got["ffma_share"] == pytest.approx(share, abs=5e-4), name
-
-
 # ---- the command ------------------------------------------------------------------------------
 
 def nbalex(*args):

@@ -286,7 +286,9 @@ def test_record_launches_counts_each_kernel_a_launcher_launches_and_restores_the
     kernel = linear.linear_bias_grad_kernel
     with record_launches() as log:
         linear.linear_backward_weights(dw, db, dy, x)
-    assert log.names() == ["linear_backward_weights_kernel", "linear_bias_grad_kernel"]
+    names = log.names()      # the GEMM is the tile instance chosen for the shape (its name says which)
+    assert len(names) == 2 and names[0].startswith("linear_backward_weights_kernel")
+    assert names[1] == "linear_bias_grad_kernel"
     assert all(seconds > 0 for *_, seconds in log.launches) and log.host_seconds() > 0
     assert log.launches[1][2] in range(32, linear.BIAS_THREADS + 1)     # the block it was given
     assert linear.linear_bias_grad_kernel is kernel                  # put back on exit

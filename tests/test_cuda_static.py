@@ -114,3 +114,20 @@ def test_occupancy_formula():
     assert static.occupancy(32, 0, 256) == 1.0
     # 100 KB of shared memory per block: 2 blocks of 4 warps.
     assert static.occupancy(32, 100 * 1024, 128) == 8 / 64
+
+
+@pinned
+def test_the_plans_static_table_matches_the_report(report):
+    """`nbalex bench plan` prices launches from a checked-in table: it must be this report's
+    (compiled once for the whole file, in the fixture above)."""
+    from nbalex.benchmarks import plan as plan_mod
+    by_name = {r["name"]: r for r in report}
+    assert plan_mod.STATIC_RELEASE == static.PINNED_CUDA
+    for name, (regs, smem, threads, share) in plan_mod.STATIC.items():
+        got = by_name[name]
+        assert (got["registers"], got["shared_bytes"], got["threads_per_block"]) == \
+            (regs, smem, threads), name
+        if share is None:
+            assert not got["is_gemm"], name
+        else:
+            assert got["ffma_share"] == pytest.approx(share, abs=5e-4), name

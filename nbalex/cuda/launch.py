@@ -130,8 +130,9 @@ def _dims(config, i):
 @contextlib.contextmanager
 def record_launches(log=None):
     """Log every kernel launch of ``nbalex.cuda`` while the context is active; yields the
-    :class:`LaunchLog`.  Each module's kernels are replaced by loggers for the duration and
-    put back on exit (launchers look their kernels up in their module at call time)."""
+    :class:`LaunchLog`.  Each module's kernels, and the GEMM tile instances in its
+    ``{(bm, bn): (kernel, threads)}`` tables, are replaced by loggers for the duration and put
+    back on exit (launchers look their kernels up at call time)."""
     import nbalex.cuda as package
 
     log = LaunchLog() if log is None else log
@@ -145,7 +146,17 @@ def record_launches(log=None):
                 if is_kernel(value):
                     saved.append((module, name, value))
                     setattr(module, name, _CountingKernel(value, getattr(value, "__name__", name), log))
+                elif isinstance(value, dict):     # tile instances: {(bm, bn): (kernel, threads)}
+                    for key, entry in list(value.items()):
+                        if isinstance(entry, tuple) and entry and is_kernel(entry[0]):
+                            saved.append((value, key, entry))
+                            kernel = entry[0]
+                            value[key] = (_CountingKernel(kernel, getattr(kernel, "__name__", name), log),
+                                          *entry[1:])
         yield log
     finally:
-        for module, name, value in reversed(saved):
-            setattr(module, name, value)
+        for holder, name, value in reversed(saved):
+            if isinstance(holder, dict):
+                holder[name] = value
+            else:
+                setattr(holder, name, value)
