@@ -59,6 +59,7 @@ BACKWARD_WEIGHTS = gemm.make_gemm_kernels(
     bwd_w_krange, bwd_w_store_dw, name="conv_backward_weights_kernel",
     tiles=tiling.CONV_TILES["backward-weights"])
 
+# lab:begin conv2d.contracts
 _DOCS = {
     "FORWARD": """y = conv(x, w) + b (ReLU'd if geo[G_RELU]) as an implicit GEMM.
 
@@ -82,6 +83,7 @@ _DOCS = {
     thread computes 8 filters x 8 (c, kh, kw) taps for its group and K slice.
     """,
 }
+# lab:end conv2d.contracts
 _DOCS["BACKWARD_DATA_UNIT_STRIDE"] = _DOCS["BACKWARD_DATA"].replace("Any stride.",
                                                                     "Stride 1 only (conv2-conv5).")
 for _family, _doc in _DOCS.items():

@@ -113,6 +113,7 @@ def next_pixel(ih, iw, plane, s, ih0, iw0, ih_end, iw_end, plane_step):
 
 
 # ---- forward -------------------------------------------------------------------------
+# lab:begin loaders.forward
 
 @cuda.jit(device=True, inline="always")
 def fwd_krange(geo, z):
@@ -177,8 +178,11 @@ def fwd_store_y(y, b, geo, z, m, n, v):
             v = float32(0.0)
         y[uint64(int32(img * int32(geo[G_F] - 1) * p + f * p + n))] = v
 
+# lab:end loaders.forward
+
 
 # ---- backward data -----------------------------------------------------------------
+# lab:begin loaders.backward_data
 
 @cuda.jit(device=True, inline="always")
 def bwd_data_krange(geo, z):
@@ -302,8 +306,11 @@ def bwd_data_store_dx(dx, unused, geo, z, m, n, v):
         img = fast_div(n, geo[G_HW_MUL], geo[G_HW_SH])
         dx[uint64((img * geo[G_C] + z * geo[G_CG] + m) * hw + n - img * hw)] = v
 
+# lab:end loaders.backward_data
+
 
 # ---- backward weights --------------------------------------------------------------
+# lab:begin loaders.backward_weights
 
 @cuda.jit(device=True, inline="always")
 def bwd_w_krange(geo, z):
@@ -413,3 +420,4 @@ def bwd_w_store_dw(dw, db, geo, z, m, n, v):
             dw[uint64(int32(row * int32(geo[G_KK]) + n))] = v
         else:
             db[uint64(row)] = v
+# lab:end loaders.backward_weights
