@@ -51,6 +51,16 @@ def test_package_solution_passes_in_a_child_process(lab):
     assert report["score"] == 1.0 and report["total_cases"] >= 4
 
 
+CONV_LABS = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights"]
+
+
+def test_the_package_conv2d_module_passes_the_conv_labs():
+    """The labs grade nbalex.cuda.conv2d itself (tiled, split-K), not only their first rung."""
+    for lab in CONV_LABS:
+        results = run_cases(get(lab), source_path("cuda/conv2d.py"), "cuda")
+        assert all(r["passed"] for r in results), (lab, results)
+
+
 # ------------------------------------------------------------------ markers, excerpts
 def test_every_marker_pair_exists_and_the_handout_quotes_it_exactly():
     for lab in LABS:
@@ -64,7 +74,7 @@ def test_every_marker_pair_exists_and_the_handout_quotes_it_exactly():
                 assert excerpt(lab.solution, marker) in handout, (lab.name, marker)
         assert excerpt(lab.solution, lab.starter[-1][0]) in handout    # the launchers
         for relpath, marker, _ in lab.excerpts:
-            assert excerpt(relpath, marker) in handout
+            assert excerpt(relpath, marker).strip("\n") in handout
         assert open(source_path(lab.reference)).read().rstrip() in handout
         for case in lab.case_list():
             assert case.label in handout
@@ -140,6 +150,16 @@ BUGS = [
     ("gemm_tiled", "if row < m and ka < k_dim else", "if row < m else", "IndexError"),
     ("gemm_register", "a_frag[r] = a_s[kk, ty * TM + r]", "a_frag[r] = a_s[kk, ty + r]",
      "sgemm M=33 K=17 N=20"),
+    ("conv2d_forward", "ih = oh * stride - pad + kh\n            iw = ow * stride - pad + kw\n",
+     "ih = oh - pad + kh\n            iw = ow - pad + kw\n", "y is a stride-1 convolution"),
+    ("conv2d_forward", "if 0 <= ih and ih < hgt and 0 <= iw and iw < wid:\n                acc += w",
+     "if ih < hgt and iw < wid:\n                acc += w", "overlaps the padding"),
+    ("conv2d_forward", "* x[n, g * cg + c, ih, iw]\n        acc += b", "* x[n, c, ih, iw]\n        acc += b",
+     "right in group 0, wrong in later groups"),
+    ("conv2d_backward_data", "f = g * fg + k // (khgt * kwid)", "f = k // (khgt * kwid)",
+     "right in group 0, wrong in later groups"),
+    ("conv2d_backward_weights", "for k in range(batch * ohgt * owid):",
+     "for k in range(ohgt * owid):", "dw sums over the first image only"),
 ]
 
 

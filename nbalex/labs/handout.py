@@ -65,7 +65,7 @@ def handout_text(lab):
             excerpt(lab.solution, lab.starter[-1][0]).rstrip(), "```", ""]
     for relpath, marker, title in lab.excerpts:
         out += [f"## {title}", "", f"From `nbalex/{relpath}`:", "", "```python",
-                excerpt(relpath, marker).rstrip(), "```", ""]
+                excerpt(relpath, marker).strip("\n"), "```", ""]
     if lab.hints:
         out += ["## Hints", ""] + [f"- {h}" for h in lab.hints] + [""]
     out += ["## What the grader checks", "",

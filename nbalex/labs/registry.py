@@ -10,6 +10,7 @@ helpers, the launchers) or a stub (the kernel's header and contract, with the bo
 import dataclasses
 
 from nbalex.labs import cases as case_sets
+from nbalex.labs import conv_cases
 
 GIVEN = None
 """A starter region copied verbatim (any other value is the stub body put under it)."""
@@ -30,6 +31,9 @@ class Lab:
     reference: str                # reference file (relative) the math is read from
     hints: tuple = ()
     excerpts: tuple = ()          # extra ((file, marker, title), ...) shown in the handout
+    static: str = "STATIC_SIGNATURES"   # the module list of (kernel, signature, ...) --static reads
+    package: tuple = ()           # (file, kernel name) the static report compares with, else
+                                  # every entry of the solution's list
 
     def case_list(self):
         return self.cases()
@@ -118,6 +122,54 @@ LABS = LABS + (
            "Sum in k order: a different order changes the last bits."),
           (("cuda/gemm.py", "gemm.fma_step",
             "The next rung: the package's GEMM (8x8 per thread, double-buffered)"),)),
+)
+
+
+def _conv(name, kernel, teaches, cases, hints, loaders):
+    """A convolution pass, nbalex/labs/solutions/conv2d.py's region conv2d.<name>, graded
+    on the launcher of nbalex.cuda.conv2d; the handout quotes the package's loaders."""
+    launcher = f"conv2d_{name}"
+    signatures = f"{name.upper()}_SIGNATURES"
+    return Lab(launcher, "conv2d", teaches, "labs/solutions/conv2d.py", (launcher,),
+               (("conv2d.imports", GIVEN), (f"conv2d.{name}_kernel", TODO),
+                (f"conv2d.{name}_launcher", GIVEN)),
+               cases, "reference/conv2d.py", tuple(hints),
+               (("cuda/conv2d.py", "conv2d.contracts",
+                 "The package's kernels: the same GEMM, tiled (their contracts)"),) +
+               tuple(("cuda/conv2d_loaders.py", f"loaders.{m}", title) for m, title in loaders),
+               signatures, ("cuda/conv2d.py", kernel))
+
+
+LABS = LABS + (
+    _conv("forward", "conv_forward_kernel", "convolution as an implicit GEMM: im2col gathered "
+          "on the fly", conv_cases.conv2d_forward_cases,
+          ("Column n of C is the output pixel (image, oh, ow) and k = (c, kh, kw): decode both "
+           "with // and %, innermost index last.",
+           "The window of (oh, ow) starts at (oh*stride - pad, ow*stride - pad); a position "
+           "outside [0, H) x [0, W) is padding and reads 0 (guard both sides).",
+           "Group g's filters g*F/G ... read input channels g*C/G ...: w holds only C/G "
+           "channels, x all C.",
+           "Add the bias once, after the sum; ReLU last."),
+          (("forward", "The package's loaders of the forward GEMM (the same index math, "
+            "walked instead of divided)"),)),
+    _conv("backward_data", "conv_backward_data_kernel", "backward-data: a transposed "
+          "convolution, taps that divide exactly", conv_cases.conv2d_backward_data_cases,
+          ("Input pixel (h, w) received dy[oh, ow] through tap (kh, kw) when "
+           "h + pad - kh = oh*stride: only when stride divides it exactly, inside dy.",
+           "Test h + pad - kh >= 0 before % and //: a negative quotient rounds the other way "
+           "on a GPU (C's %, not Python's).",
+           "The reduction is over the group's filters f and the taps (kh, kw): "
+           "K = F/G*KH*KW."),
+          (("backward_data", "The package's loaders of the backward-data GEMM"),)),
+    _conv("backward_weights", "conv_backward_weights_kernel", "backward-weights: a reduction "
+          "over every image and pixel, db as an extra column", 
+          conv_cases.conv2d_backward_weights_cases,
+          ("dw[f, c, kh, kw] sums over K = N*OH*OW (every image, every output pixel): the "
+           "longest reduction of the three passes.",
+           "db[f] is the sum of dy over the same K: im2col(x) with one more column of ones.",
+           "Padding reads 0 as in the forward pass: the guard is the same."),
+          (("backward_weights", "The package's loaders of the backward-weights GEMM "
+            "(split-K: each slice sums a range of K)"),)),
 )
 
 
