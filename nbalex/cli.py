@@ -584,6 +584,7 @@ def lab_start(name, folder, force):
 
 @lab.command("check", epilog=_examples("nbalex lab check relu lab1/relu.py",
                                        "nbalex lab check relu lab1/relu.py --json",
+                                       "nbalex lab check relu lab1/relu.py --static",
                                        note="Exit status 0 when every case passes, 1 "
                                             "otherwise."))
 @click.argument("name")
@@ -593,15 +594,23 @@ def lab_start(name, folder, force):
 @click.option("--timeout", type=FiniteFloat(0, min_open=True), default=60.0,
               show_default=True, help="Seconds one case may take before it counts as hung.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (score, cases).")
+@click.option("--static", "static", is_flag=True,
+              help="Also compile FILE's kernels for sm_90 (needs the CUDA tools, nbalex[static]) "
+                   "and show registers, shared memory and spills beside the package's.")
 @click.pass_context
-def lab_check(ctx, name, file, backend, timeout, as_json):
+def lab_check(ctx, name, file, backend, timeout, as_json, static):
     """Grade FILE's launchers for lab NAME against the reference at small, awkward shapes."""
     from nbalex.labs.grader import check, format_report
     try:
         report = check(name, file, backend=backend, timeout=timeout)
     except ValueError as exc:               # an unknown lab or not a .py file: exit 2, not 1
         raise OneLineUsageError(_one_line(exc)) from None
-    click.echo(json.dumps(report, indent=1) if as_json else format_report(report))
+    text = None if as_json else format_report(report)
+    if static:                              # shown, never graded: the exit status is the grade's
+        from nbalex.labs.static_report import format_static, static_report
+        report["static"] = static_report(name, file)
+        text = text and text + "\n" + format_static(report["static"])
+    click.echo(json.dumps(report, indent=1) if as_json else text)
     ctx.exit(0 if report["passed"] else 1)
 
 

@@ -213,3 +213,24 @@ def test_cli_list_start_check(tmp_path):
     assert unknown.returncode == 2 and "no lab 'nope'" in unknown.stderr
     solved = _nbalex("lab", "check", "relu", source_path("cuda/relu.py"))
     assert solved.returncode == 0 and solved.stdout.rstrip().endswith("(score 1.00)")
+
+
+def test_check_static_shows_the_students_kernels_beside_the_packages(tmp_path):
+    from nbalex.cuda import static
+    if not static.tools_present():
+        pytest.skip("the CUDA tools (ptxas, cuobjdump, nvdisasm) are not installed")
+    _, path = start("relu", str(tmp_path))
+    run = _nbalex("lab", "check", "relu", path, "--json", "--static")
+    assert run.returncode == 1                      # the grade, not the static report
+    rows = json.loads(run.stdout)["static"]["rows"]
+    names = {(r["who"], r["name"]) for r in rows}
+    assert names == {(who, k) for who in ("yours", "nbalex")
+                     for k in ("relu_forward_kernel", "relu_backward_kernel")}
+    mine = {r["name"]: r for r in rows if r["who"] == "yours"}
+    theirs = {r["name"]: r for r in rows if r["who"] == "nbalex"}
+    # the starter's empty kernels compile to fewer instructions than the package's
+    assert all(mine[k]["instructions"] < theirs[k]["instructions"] for k in mine)
+    assert all(r["spill_bytes"] == 0 and r["registers"] > 0 for r in rows)
+    from nbalex.labs.static_report import format_static
+    text = format_static(json.loads(run.stdout)["static"])
+    assert "sm_90 static report" in text and "yours   relu_forward_kernel" in text

@@ -7,7 +7,8 @@ that interface, fills the outputs with a canary, runs its launchers at small awk
 (under Numba's simulator when there is no GPU) in a child process with a time limit, and
 compares with the reference; the package's own modules are the solutions and pass every lab.
 
-Modules: :mod:`registry` (the exercises), :mod:`cases` (what is graded), :mod:`compare`
+Modules: :mod:`registry` (the exercises), :mod:`cases` and :mod:`conv_cases` (what is
+graded), :mod:`static_report` (``--static``: registers, shared memory, spills), :mod:`compare`
 (errors and their hints), :mod:`run` (the child's side), :mod:`grader` (the child process,
 the report), :mod:`handout` (handout and starter), :mod:`excerpts` (the markers they are cut
 by), ``solutions/`` (the GEMM ladder's lower rungs).
