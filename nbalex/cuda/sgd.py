@@ -19,8 +19,7 @@ import numpy as np
 from numba import cuda
 
 from nbalex import checks
-from nbalex.cuda.launch import (THREADS_PER_BLOCK, check_array, check_shape, grid_1d,
-                                stream_or_default)
+from nbalex.cuda.launch import THREADS_PER_BLOCK, grid_1d, stream_or_default
 # lab:end sgd.imports
 
 
@@ -105,23 +104,10 @@ def sgd_update(w, dw, v, lr, momentum, weight_decay, offsets=None, lr_mults=None
     float32 (T,) ``lr_mults`` and ``decay_mults``; a missing multiplier array means all 1s,
     and offsets None means one tensor (then the multipliers must be None too).  When offsets
     is a host array it is checked to rise from 0 to len(w).  With both multiplier arrays
-    given, or both None, nothing is allocated."""
-    check_array("w", w)
-    check_shape("w", w, (w.size,))
-    check_array("dw", dw, shape=w.shape)
-    check_array("v", v, shape=w.shape)
+    given, or both None, nothing is allocated.  The arguments are checked by checks.sgd_update
+    (the decorator), as on every backend."""
     scalars = (np.float32(lr), np.float32(momentum), np.float32(weight_decay))
     stream = stream_or_default(stream)
-    if offsets is None and (lr_mults is not None or decay_mults is not None):
-        raise ValueError("lr_mults and decay_mults need offsets (the tensors' boundaries)")
-    if offsets is not None:
-        check_array("offsets", offsets, dtype="int64")
-        if len(offsets.shape) != 1 or offsets.shape[0] < 2:
-            raise ValueError(f"offsets must be 1-D with at least 2 entries, "
-                             f"got shape {tuple(offsets.shape)}")
-        if isinstance(offsets, np.ndarray) and (offsets[0] != 0 or offsets[-1] != w.size
-                                                 or np.any(np.diff(offsets) < 0)):
-            raise ValueError(f"offsets must rise from 0 to len(w) = {w.size}, got {offsets}")
     if w.size == 0:
         return
     if lr_mults is None and decay_mults is None:
@@ -133,8 +119,6 @@ def sgd_update(w, dw, v, lr, momentum, weight_decay, offsets=None, lr_mults=None
         ones = cuda.to_device(np.ones(n_tensors, np.float32), stream=stream)
         lr_mults = ones if lr_mults is None else lr_mults
         decay_mults = ones if decay_mults is None else decay_mults
-    check_array("lr_mults", lr_mults, shape=(n_tensors,))
-    check_array("decay_mults", decay_mults, shape=(n_tensors,))
     sgd_update_kernel[grid_1d(w.size), THREADS_PER_BLOCK, stream](
         w, dw, v, *scalars, offsets, lr_mults, decay_mults, nonfinite)
 # lab:end sgd.launchers
