@@ -75,6 +75,8 @@ class _Call:
 
     def array(self, name, a, shape=None, dtype=None, ndim=None, contiguous=True):
         """Check dtype (None: the call's float dtype), contiguity, ndim and shape of ``a``."""
+        if not all(hasattr(a, attr) for attr in ("dtype", "shape")):
+            self.fail(f"{name} must be an array, got {type(a).__name__}")
         got = np.dtype(a.dtype)
         if dtype is None:
             self._float(name, got)

@@ -99,6 +99,9 @@ BAD_LAUNCHES = {
     "sgd gradient of another size": (
         ("sgd_update", zeros(6), zeros(5), zeros(6), 0.1, 0.9, 0.0),
         "sgd_update: dw has shape (5,), expected (6,)"),
+    "sgd offsets given as a list": (
+        ("sgd_update", zeros(6), zeros(6), zeros(6), 0.1, 0.9, 0.0, [0, 6]),
+        "sgd_update: offsets must be an array, got list"),
     "sgd with a non-finite lr": (
         ("sgd_update", zeros(6), zeros(6), zeros(6), float("nan"), 0.9, 0.0),
         "sgd_update: lr must be finite, got nan"),

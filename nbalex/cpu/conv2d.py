@@ -95,11 +95,12 @@ def _tap_sizes(x_shape, w_shape, pad, groups):
 
 
 def _per_worker(x_shape, w_shape, stride, pad, groups):
-    """(nb, cols size, yt size, dw size) of one worker's workspace slice."""
+    """(nb, cols size, yt size, dw size, packed chunk size) of one worker's workspace slice."""
     n, c, f, cg, kh, kw, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
     rows, p_out = c * kh * kw, oh * ow
     nb = chunk_images(-(-n // workers.WORKERS), rows, p_out)
-    return nb, rows * nb * p_out, f * nb * p_out, f * cg * kh * kw
+    packed = c * x_shape[2] * x_shape[3] * nb if nb > 1 else 0
+    return nb, rows * nb * p_out, f * nb * p_out, f * cg * kh * kw, packed
 
 
 @checks.checked(checks.conv2d_workspace_size, "cpu")
@@ -107,32 +108,42 @@ def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
     """float32 elements the launchers use.
 
     Kernel-row path: the rearranged filters, then per worker its tap_rows matrix and a
-    dw-sized accumulator.  Otherwise per worker cols + yt + two dw-sized buffers (unused by
-    the pointwise path).
+    dw-sized accumulator.  Otherwise per worker cols + yt + two dw-sized buffers + the packed
+    chunk of x or dx when a chunk holds several images (unused by the pointwise path).
     """
     if _path(x_shape, w_shape, stride, pad, groups) == "tap_rows":
         filters, rows, acc = _tap_sizes(x_shape, w_shape, pad, groups)
         return filters + workers.WORKERS * (rows + acc)
-    _, cols, yt, dw = _per_worker(x_shape, w_shape, stride, pad, groups)
-    return workers.WORKERS * (cols + yt + 2 * dw)
+    _, cols, yt, dw, packed = _per_worker(x_shape, w_shape, stride, pad, groups)
+    return workers.WORKERS * (cols + yt + 2 * dw + packed)
 
 
 def _buffers(workspace, x_shape, w_shape, stride, pad, groups):
-    """nb and, per worker, (cols, yt, part, tmp) carved out of the workspace (or allocated)."""
+    """nb and, per worker, (cols, yt, part, tmp, packed) carved out of the workspace (or
+    allocated)."""
     n, c, f, cg, kh, kw, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
-    nb, cols_size, yt_size, dw_size = _per_worker(x_shape, w_shape, stride, pad, groups)
+    nb, cols_size, yt_size, dw_size, packed = _per_worker(x_shape, w_shape, stride, pad, groups)
     size = conv2d_workspace_size(x_shape, w_shape, stride, pad, groups)
     workspace = workspace_view(workspace, size, host_array)
     per = size // workers.WORKERS
+    ends = np.cumsum([cols_size, yt_size, dw_size, dw_size, packed])
     slices = []
     for t in range(workers.WORKERS):
         base = workspace[t * per:(t + 1) * per]
-        cols = base[:cols_size].reshape(c * kh * kw, -1)
-        yt = base[cols_size:cols_size + yt_size].reshape(f, -1)
-        part = base[cols_size + yt_size:cols_size + yt_size + dw_size]
-        tmp = base[cols_size + yt_size + dw_size:per]
-        slices.append((cols, yt, part, tmp))
+        cols = base[:ends[0]].reshape(c * kh * kw, -1)
+        yt = base[ends[0]:ends[1]].reshape(f, -1)
+        slices.append((cols, yt, base[ends[1]:ends[2]], base[ends[2]:ends[3]],
+                       base[ends[3]:ends[4]]))
     return nb, slices
+
+
+def _packed_chunk(packed, x, n0, m):
+    """Images n0..n0+m-1 of x, image innermost (im2col's input): image n0 itself, flattened,
+    when m == 1, else packed into ``packed``."""
+    if m == 1:
+        return x[n0].reshape(-1)
+    k.pack_images(packed, x, n0, m)
+    return packed
 
 
 def _tap_buffers(workspace, x_shape, w_shape, pad, groups):
@@ -236,14 +247,14 @@ def _tap_backward_weights(dw, db, dy, x, pad, groups, workspace):
             np.copyto(dw5, part)
         else:
             dw5 += part
-    k.bias_grad(db, dy)
+    workers.for_ranges(k.bias_grad, dy.shape[1], db, dy, work=dy.size)
 
 
 def _filter_major(dyt, dy, n0, m):
-    """dy's chunk as (F, m*P): a view of dy itself for one image, else gathered into dyt."""
+    """dy's chunk as (F, P*m): a view of dy itself for one image, else gathered into dyt."""
     if m == 1:
         return dy[n0].reshape(dy.shape[1], -1)
-    k.gather_filter_major(dyt, dy, n0, m)
+    k.gather_filter_major(dyt, dy.reshape(dy.shape[0], dy.shape[1], -1), n0, m)
     return dyt
 
 
@@ -256,7 +267,7 @@ def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, 
     if path == "pointwise":
         wg = w.reshape(groups, fg, cg)
         np.matmul(wg, x.reshape(n, groups, cg, p_out), out=y.reshape(n, groups, fg, p_out))
-        k.add_bias_relu_nchw(y, b, relu)
+        workers.for_ranges(k.add_bias_relu_nchw, n * f, y, b, relu, work=y.size)
         return
     if path == "tap_rows":
         _tap_forward(y, x, w, b, pad, groups, relu, workspace)
@@ -265,11 +276,12 @@ def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, 
     w2 = w.reshape(f, kg)
 
     def work(t, lo, hi):
-        cols, yt, _, _ = slices[t]
+        cols, yt, _, _, packed = slices[t]
         for n0 in range(lo, hi, nb):
             m = min(nb, hi - n0)
             width = m * p_out
-            k.im2col(cols, x, n0, m, kh, kw, stride, pad, oh, ow)
+            k.im2col(cols, _packed_chunk(packed, x, n0, m), m, c, x.shape[2], x.shape[3],
+                     kh, kw, stride, pad, oh, ow)
             out = y[n0].reshape(f, width) if m == 1 else yt     # one image: GEMM straight into y
             for g in range(groups):
                 np.matmul(w2[g * fg:(g + 1) * fg], cols[g * kg:(g + 1) * kg, :width],
@@ -277,7 +289,7 @@ def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, 
             if m == 1:
                 k.bias_relu_image(y, b, n0, relu)
             else:
-                k.scatter_bias_relu(y, yt, b, n0, m, relu)
+                k.scatter_bias_relu(y.reshape(n, f, p_out), yt, b, n0, m, relu)
 
     workers.run(work, n, serial_blas=strategy.small_map(oh, ow))
 
@@ -299,7 +311,7 @@ def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=
     w2 = w.reshape(f, kg)
 
     def work(t, lo, hi):
-        cols, dyt, _, _ = slices[t]
+        cols, dyt, _, _, packed = slices[t]
         for n0 in range(lo, hi, nb):
             m = min(nb, hi - n0)
             width = m * p_out
@@ -307,7 +319,10 @@ def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=
             for g in range(groups):
                 np.matmul(w2[g * fg:(g + 1) * fg].T, src[g * fg:(g + 1) * fg, :width],
                           out=cols[g * kg:(g + 1) * kg, :width])
-            k.col2im(dx, cols, n0, m, kh, kw, stride, pad, oh, ow)
+            target = dx[n0].reshape(-1) if m == 1 else packed
+            k.col2im(target, cols, m, c, dx.shape[2], dx.shape[3], kh, kw, stride, pad, oh, ow)
+            if m > 1:
+                k.unpack_images(dx, packed, n0, m)
 
     workers.run(work, n, serial_blas=strategy.small_map(oh, ow))
 
@@ -329,11 +344,12 @@ def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, 
     nb, slices = _buffers(workspace, x.shape, dw.shape, stride, pad, groups)
 
     def work(t, lo, hi):
-        cols, dyt, part, tmp = slices[t]
+        cols, dyt, part, tmp, packed = slices[t]
         for n0 in range(lo, hi, nb):
             m = min(nb, hi - n0)
             width = m * p_out
-            k.im2col(cols, x, n0, m, kh, kw, stride, pad, oh, ow)
+            k.im2col(cols, _packed_chunk(packed, x, n0, m), m, c, x.shape[2], x.shape[3],
+                     kh, kw, stride, pad, oh, ow)
             src = _filter_major(dyt, dy, n0, m)
             target = part if n0 == lo else tmp
             for g in range(groups):
@@ -351,4 +367,4 @@ def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, 
         rows[...] = slices[busy[0]][2][block].reshape(kg, fg).T
         for t in busy[1:]:
             rows += slices[t][2][block].reshape(kg, fg).T
-    k.bias_grad(db, dy)
+    workers.for_ranges(k.bias_grad, dy.shape[1], db, dy, work=dy.size)

@@ -6,12 +6,12 @@ bits after every multiply, which is exactly the wrap-around uint32 arithmetic of
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from nbalex import checks
 from nbalex.backends import dropout_threshold, mix32
 
-from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
+from . import workers
 
 _LOW32 = np.uint64(0xFFFFFFFF)
 _M1 = np.uint64(0x7FEB352D)
@@ -32,15 +32,15 @@ def _mix32(x):
     return x
 
 
-@njit(parallel=True, cache=True)
-def dropout_forward_kernel(y, mask, x, seed_mix, offset, threshold, keep_prob):
-    """Flat arrays: write mask[i] (the hash rule for element offset + i) and
+@njit(nogil=True, cache=True, error_model="numpy")
+def dropout_forward_kernel(y, mask, x, seed_mix, offset, threshold, keep_prob, lo, hi):
+    """Flat arrays, lo <= i < hi: write mask[i] (the hash rule for element offset + i) and
     y[i] = x[i] * mask[i] / keep_prob, a multiply as in the reference (a dropped NaN or inf
     gives NaN, a dropped number 0)."""
     s = np.uint64(seed_mix)
     base = np.uint64(offset)
     thr = np.uint64(threshold)
-    for i in prange(x.shape[0]):
+    for i in range(lo, hi):
         u = _mix32(((base + np.uint64(i)) & _LOW32) ^ s)
         keep = (u >> _S8) >= thr
         mask[i] = 1 if keep else 0
@@ -48,11 +48,11 @@ def dropout_forward_kernel(y, mask, x, seed_mix, offset, threshold, keep_prob):
         y[i] = v / keep_prob if keep else v * np.float32(0.0)
 
 
-@njit(parallel=True, cache=True)
-def dropout_backward_kernel(dx, dy, mask, keep_prob):
-    """Flat arrays: dx[i] = dy[i] * mask[i] / keep_prob, a multiply as in the forward pass
+@njit(nogil=True, cache=True, error_model="numpy")
+def dropout_backward_kernel(dx, dy, mask, keep_prob, lo, hi):
+    """Flat arrays, lo <= i < hi: dx[i] = dy[i] * mask[i] / keep_prob, a multiply as in the forward pass
     (written; dx may be dy)."""
-    for i in prange(dy.shape[0]):
+    for i in range(lo, hi):
         g = dy[i]
         dx[i] = g / keep_prob if mask[i] != 0 else g * np.float32(0.0)
 
@@ -62,11 +62,13 @@ def dropout_forward(y, mask, x, p, seed, offset=0, stream=None):
     """mask (uint8) <- keep mask for (seed, p), element i hashed as offset + i;
     y <- x * mask / (1-p).  Both overwritten."""
     seed_mix = mix32((int(seed) & 0xFFFFFFFF) ^ 0x9E3779B9)
-    dropout_forward_kernel(y.reshape(-1), mask.reshape(-1), x.reshape(-1), seed_mix,
-                           int(offset) & 0xFFFFFFFF, dropout_threshold(p), np.float32(1.0 - p))
+    workers.for_ranges(dropout_forward_kernel, x.size, y.reshape(-1), mask.reshape(-1),
+                       x.reshape(-1), seed_mix, int(offset) & 0xFFFFFFFF, dropout_threshold(p),
+                       np.float32(1.0 - p), work=8 * x.size)
 
 
 @checks.checked(checks.dropout_backward, "cpu")
 def dropout_backward(dx, dy, mask, p, stream=None):
     """dx <- dy * mask / (1-p).  dx is overwritten; it may be dy."""
-    dropout_backward_kernel(dx.reshape(-1), dy.reshape(-1), mask.reshape(-1), np.float32(1.0 - p))
+    workers.for_ranges(dropout_backward_kernel, dy.size, dx.reshape(-1), dy.reshape(-1),
+                       mask.reshape(-1), np.float32(1.0 - p))

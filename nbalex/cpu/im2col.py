@@ -1,27 +1,32 @@
 """im2col / col2im and the layout shuffles around the conv GEMMs, as Numba kernels.
 
-The CPU convolution works on a *chunk* of ``nb`` images at a time.  Its column matrix has one
-row per (channel, tap) and one column per (image in the chunk, output pixel)::
+The CPU convolution works on a *chunk* of ``nb`` images at a time.  Its images are first
+packed with the image innermost (:func:`pack_images`; one image is used as it is), and its
+column matrix has one row per (channel, tap) and one column per (output pixel, image)::
 
-    cols[(c*KH + p)*KW + q, j*P + i*OW + jj] = xp[n0 + j, c, i*stride + p, jj*stride + q]
+    cols[(c*KH + p)*KW + q, (i*OW + jj)*nb + j] = xp[n0 + j, c, i*stride + p, jj*stride + q]
 
 with P = OH*OW and ``xp`` the zero-padded input.  Rows of one group's channels are a
 contiguous block, so a group's GEMM is a slice; one GEMM covers the whole chunk, which keeps
-the BLAS call wide enough where P is small (conv3..conv5 have P = 169).  The GEMM result is
-``(F, nb*P)``, "filter-major"; :func:`scatter_bias_relu` turns it into NCHW with the bias and
-ReLU fused in, and :func:`gather_filter_major` does the reverse for dy in the backward pass.
+the BLAS call wide enough where P is small (alexnet-mini's conv3..conv5 have P = 25).  With
+the image innermost, a stride-1 im2col copies a chunk's output row as one run of OW*nb
+floats where the image-outer order copied runs of OW: on 5x5 maps (runs of 5) that order
+spent 4.3 ns per column element, 3x the GEMM after it; this one about 0.3 ns.  The GEMM
+result is ``(F, P*nb)``, "filter-major"; :func:`scatter_bias_relu` turns it into NCHW with the
+bias and ReLU fused in, and :func:`gather_filter_major` does the reverse for dy in the
+backward pass; :func:`col2im` writes a packed chunk that :func:`unpack_images` returns to NCHW.
 
 For stride 1, :func:`tap_rows` writes a smaller matrix with one row per (channel, kernel column)
 and the padded input's rows as its blocks; kernel row p of the convolution is then a GEMM on
 the contiguous column window starting at block p (see :mod:`nbalex.cpu.conv2d`).
 
-The per-chunk kernels are serial and release the GIL: the convolution runs one chunk per
-worker thread at a time (:mod:`nbalex.cpu.workers`).  The whole-batch kernels at the end
-(:func:`bias_grad`, :func:`add_bias_relu_nchw`) are parallel and run on the calling thread.
+The kernels are serial and release the GIL: the convolution runs one chunk per worker
+thread at a time (:mod:`nbalex.cpu.workers`), and the whole-batch kernels at the end
+(:func:`bias_grad`, :func:`add_bias_relu_nchw`) take a range of tasks each worker runs.
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
 
@@ -42,42 +47,109 @@ def _valid_range(out_len, in_len, tap, stride, pad):
     return lo, hi
 
 
-@njit(nogil=True, cache=True)
-def im2col(cols, x, n0, nb, kh, kw, stride, pad, oh, ow):
-    """Write ``cols`` (K, nb*P), K = C*KH*KW, from images n0..n0+nb-1 of x (N, C, H, W).
-
-    One step per (row k, image j): it writes the P columns of image j in row k,
-    zeros where the tap falls into the padding.  Every element of cols[:, :nb*P] is written.
-    Each output row is a slice copy (unit stride when stride == 1), which Numba vectorises.
-    """
+@njit(nogil=True, cache=True, error_model="numpy")
+def pack_images(xt, x, n0, nb):
+    """xt[((c*H + a)*W + b)*nb + j] = x[n0 + j, c, a, b] for j < nb: the chunk's images
+    interleaved, image innermost (written).  x (N, C, H, W), xt flat with C*H*W*nb elements."""
     c_in, h, w = x.shape[1], x.shape[2], x.shape[3]
-    p_out = oh * ow
+    for j in range(nb):
+        for c in range(c_in):
+            img = x[n0 + j, c]
+            base = c * h * w * nb + j
+            for a in range(h):
+                for b in range(w):
+                    xt[base + (a * w + b) * nb] = img[a, b]
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def unpack_images(x, xt, n0, nb):
+    """The inverse of :func:`pack_images`: x[n0 + j, c, a, b] = xt[((c*H + a)*W + b)*nb + j]
+    (images n0..n0+nb-1 of x overwritten)."""
+    c_in, h, w = x.shape[1], x.shape[2], x.shape[3]
+    for j in range(nb):
+        for c in range(c_in):
+            img = x[n0 + j, c]
+            base = c * h * w * nb + j
+            for a in range(h):
+                for b in range(w):
+                    img[a, b] = xt[base + (a * w + b) * nb]
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def im2col(cols, xt, nb, c_in, h, w, kh, kw, stride, pad, oh, ow):
+    """Write ``cols[:, :P*nb]`` (K = C*KH*KW rows) from a packed chunk ``xt`` (see
+    :func:`pack_images`; for one image, the image itself flattened).
+
+    cols[(c*KH + p)*KW + q, (i*OW + jj)*nb + j] = xp[j, c, i*stride + p, jj*stride + q], zeros
+    where the tap falls into the padding: every element of cols[:, :P*nb] is written.  With
+    the images innermost, stride 1 copies whole output rows of the chunk, (OW - pad) * nb
+    contiguous floats, in one loop; a strided convolution copies runs of nb.
+    """
     taps = kh * kw
-    for task in range(c_in * taps * nb):
-        k = task // nb
-        j = task % nb
+    width = oh * ow * nb
+    span = ow * nb
+    for k in range(c_in * taps):
         c = k // taps
         p = (k % taps) // kw
         q = k % kw
-        row = cols[k, j * p_out:(j + 1) * p_out]
-        img = x[n0 + j, c]
         lo_i, hi_i = _valid_range(oh, h, p, stride, pad)
         lo_j, hi_j = _valid_range(ow, w, q, stride, pad)
-        row[:lo_i * ow] = 0.0
-        row[hi_i * ow:] = 0.0
-        off = q - pad
+        for t in range(lo_i * span):
+            cols[k, t] = 0.0
+        for t in range(hi_i * span, width):
+            cols[k, t] = 0.0
         for i in range(lo_i, hi_i):
-            base = i * ow
-            src = img[i * stride - pad + p]
-            row[base:base + lo_j] = 0.0
+            base = i * span
+            src = (c * h + i * stride - pad + p) * w * nb
+            for t in range(lo_j * nb):
+                cols[k, base + t] = 0.0
             if stride == 1:
-                row[base + lo_j:base + hi_j] = src[lo_j + off:hi_j + off]
+                s0 = src + (lo_j + q - pad) * nb
+                d0 = base + lo_j * nb
+                for t in range((hi_j - lo_j) * nb):
+                    cols[k, d0 + t] = xt[s0 + t]
             else:
-                row[base + lo_j:base + hi_j] = src[lo_j * stride + off:(hi_j - 1) * stride + off + 1:stride]
-            row[base + hi_j:base + ow] = 0.0
+                for jj in range(lo_j, hi_j):
+                    s0 = src + (jj * stride + q - pad) * nb
+                    d0 = base + jj * nb
+                    for t in range(nb):
+                        cols[k, d0 + t] = xt[s0 + t]
+            for t in range(hi_j * nb, span):
+                cols[k, base + t] = 0.0
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
+def col2im(dxt, cols, nb, c_in, h, w, kh, kw, stride, pad, oh, ow):
+    """Overwrite the packed chunk ``dxt`` (layout of :func:`pack_images`) with the col2im of
+    ``cols[:, :P*nb]``: every tap's column added back to the input pixel :func:`im2col` read
+    it from, in increasing row order k (a fixed summation order)."""
+    for t in range(c_in * h * w * nb):
+        dxt[t] = 0.0
+    taps = kh * kw
+    span = ow * nb
+    for k in range(c_in * taps):
+        c = k // taps
+        p = (k % taps) // kw
+        q = k % kw
+        lo_i, hi_i = _valid_range(oh, h, p, stride, pad)
+        lo_j, hi_j = _valid_range(ow, w, q, stride, pad)
+        for i in range(lo_i, hi_i):
+            base = i * span
+            dst = (c * h + i * stride - pad + p) * w * nb
+            if stride == 1:
+                s0 = base + lo_j * nb
+                d0 = dst + (lo_j + q - pad) * nb
+                for t in range((hi_j - lo_j) * nb):
+                    dxt[d0 + t] += cols[k, s0 + t]
+            else:
+                for jj in range(lo_j, hi_j):
+                    s0 = base + jj * nb
+                    d0 = dst + (jj * stride + q - pad) * nb
+                    for t in range(nb):
+                        dxt[d0 + t] += cols[k, s0 + t]
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
 def tap_rows(rows, x, n, kw, pad, ow):
     """Write ``rows`` (C*KW, HP*OW), HP = H + 2*pad, from image n of x (N, C, H, W), stride 1.
 
@@ -103,7 +175,7 @@ def tap_rows(rows, x, n, kw, pad, ow):
             row[base + hi:base + ow] = 0.0
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def tap_rows_adjoint(dx, rows, n, kw, pad, ow):
     """Overwrite image n of dx (N, C, H, W) with the adjoint of :func:`tap_rows` applied to rows.
 
@@ -128,79 +200,36 @@ def tap_rows_adjoint(dx, rows, n, kw, pad, ow):
                     dst[t] += src[t]
 
 
-@njit(nogil=True, cache=True)
-def col2im(dx, cols, n0, nb, kh, kw, stride, pad, oh, ow):
-    """Overwrite images n0..n0+nb-1 of dx (N, C, H, W) with the col2im of ``cols`` (K, nb*P).
-
-    One step per (image j, channel c): it zeroes its dx plane, then adds every tap's column
-    back to the input pixel the tap read.  Chunks of different workers touch different images.
-    """
-    c_in, h, w = dx.shape[1], dx.shape[2], dx.shape[3]
-    p_out = oh * ow
-    for task in range(nb * c_in):
-        j = task // c_in
-        c = task % c_in
-        plane = dx[n0 + j, c]
-        plane[:, :] = 0.0
-        for p in range(kh):
-            lo_i, hi_i = _valid_range(oh, h, p, stride, pad)
-            for q in range(kw):
-                lo_j, hi_j = _valid_range(ow, w, q, stride, pad)
-                if hi_j <= lo_j:
-                    continue
-                row = cols[(c * kh + p) * kw + q, j * p_out:(j + 1) * p_out]
-                off = q - pad
-                for i in range(lo_i, hi_i):
-                    src = row[i * ow + lo_j:i * ow + hi_j]
-                    if stride == 1:
-                        dst = plane[i - pad + p, lo_j + off:hi_j + off]
-                    else:
-                        dst = plane[i * stride - pad + p,
-                                    lo_j * stride + off:(hi_j - 1) * stride + off + 1:stride]
-                    for t in range(src.shape[0]):
-                        dst[t] += src[t]
-
-
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def scatter_bias_relu(y, yt, b, n0, nb, relu):
-    """y[n0+j, f, :] = yt[f, j*P:(j+1)*P] + b[f], then max(., 0) if relu (a NaN kept, as
-    np.maximum keeps it).  y (N,F,OH,OW).
+    """y[n0+j, f, pix] = yt[f, pix*nb + j] + b[f], then max(., 0) if relu (a NaN kept, as
+    np.maximum keeps it).  y (N, F, P) (the output map flattened), yt (F, >= P*nb).
 
-    One step per (image j, filter f), each writing one output plane.
+    One step per (filter, image), each writing one output plane.
     """
-    f_out = y.shape[1]
-    p_out = y.shape[2] * y.shape[3]
-    for task in range(nb * f_out):
-        j = task // f_out
-        f = task % f_out
-        dst = y[n0 + j, f].reshape(p_out)
-        src = yt[f, j * p_out:(j + 1) * p_out]
+    f_out, p_out = y.shape[1], y.shape[2]
+    for f in range(f_out):
         bias = b[f]
-        if relu:
+        for j in range(nb):
+            dst = y[n0 + j, f]
             for t in range(p_out):
-                v = src[t] + bias
-                dst[t] = np.float32(0.0) if v < 0.0 else v
-        else:
-            for t in range(p_out):
-                dst[t] = src[t] + bias
+                v = yt[f, t * nb + j] + bias
+                dst[t] = np.float32(0.0) if (relu and v < 0.0) else v
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def gather_filter_major(dyt, dy, n0, nb):
-    """dyt[f, j*P:(j+1)*P] = dy[n0+j, f] flattened, for the chunk's nb images.  dy (N,F,OH,OW).
-
-    The inverse layout change of :func:`scatter_bias_relu`; one step per (image, filter).
-    """
-    f_out = dy.shape[1]
-    p_out = dy.shape[2] * dy.shape[3]
-    for task in range(nb * f_out):
-        j = task // f_out
-        f = task % f_out
-        src = dy[n0 + j, f].reshape(p_out)
-        dyt[f, j * p_out:(j + 1) * p_out] = src
+    """dyt[f, pix*nb + j] = dy[n0+j, f, pix] for the chunk's nb images: the inverse layout
+    change of :func:`scatter_bias_relu`.  dy (N, F, P)."""
+    f_out, p_out = dy.shape[1], dy.shape[2]
+    for f in range(f_out):
+        for j in range(nb):
+            src = dy[n0 + j, f]
+            for t in range(p_out):
+                dyt[f, t * nb + j] = src[t]
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def bias_relu_image(y, b, n, relu):
     """In place on image n only: y[n, f] += b[f], then max(., 0) if relu.  y (N, F, OH, OW)."""
     f_out = y.shape[1]
@@ -213,12 +242,13 @@ def bias_relu_image(y, b, n, relu):
             plane[t] = np.float32(0.0) if (relu and v < 0.0) else v
 
 
-@njit(parallel=True, cache=True)
-def bias_grad(db, dy):
-    """db[f] = sum over n, i, j of dy[n, f, i, j] (overwritten), summed in float64."""
-    n, f_out = dy.shape[0], dy.shape[1]
+@njit(nogil=True, cache=True, error_model="numpy")
+def bias_grad(db, dy, lo, hi):
+    """db[f] = sum over n, i, j of dy[n, f, i, j] (overwritten), summed in float64, for
+    lo <= f < hi."""
+    n = dy.shape[0]
     p_out = dy.shape[2] * dy.shape[3]
-    for f in prange(f_out):
+    for f in range(lo, hi):
         acc = 0.0
         for i in range(n):
             plane = dy[i, f].reshape(p_out)
@@ -227,12 +257,13 @@ def bias_grad(db, dy):
         db[f] = acc
 
 
-@njit(parallel=True, cache=True)
-def add_bias_relu_nchw(y, b, relu):
-    """In place: y[n, f] += b[f], then max(., 0) if relu.  y (N, F, OH, OW)."""
-    n, f_out = y.shape[0], y.shape[1]
+@njit(nogil=True, cache=True, error_model="numpy")
+def add_bias_relu_nchw(y, b, relu, lo, hi):
+    """In place: y[n, f] += b[f], then max(., 0) if relu, for the planes lo <= n*F + f < hi.
+    y (N, F, OH, OW)."""
+    f_out = y.shape[1]
     p_out = y.shape[2] * y.shape[3]
-    for task in prange(n * f_out):
+    for task in range(lo, hi):
         f = task % f_out
         plane = y[task // f_out, f].reshape(p_out)
         bias = b[f]

@@ -1,4 +1,4 @@
-"""Local response normalisation across channels on the CPU (parallel Numba kernels).
+"""Local response normalisation across channels on the CPU (Numba kernels on the worker threads).
 
 The contract (``nbalex.backends``), half = size // 2, windows clipped at the channel edges::
 
@@ -7,7 +7,11 @@ The contract (``nbalex.backends``), half = size // 2, windows clipped at the cha
     dx[n, c]    = dy[n, c] * scale[n, c]**(-beta)
                   - 2*alpha*beta * x[n, c] * sum_{j in [c-half, c+half]} dy[n, j]*y[n, j]/scale[n, j]
 
-One parallel task per (n, c) plane; the few neighbouring planes it reads stay in cache.
+One task per (n, c) plane, the planes split between the worker threads
+(:func:`nbalex.cpu.workers.for_ranges`); the few neighbouring planes a task reads stay in
+cache.  Both passes sum the window plane by plane in unit-stride loops that vectorise (the
+forward pass in y itself): a sum per pixel over the window's planes, strided by the plane
+size, ran at 4.5 ns per element, four times the backward pass.
 Everything is computed in float32 (float64 constants would drag the loop into double).
 beta = 0.75 (the paper's value) takes a pow-free path: s**-0.75 = r * sqrt(r), r = 1/sqrt(s).
 Plain IEEE arithmetic, no ``fastmath``: fastmath let LLVM reassociate and approximate
@@ -18,11 +22,11 @@ from the cache), and it assumes no NaN or inf.
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from nbalex import checks
 
-from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
+from . import workers
 
 
 @njit(inline="always", cache=True)
@@ -34,48 +38,54 @@ def _neg_pow(s, beta, three_quarters):
     return s ** (-beta)
 
 
-@njit(parallel=True, cache=True)
-def lrn_forward_kernel(y, scale, x, half, alpha, beta, k, three_quarters):
-    """x, y, scale (N, C, P) float32: write scale[n, c, :] and y[n, c, :], one task per (n, c).
+@njit(nogil=True, cache=True, error_model="numpy")
+def lrn_forward_kernel(y, scale, x, half, alpha, beta, k, three_quarters, lo, hi):
+    """x, y, scale (N, C, P) float32: write scale[n, c, :] (unless None) and y[n, c, :] for
+    the planes lo <= n*C + c < hi.  The window's sum of squares is summed into y[n, c] in
+    increasing channel order, then replaced by the output.
 
     alpha, beta, k arrive as float32 so that the whole pass stays in single precision.
     """
-    n_img, channels, plane = x.shape
-    for task in prange(n_img * channels):
+    channels, plane = x.shape[1], x.shape[2]
+    for task in range(lo, hi):
         n = task // channels
         c = task % channels
-        lo = max(0, c - half)
-        hi = min(channels - 1, c + half)
+        first = max(0, c - half)
+        last = min(channels - 1, c + half)
+        out = y[n, c]
         for t in range(plane):
-            acc = np.float32(0.0)
-            for cc in range(lo, hi + 1):
-                v = x[n, cc, t]
-                acc += v * v
-            s = k + alpha * acc
+            out[t] = 0.0
+        for cc in range(first, last + 1):
+            v = x[n, cc]
+            for t in range(plane):
+                out[t] += v[t] * v[t]
+        xc = x[n, c]
+        for t in range(plane):
+            s = k + alpha * out[t]
             if scale is not None:      # None (inference): compiled without the store
                 scale[n, c, t] = s
-            y[n, c, t] = x[n, c, t] * _neg_pow(s, beta, three_quarters)
+            out[t] = xc[t] * _neg_pow(s, beta, three_quarters)
 
 
-@njit(parallel=True, cache=True)
-def lrn_backward_kernel(dx, dy, x, y, scale, half, alpha, beta, three_quarters):
-    """All (N, C, P) float32: write dx[n, c, :], one task per (n, c).
+@njit(nogil=True, cache=True, error_model="numpy")
+def lrn_backward_kernel(dx, dy, x, y, scale, half, alpha, beta, three_quarters, lo, hi):
+    """All (N, C, P) float32: write dx[n, c, :] for the planes lo <= n*C + c < hi.
 
     The window sum of dy*y/scale is accumulated plane by plane in dx itself (unit-stride
     loops that vectorise; recomputed per window instead of stored, so no scratch memory),
     then dx is finished in place.
     """
-    n_img, channels, plane = x.shape
+    channels, plane = x.shape[1], x.shape[2]
     coef = np.float32(2.0) * alpha * beta
-    for task in prange(n_img * channels):
+    for task in range(lo, hi):
         n = task // channels
         c = task % channels
-        lo = max(0, c - half)
-        hi = min(channels - 1, c + half)
+        first = max(0, c - half)
+        last = min(channels - 1, c + half)
         out = dx[n, c]
         for t in range(plane):
             out[t] = 0.0
-        for cc in range(lo, hi + 1):
+        for cc in range(first, last + 1):
             g, o, s = dy[n, cc], y[n, cc], scale[n, cc]
             for t in range(plane):
                 out[t] += g[t] * o[t] / s[t]
@@ -93,13 +103,17 @@ def lrn_forward(y, scale, x, size, alpha, beta, k, stream=None):
     """y, scale (shaped like x (N,C,...)) <- normalised x and its denominator base (written);
     ``scale`` None (inference) is not kept."""
     f32 = np.float32
-    lrn_forward_kernel(_as3d(y), None if scale is None else _as3d(scale), _as3d(x), size // 2, f32(alpha), f32(beta), f32(k),
-                       beta == 0.75)
+    x3 = _as3d(x)
+    workers.for_ranges(lrn_forward_kernel, x3.shape[0] * x3.shape[1], _as3d(y),
+                       None if scale is None else _as3d(scale), x3, size // 2, f32(alpha),
+                       f32(beta), f32(k), beta == 0.75, work=(size + 4) * x.size)
 
 
 @checks.checked(checks.lrn_backward, "cpu")
 def lrn_backward(dx, dy, x, y, scale, size, alpha, beta, k, stream=None):
     """dx (shaped like x) <- dL/dx from dy and the forward's x, y, scale.  dx is overwritten."""
     f32 = np.float32
-    lrn_backward_kernel(_as3d(dx), _as3d(dy), _as3d(x), _as3d(y), _as3d(scale), size // 2,
-                        f32(alpha), f32(beta), beta == 0.75)
+    x3 = _as3d(x)
+    workers.for_ranges(lrn_backward_kernel, x3.shape[0] * x3.shape[1], _as3d(dx), _as3d(dy), x3,
+                       _as3d(y), _as3d(scale), size // 2, f32(alpha), f32(beta), beta == 0.75,
+                       work=(size + 4) * x.size)

@@ -1,27 +1,28 @@
-"""ReLU on the CPU: one parallel Numba pass over the flat array."""
+"""ReLU on the CPU: one Numba pass over the flat array, split between the worker threads."""
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from nbalex import checks
 
-from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
+from . import workers
 
 
-@njit(parallel=True, cache=True)
-def relu_forward_kernel(y, x):
-    """y[i] = max(x[i], 0) for every i of the flat arrays, a NaN kept (np.maximum's rule);
-    y may be x (written).  Plain IEEE arithmetic: no fastmath, which would assume no NaN."""
-    for i in prange(x.shape[0]):
+@njit(nogil=True, cache=True, error_model="numpy")
+def relu_forward_kernel(y, x, lo, hi):
+    """y[i] = max(x[i], 0) for lo <= i < hi of the flat arrays, a NaN kept (np.maximum's
+    rule); y may be x (written).  Plain IEEE arithmetic: no fastmath, which would assume no
+    NaN."""
+    for i in range(lo, hi):
         v = x[i]
         y[i] = np.float32(0.0) if v < 0.0 else v
 
 
-@njit(parallel=True, cache=True)
-def relu_backward_kernel(dx, dy, y):
-    """dx[i] = dy[i] * (y[i] > 0), a multiply as in the reference: a NaN or inf dy at an
-    inactive unit gives NaN, not 0 (written); dx may be dy."""
-    for i in prange(dy.shape[0]):
+@njit(nogil=True, cache=True, error_model="numpy")
+def relu_backward_kernel(dx, dy, y, lo, hi):
+    """dx[i] = dy[i] * (y[i] > 0) for lo <= i < hi, a multiply as in the reference: a NaN or
+    inf dy at an inactive unit gives NaN, not 0 (written); dx may be dy."""
+    for i in range(lo, hi):
         g = dy[i]
         dx[i] = g if y[i] > 0.0 else g * np.float32(0.0)
 
@@ -29,10 +30,11 @@ def relu_backward_kernel(dx, dy, y):
 @checks.checked(checks.relu_forward, "cpu")
 def relu_forward(y, x, stream=None):
     """y = max(x, 0), any shape, C-contiguous; y may be x."""
-    relu_forward_kernel(y.reshape(-1), x.reshape(-1))
+    workers.for_ranges(relu_forward_kernel, x.size, y.reshape(-1), x.reshape(-1))
 
 
 @checks.checked(checks.relu_backward, "cpu")
 def relu_backward(dx, dy, y, stream=None):
     """dx = dy * (y > 0); dx may be dy."""
-    relu_backward_kernel(dx.reshape(-1), dy.reshape(-1), y.reshape(-1))
+    workers.for_ranges(relu_backward_kernel, dy.size, dx.reshape(-1), dy.reshape(-1),
+                       y.reshape(-1))

@@ -1,4 +1,5 @@
-"""Softmax cross-entropy on the CPU: one parallel task per example (row of the logits).
+"""Softmax cross-entropy on the CPU: one task per example (row of the logits), the rows split
+between the worker threads.
 
 logits, probs, dlogits (N, K); labels int32 (N,); losses (N,)::
 
@@ -10,18 +11,18 @@ logits, probs, dlogits (N, K); labels int32 (N,); losses (N,)::
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from nbalex import checks
 
-from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
+from . import workers
 
 
-@njit(parallel=True, cache=True)
-def softmax_xent_forward_kernel(losses, probs, logits, labels):
-    """Write probs[n, :] and losses[n] for every row n; one task per row."""
-    n_rows, classes = logits.shape
-    for n in prange(n_rows):
+@njit(nogil=True, cache=True, error_model="numpy")
+def softmax_xent_forward_kernel(losses, probs, logits, labels, lo, hi):
+    """Write probs[n, :] and losses[n] for rows lo <= n < hi."""
+    classes = logits.shape[1]
+    for n in range(lo, hi):
         row = logits[n]
         top = row[0]
         for j in range(1, classes):
@@ -37,12 +38,12 @@ def softmax_xent_forward_kernel(losses, probs, logits, labels):
         losses[n] = math.log(total) - (row[labels[n]] - top)
 
 
-@njit(parallel=True, cache=True)
-def softmax_xent_backward_kernel(dlogits, probs, labels):
-    """Write dlogits[n, :] = (probs[n, :] - onehot(labels[n])) / N; one task per row."""
+@njit(nogil=True, cache=True, error_model="numpy")
+def softmax_xent_backward_kernel(dlogits, probs, labels, lo, hi):
+    """Write dlogits[n, :] = (probs[n, :] - onehot(labels[n])) / N for rows lo <= n < hi."""
     n_rows, classes = probs.shape
     inv_n = np.float32(1.0 / n_rows)
-    for n in prange(n_rows):
+    for n in range(lo, hi):
         for j in range(classes):
             dlogits[n, j] = probs[n, j] * inv_n
         dlogits[n, labels[n]] = (probs[n, labels[n]] - np.float32(1.0)) * inv_n
@@ -51,10 +52,12 @@ def softmax_xent_backward_kernel(dlogits, probs, labels):
 @checks.checked(checks.softmax_xent_forward, "cpu")
 def softmax_xent_forward(losses, probs, logits, labels, stream=None):
     """losses (N,), probs (N,K) <- per-example loss and softmax of logits.  Both overwritten."""
-    softmax_xent_forward_kernel(losses, probs, logits, labels)
+    workers.for_ranges(softmax_xent_forward_kernel, logits.shape[0], losses, probs, logits, labels,
+                       work=20 * logits.size)
 
 
 @checks.checked(checks.softmax_xent_backward, "cpu")
 def softmax_xent_backward(dlogits, probs, labels, stream=None):
     """dlogits (N,K) <- (probs - onehot(labels)) / N.  dlogits is overwritten."""
-    softmax_xent_backward_kernel(dlogits, probs, labels)
+    workers.for_ranges(softmax_xent_backward_kernel, probs.shape[0], dlogits, probs, labels,
+                       work=probs.size)

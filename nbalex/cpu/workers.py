@@ -35,7 +35,6 @@ import atexit
 import ctypes
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numba
@@ -220,7 +219,9 @@ def _gemm(a, b, c, beta, trans_a=False, trans_b=False):
 _CONTROLS = _openblas_thread_controls()
 _SGEMM = _openblas_sgemm()
 gemm = _gemm if _SGEMM is not None else None
-WORKERS = max(1, min(numba.config.NUMBA_NUM_THREADS, os.cpu_count() or 1)) if _CONTROLS else 1
+THREADS = max(1, min(numba.config.NUMBA_NUM_THREADS, os.cpu_count() or 1))
+WORKERS = THREADS if _CONTROLS else 1       # the convolution's shares need single-threaded BLAS
+SERIAL_WORK = 1 << 15                       # see for_ranges
 _pool = []
 
 if threads.BLAS_THREADS == "pool" and install_blas_pool() is not None:
@@ -263,8 +264,104 @@ def split(n, parts):
     return [(min(n, t * step), min(n, (t + 1) * step)) for t in range(parts)]
 
 
+class _Team:
+    """``helpers`` threads that each run one share of a parallel call while the calling thread
+    runs the first share; between calls they sleep on a semaphore (they never spin).
+
+    One call at a time: a call made while another runs (from a share, or from a second Python
+    thread) runs all its shares on its own thread instead (:func:`_run_shares`).
+    """
+
+    def __init__(self, helpers):
+        self.busy = threading.Lock()
+        # Plain locks used as binary semaphores (held = "not yet"): a C-level handoff,
+        # several times cheaper than threading.Semaphore's Condition.
+        self._go = [_locked() for _ in range(helpers)]
+        self._done = [_locked() for _ in range(helpers)]
+        self._jobs = [None] * helpers
+        self._errors = [None] * helpers
+        for i in range(helpers):
+            threading.Thread(target=self._serve, args=(i,), daemon=True,
+                             name=f"nbalex-cpu-{i + 1}").start()
+
+    def _serve(self, i):
+        while True:
+            self._go[i].acquire()
+            job, self._jobs[i] = self._jobs[i], None
+            try:
+                job()
+            except BaseException as error:     # handed to the caller
+                self._errors[i] = error
+            finally:
+                self._done[i].release()
+
+    def run(self, jobs):
+        """Run jobs[0] here and jobs[1:] on the helpers; return when all have ended, raising
+        the first exception (in share order).  A Ctrl-C does not cut the wait short (the
+        helpers write the caller's arrays): it is raised once every share has ended."""
+        helpers = len(jobs) - 1
+        for i in range(helpers):
+            self._jobs[i] = jobs[i + 1]
+            self._go[i].release()
+        errors = [None]
+        try:
+            jobs[0]()
+        except BaseException as error:
+            errors[0] = error
+        interrupted = False
+        for i in range(helpers):
+            interrupted |= _acquire(self._done[i])
+        errors += self._errors[:helpers]
+        self._errors[:helpers] = [None] * helpers
+        for error in errors:
+            if error is not None:
+                raise error
+        if interrupted:
+            raise KeyboardInterrupt
+
+
+def _locked():
+    lock = _thread.allocate_lock()
+    lock.acquire()
+    return lock
+
+
+def _acquire(lock):
+    """Acquire ``lock``, riding out KeyboardInterrupt; whether one came."""
+    interrupted = False
+    while True:
+        try:
+            lock.acquire()
+            return interrupted
+        except KeyboardInterrupt:
+            interrupted = True
+
+
+def _team():
+    if not _pool:
+        _pool.append(_Team(THREADS - 1))
+    return _pool[0]
+
+
+def _run_shares(jobs):
+    """Run the jobs in parallel on the team, or one after another here when it is taken."""
+    if len(jobs) == 1:
+        jobs[0]()
+        return
+    team = _team()
+    if not team.busy.acquire(blocking=False):
+        for job in jobs:
+            job()
+        return
+    try:
+        team.run(jobs)
+    finally:
+        team.busy.release()
+
+
 def run(work, n, serial_blas=False):
-    """Call work(t, lo, hi) for worker t over its share [lo, hi) of n images, all in parallel.
+    """Call work(t, lo, hi) for worker t over its share [lo, hi) of n images, all in parallel
+    (WORKERS shares, single-threaded BLAS inside them), the first on the calling thread.
 
     When a single worker has images it runs on the calling thread, with BLAS threaded as
     usual unless ``serial_blas`` (for GEMMs too small to share: threaded OpenBLAS jobs wait
@@ -278,10 +375,28 @@ def run(work, n, serial_blas=False):
             for t in busy:
                 work(t, *ranges[t])
         return busy
-    if not _pool:
-        _pool.append(ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="nbalex-cpu"))
     with _single_threaded_blas():
-        futures = [_pool[0].submit(work, t, *ranges[t]) for t in busy]
-        for f in futures:
-            f.result()
+        _run_shares([lambda t=t: work(t, *ranges[t]) for t in busy])
     return busy
+
+
+def for_ranges(kernel, tasks, *args, work=None):
+    """[kernel(*args, lo, hi)] for THREADS contiguous ranges [lo, hi) covering range(tasks),
+    run in parallel, the first on the calling thread; the results in range order.
+
+    The kernels are serial ``nogil`` Numba functions whose tasks are independent, so the
+    split never changes a bit.  A pass whose ``work`` (elements it touches; ``tasks`` when
+    None) is below SERIAL_WORK runs as one range on the calling thread: waking a helper costs
+    more than such a pass.  (Numba's own parallel loops cost 165 us a launch under the
+    ``workqueue`` layer on the 2-core machine, more than most of a small step's passes.)
+    """
+    if THREADS == 1 or (tasks if work is None else work) < SERIAL_WORK or tasks < 2:
+        return [kernel(*args, 0, tasks)]
+    ranges = [r for r in split(tasks, THREADS) if r[1] > r[0]]
+    results = [None] * len(ranges)
+
+    def job(i):
+        results[i] = kernel(*args, *ranges[i])
+
+    _run_shares([lambda i=i: job(i) for i in range(len(ranges))])
+    return results
