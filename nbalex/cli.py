@@ -585,8 +585,11 @@ def lab_start(name, folder, force):
 @lab.command("check", epilog=_examples("nbalex lab check relu lab1/relu.py",
                                        "nbalex lab check relu lab1/relu.py --json",
                                        "nbalex lab check relu lab1/relu.py --static",
+                                       "nbalex lab check relu lab1/relu.py --no-gpu-shapes",
                                        note="Exit status 0 when every case passes, 1 "
-                                            "otherwise."))
+                                            "otherwise. On a GPU the lab also runs at "
+                                            "AlexNet's shapes, timed beside the package's "
+                                            "kernel and PyTorch's (timing is not graded)."))
 @click.argument("name")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--backend", type=click.Choice(["cuda", "cpu", "reference"]), default="cuda",
@@ -597,12 +600,20 @@ def lab_start(name, folder, force):
 @click.option("--static", "static", is_flag=True,
               help="Also compile FILE's kernels for sm_90 (needs the CUDA tools, nbalex[static]) "
                    "and show registers, shared memory and spills beside the package's.")
+@click.option("--no-gpu-shapes", "no_gpu_shapes", is_flag=True,
+              help="Skip the GPU leg (AlexNet's shapes, checked and timed) on a GPU.")
+@click.option("--gpu-shapes-scale", "gpu_shapes_scale",
+              type=FiniteFloat(0, 1, min_open=True), hidden=True,
+              help="Run the GPU leg at AlexNet's shapes times this, under the simulator too.")
 @click.pass_context
-def lab_check(ctx, name, file, backend, timeout, as_json, static):
-    """Grade FILE's launchers for lab NAME against the reference at small, awkward shapes."""
+def lab_check(ctx, name, file, backend, timeout, as_json, static, no_gpu_shapes,
+              gpu_shapes_scale):
+    """Grade FILE's launchers for lab NAME against the reference at small, awkward shapes
+    (and, on a GPU, at AlexNet's)."""
     from nbalex.labs.grader import check, format_report
     try:
-        report = check(name, file, backend=backend, timeout=timeout)
+        report = check(name, file, backend=backend, timeout=timeout,
+                       gpu_shapes=not no_gpu_shapes, scale=gpu_shapes_scale)
     except ValueError as exc:               # an unknown lab or not a .py file: exit 2, not 1
         raise OneLineUsageError(_one_line(exc)) from None
     text = None if as_json else format_report(report)

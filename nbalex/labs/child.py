@@ -1,9 +1,11 @@
-"""``python -m nbalex.labs.child LAB FILE BACKEND``: grade FILE, one JSON line per case.
+"""``python -m nbalex.labs.child LAB FILE BACKEND [SCALE]``: grade FILE, one JSON line per case.
 
 The grader's child process (:mod:`nbalex.labs.grader` starts it with a time limit, with
-``NUMBA_ENABLE_CUDASIM=1`` set when there is no GPU).  The first line is
-``{"event": "start", "cases": [labels]}``; each case follows as soon as it is done, so a
-case that hangs still leaves the earlier ones' results.
+``NUMBA_ENABLE_CUDASIM=1`` set when there is no GPU).  SCALE, when given, adds the GPU leg
+at AlexNet's shapes times SCALE (:mod:`nbalex.labs.gpu_shapes`).  The first line is
+``{"event": "start", "cases": [labels], "legs": [...], "alexnet": ...}``
+(:func:`nbalex.labs.run.run_cases`); each case follows as soon as it is done, so a case that
+hangs still leaves the earlier ones' results.
 """
 
 import json
@@ -11,7 +13,9 @@ import sys
 
 
 def main(argv=None):
-    lab_name, path, backend = (argv if argv is not None else sys.argv[1:])[:3]
+    args = list(argv if argv is not None else sys.argv[1:])
+    lab_name, path, backend = args[:3]
+    scale = float(args[3]) if len(args) > 3 else None
     from nbalex.labs.registry import get
     from nbalex.labs.run import run_cases
 
@@ -19,7 +23,7 @@ def main(argv=None):
         sys.stdout.write(json.dumps(record) + "\n")
         sys.stdout.flush()
 
-    run_cases(get(lab_name), path, backend, emit)
+    run_cases(get(lab_name), path, backend, emit, scale=scale)
     return 0
 
 

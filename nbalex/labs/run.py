@@ -98,12 +98,23 @@ def run_case(case, launcher, arrays, path):
     return result
 
 
-def run_cases(lab, path, backend="cuda", emit=None):
+def run_cases(lab, path, backend="cuda", emit=None, scale=None):
     """Grade the module at ``path`` on every case of ``lab``; each result dict is passed to
-    ``emit`` as it comes (the child streams them) and the list is returned."""
+    ``emit`` as it comes (the child streams them) and the list is returned.
+
+    With ``scale`` (cuda only) the GPU leg follows (:mod:`nbalex.labs.gpu_shapes`: AlexNet's
+    shapes times ``scale``) once every small case passed; otherwise its cases are reported
+    as not run.  The first record, ``{"event": "start", "cases", "legs", "alexnet"}``, lists
+    every label, its leg ("small" or "alexnet") and the leg's setting (None without it)."""
     emit = emit or (lambda r: None)
     cases = lab.case_list()
-    emit({"event": "start", "cases": [c.label for c in cases]})
+    planned, info = [], None
+    if scale is not None:
+        from nbalex.labs import gpu_shapes
+        from nbalex.labs.alexnet_shapes import plan
+        planned, info = plan(lab, scale), gpu_shapes.leg_info(scale)
+    emit({"event": "start", "cases": [c.label for c in cases] + [p.label for p in planned],
+          "legs": ["small"] * len(cases) + ["alexnet"] * len(planned), "alexnet": info})
     results = []
     try:
         module = load_module(path)
@@ -113,15 +124,25 @@ def run_cases(lab, path, backend="cuda", emit=None):
                                  + ", ".join(expected_signature(lab, n) for n in missing))
     except Exception as exc:
         error = student_traceback(exc, path)
-        for case in cases:
-            result = {"label": case.label, "launcher": case.launcher, "passed": False,
-                      "failures": [], "error": error, "seconds": 0.0}
+        for label, launcher, leg in [(c.label, c.launcher, "small") for c in cases] + \
+                [(p.label, p.launcher, "alexnet") for p in planned]:
+            result = {"label": label, "launcher": launcher, "passed": False,
+                      "failures": [], "error": error, "seconds": 0.0, "leg": leg}
             results.append(result)
             emit(result)
         return results
     arrays = Arrays(backend)
     for case in cases:
         result = run_case(case, getattr(module, case.launcher), arrays, path)
+        result["leg"] = "small"
+        results.append(result)
+        emit(result)
+    if not planned:
+        return results
+    if all(r["passed"] for r in results):
+        return results + gpu_shapes.run_shapes(lab, planned, module, arrays, path, emit)
+    for p in planned:
+        result = gpu_shapes.not_run(p, gpu_shapes.SMALL_FIRST)
         results.append(result)
         emit(result)
     return results
