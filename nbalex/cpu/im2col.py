@@ -47,32 +47,48 @@ def _valid_range(out_len, in_len, tap, stride, pad):
     return lo, hi
 
 
+# The kernels below index views from 0 (the helpers just here): an index computed from signed
+# offsets may be negative as far as Numba knows, and the wrap-around it then adds to every
+# access kept LLVM from vectorising the loop.
+
+@njit(inline="always", cache=True)
+def _fill0(a):
+    for t in range(a.shape[0]):
+        a[t] = 0.0
+
+
+@njit(inline="always", cache=True)
+def _copy(dst, src):
+    for t in range(dst.shape[0]):
+        dst[t] = src[t]
+
+
+@njit(inline="always", cache=True)
+def _add(dst, src):
+    for t in range(dst.shape[0]):
+        dst[t] += src[t]
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def pack_images(xt, x, n0, nb):
     """xt[((c*H + a)*W + b)*nb + j] = x[n0 + j, c, a, b] for j < nb: the chunk's images
     interleaved, image innermost (written).  x (N, C, H, W), xt flat with C*H*W*nb elements."""
-    c_in, h, w = x.shape[1], x.shape[2], x.shape[3]
+    c_in, plane = x.shape[1], x.shape[2] * x.shape[3]
     for j in range(nb):
         for c in range(c_in):
-            img = x[n0 + j, c]
-            base = c * h * w * nb + j
-            for a in range(h):
-                for b in range(w):
-                    xt[base + (a * w + b) * nb] = img[a, b]
+            base = c * plane * nb + j
+            _copy(xt[base:base + plane * nb:nb], x[n0 + j, c].reshape(plane))
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def unpack_images(x, xt, n0, nb):
     """The inverse of :func:`pack_images`: x[n0 + j, c, a, b] = xt[((c*H + a)*W + b)*nb + j]
     (images n0..n0+nb-1 of x overwritten)."""
-    c_in, h, w = x.shape[1], x.shape[2], x.shape[3]
+    c_in, plane = x.shape[1], x.shape[2] * x.shape[3]
     for j in range(nb):
         for c in range(c_in):
-            img = x[n0 + j, c]
-            base = c * h * w * nb + j
-            for a in range(h):
-                for b in range(w):
-                    img[a, b] = xt[base + (a * w + b) * nb]
+            base = c * plane * nb + j
+            _copy(x[n0 + j, c].reshape(plane), xt[base:base + plane * nb:nb])
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -83,10 +99,10 @@ def im2col(cols, xt, nb, c_in, h, w, kh, kw, stride, pad, oh, ow):
     cols[(c*KH + p)*KW + q, (i*OW + jj)*nb + j] = xp[j, c, i*stride + p, jj*stride + q], zeros
     where the tap falls into the padding: every element of cols[:, :P*nb] is written.  With
     the images innermost, stride 1 copies whole output rows of the chunk, (OW - pad) * nb
-    contiguous floats, in one loop; a strided convolution copies runs of nb.
+    contiguous floats, in one loop; a strided convolution copies runs of nb (one image: a
+    strided gather).
     """
     taps = kh * kw
-    width = oh * ow * nb
     span = ow * nb
     for k in range(c_in * taps):
         c = k // taps
@@ -94,28 +110,24 @@ def im2col(cols, xt, nb, c_in, h, w, kh, kw, stride, pad, oh, ow):
         q = k % kw
         lo_i, hi_i = _valid_range(oh, h, p, stride, pad)
         lo_j, hi_j = _valid_range(ow, w, q, stride, pad)
-        for t in range(lo_i * span):
-            cols[k, t] = 0.0
-        for t in range(hi_i * span, width):
-            cols[k, t] = 0.0
+        row = cols[k]
+        _fill0(row[:lo_i * span])
+        _fill0(row[hi_i * span:oh * span])
         for i in range(lo_i, hi_i):
-            base = i * span
-            src = (c * h + i * stride - pad + p) * w * nb
-            for t in range(lo_j * nb):
-                cols[k, base + t] = 0.0
+            out = row[i * span:(i + 1) * span]
+            _fill0(out[:lo_j * nb])
+            _fill0(out[hi_j * nb:])
+            first = (c * h + i * stride - pad + p) * w * nb
+            src = xt[first:first + w * nb]
+            a = lo_j * stride + q - pad               # first input column read
             if stride == 1:
-                s0 = src + (lo_j + q - pad) * nb
-                d0 = base + lo_j * nb
-                for t in range((hi_j - lo_j) * nb):
-                    cols[k, d0 + t] = xt[s0 + t]
+                _copy(out[lo_j * nb:hi_j * nb], src[a * nb:(a + hi_j - lo_j) * nb])
+            elif nb == 1:
+                _copy(out[lo_j:hi_j], src[a:a + (hi_j - lo_j - 1) * stride + 1:stride])
             else:
                 for jj in range(lo_j, hi_j):
-                    s0 = src + (jj * stride + q - pad) * nb
-                    d0 = base + jj * nb
-                    for t in range(nb):
-                        cols[k, d0 + t] = xt[s0 + t]
-            for t in range(hi_j * nb, span):
-                cols[k, base + t] = 0.0
+                    b = (jj * stride + q - pad) * nb
+                    _copy(out[jj * nb:(jj + 1) * nb], src[b:b + nb])
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -123,8 +135,7 @@ def col2im(dxt, cols, nb, c_in, h, w, kh, kw, stride, pad, oh, ow):
     """Overwrite the packed chunk ``dxt`` (layout of :func:`pack_images`) with the col2im of
     ``cols[:, :P*nb]``: every tap's column added back to the input pixel :func:`im2col` read
     it from, in increasing row order k (a fixed summation order)."""
-    for t in range(c_in * h * w * nb):
-        dxt[t] = 0.0
+    _fill0(dxt[:c_in * h * w * nb])
     taps = kh * kw
     span = ow * nb
     for k in range(c_in * taps):
@@ -133,20 +144,20 @@ def col2im(dxt, cols, nb, c_in, h, w, kh, kw, stride, pad, oh, ow):
         q = k % kw
         lo_i, hi_i = _valid_range(oh, h, p, stride, pad)
         lo_j, hi_j = _valid_range(ow, w, q, stride, pad)
+        row = cols[k]
         for i in range(lo_i, hi_i):
-            base = i * span
-            dst = (c * h + i * stride - pad + p) * w * nb
+            out = row[i * span:(i + 1) * span]
+            first = (c * h + i * stride - pad + p) * w * nb
+            dst = dxt[first:first + w * nb]
+            a = lo_j * stride + q - pad
             if stride == 1:
-                s0 = base + lo_j * nb
-                d0 = dst + (lo_j + q - pad) * nb
-                for t in range((hi_j - lo_j) * nb):
-                    dxt[d0 + t] += cols[k, s0 + t]
+                _add(dst[a * nb:(a + hi_j - lo_j) * nb], out[lo_j * nb:hi_j * nb])
+            elif nb == 1:
+                _add(dst[a:a + (hi_j - lo_j - 1) * stride + 1:stride], out[lo_j:hi_j])
             else:
                 for jj in range(lo_j, hi_j):
-                    s0 = base + jj * nb
-                    d0 = dst + (jj * stride + q - pad) * nb
-                    for t in range(nb):
-                        dxt[d0 + t] += cols[k, s0 + t]
+                    b = (jj * stride + q - pad) * nb
+                    _add(dst[b:b + nb], out[jj * nb:(jj + 1) * nb])
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -155,7 +166,7 @@ def tap_rows(rows, x, n, kw, pad, ow):
 
     rows[c*KW + q, a*OW + j] = xp[n, c, a, j + q] with xp the zero-padded input, so that for
     kernel row p the window rows[:, p*OW : p*OW + OH*OW] is im2col's block of rows (c, p, q).
-    One step per (channel, kernel column), each a run of slice copies; every element written.
+    One step per (channel, kernel column), each a run of row copies; every element written.
     """
     c_in, h, w = x.shape[1], x.shape[2], x.shape[3]
     top, bottom = pad * ow, (pad + h) * ow
@@ -166,13 +177,13 @@ def tap_rows(rows, x, n, kw, pad, ow):
         img = x[n, c]
         lo, hi = _valid_range(ow, w, q, 1, pad)
         off = q - pad
-        row[:top] = 0.0
-        row[bottom:] = 0.0
+        _fill0(row[:top])
+        _fill0(row[bottom:])
         for a in range(h):
-            base = top + a * ow
-            row[base:base + lo] = 0.0
-            row[base + lo:base + hi] = img[a, lo + off:hi + off]
-            row[base + hi:base + ow] = 0.0
+            out = row[top + a * ow:top + (a + 1) * ow]
+            _fill0(out[:lo])
+            _copy(out[lo:hi], img[a, lo + off:hi + off])
+            _fill0(out[hi:])
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -212,8 +223,9 @@ def scatter_bias_relu(y, yt, b, n0, nb, relu):
         bias = b[f]
         for j in range(nb):
             dst = y[n0 + j, f]
+            src = yt[f, j:j + p_out * nb:nb]
             for t in range(p_out):
-                v = yt[f, t * nb + j] + bias
+                v = src[t] + bias
                 dst[t] = np.float32(0.0) if (relu and v < 0.0) else v
 
 
@@ -224,9 +236,7 @@ def gather_filter_major(dyt, dy, n0, nb):
     f_out, p_out = dy.shape[1], dy.shape[2]
     for f in range(f_out):
         for j in range(nb):
-            src = dy[n0 + j, f]
-            for t in range(p_out):
-                dyt[f, t * nb + j] = src[t]
+            _copy(dyt[f, j:j + p_out * nb:nb], dy[n0 + j, f])
 
 
 @njit(nogil=True, cache=True, error_model="numpy")

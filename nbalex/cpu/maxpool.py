@@ -36,9 +36,9 @@ def maxpool_forward_kernel(y, idx, x, size, stride, lo, hi):
         for i in range(oh):
             h0 = i * stride
             best = y[n, c, i]
-            top = src[h0]
+            top = src[h0, 0:(ow - 1) * stride + 1:stride]
             for j in range(ow):
-                best[j] = top[j * stride]
+                best[j] = top[j]
             if idx is not None:      # None (inference): compiled without the positions
                 arg = idx[n, c, i]
                 for j in range(ow):
@@ -49,8 +49,9 @@ def maxpool_forward_kernel(y, idx, x, size, stride, lo, hi):
                     if p == 0 and q == 0:
                         continue
                     base = (h0 + p) * w + q
+                    seg = row[q:q + (ow - 1) * stride + 1:stride]   # a view indexed from 0
                     for j in range(ow):
-                        v = row[j * stride + q]
+                        v = seg[j]
                         b = best[j]
                         # max(b, v) keeps b unless v > b, a NaN b included; a NaN v is
                         # taken below.  Written this way (a select and an arithmetic blend

@@ -13,18 +13,20 @@ def relu_forward_kernel(y, x, lo, hi):
     """y[i] = max(x[i], 0) for lo <= i < hi of the flat arrays, a NaN kept (np.maximum's
     rule); y may be x (written).  Plain IEEE arithmetic: no fastmath, which would assume no
     NaN."""
-    for i in range(lo, hi):
-        v = x[i]
-        y[i] = np.float32(0.0) if v < 0.0 else v
+    src, dst = x[lo:hi], y[lo:hi]          # views from 0: no wrap-around of the index
+    for i in range(hi - lo):
+        v = src[i]
+        dst[i] = np.float32(0.0) if v < 0.0 else v
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def relu_backward_kernel(dx, dy, y, lo, hi):
     """dx[i] = dy[i] * (y[i] > 0) for lo <= i < hi, a multiply as in the reference: a NaN or
     inf dy at an inactive unit gives NaN, not 0 (written); dx may be dy."""
-    for i in range(lo, hi):
-        g = dy[i]
-        dx[i] = g if y[i] > 0.0 else g * np.float32(0.0)
+    g_in, out, act = dy[lo:hi], dx[lo:hi], y[lo:hi]
+    for i in range(hi - lo):
+        g = g_in[i]
+        out[i] = g if act[i] > 0.0 else g * np.float32(0.0)
 
 
 @checks.checked(checks.relu_forward, "cpu")
