@@ -300,6 +300,8 @@ def test_one_image_on_a_small_map_runs_single_threaded_blas(rng):
     workers.run(lambda t, lo, hi: seen.append(get()), 1)
     assert seen == [1, before] and get() == before
     assert conv_strategy.small_map(12, 12) and not conv_strategy.small_map(13, 13)
+    limit = conv_strategy.THREADED_GEMM_MACS
+    assert conv_strategy.serial_blas(limit - 1) and not conv_strategy.serial_blas(limit)
     x, wt, b, dy, stride, pad, groups = _conv_arrays(rng, (1, 6, 5, 5, 4, 3, 1, 1, 1))
     y, want = _garbage_like(dy), np.empty_like(dy)
     conv2d.conv2d_forward(y, x, wt, b, stride, pad, groups)

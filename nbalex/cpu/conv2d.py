@@ -52,10 +52,16 @@ from . import workers
 
 # A chunk aims at GEMMs at least TARGET_WIDTH columns wide (nb*P) and keeps its column matrix
 # within COLS_BUDGET float32 (16 MiB) so that what im2col writes is still in cache when the
-# GEMM reads it.  With one single-threaded worker per core, small chunks won: on AlexNet at
-# batch 32 (2-core EPYC) one image per chunk (two for the 13x13 layers) was as fast as or
-# faster than 4..16, while with both cores inside every GEMM, 1-image chunks had cost up to 3x.
+# GEMM reads it.  With one single-threaded worker per core, small chunks won for strided
+# convolutions: on AlexNet's conv1 at batch 32 (2-core EPYC) one image per chunk was as fast
+# as or faster than 4..16, while with both cores inside every GEMM, 1-image chunks had cost
+# up to 3x.  Stride-1 convolutions on small maps aim at STRIDE1_WIDTH instead: with the images
+# innermost their im2col copies runs of OW*nb floats, so wide chunks cost nothing there and
+# widen the GEMMs; alexnet-mini at batch 32 (2-core Xeon), ms forward / backward data /
+# backward weights, 256 -> 4096 columns: conv2 (12x12, 2 -> 16 images) 4.96/4.26/4.72 ->
+# 3.07/2.41/3.02, conv3 (5x5, 11 -> 16 images) 1.42/1.40/1.96 -> 1.29/1.24/1.85.
 TARGET_WIDTH = 256
+STRIDE1_WIDTH = 4096
 COLS_BUDGET = 4 * 1024 * 1024
 
 
@@ -71,9 +77,10 @@ def _geometry(x_shape, w_shape, stride, pad, groups):
     return n, c, f, cg, kh, kw, oh, ow
 
 
-def chunk_images(n, rows, p_out):
-    """Images per chunk: enough for TARGET_WIDTH columns, within COLS_BUDGET, in [1, n]."""
-    wanted = -(-TARGET_WIDTH // p_out)
+def chunk_images(n, rows, p_out, stride=2):
+    """Images per chunk: enough for TARGET_WIDTH columns (STRIDE1_WIDTH for stride 1), within
+    COLS_BUDGET, in [1, n]."""
+    wanted = -(-(STRIDE1_WIDTH if stride == 1 else TARGET_WIDTH) // p_out)
     return max(1, min(n, wanted, COLS_BUDGET // max(1, rows * p_out)))
 
 
@@ -98,7 +105,7 @@ def _per_worker(x_shape, w_shape, stride, pad, groups):
     """(nb, cols size, yt size, dw size, packed chunk size) of one worker's workspace slice."""
     n, c, f, cg, kh, kw, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
     rows, p_out = c * kh * kw, oh * ow
-    nb = chunk_images(-(-n // workers.WORKERS), rows, p_out)
+    nb = chunk_images(-(-n // workers.WORKERS), rows, p_out, stride)
     packed = c * x_shape[2] * x_shape[3] * nb if nb > 1 else 0
     return nb, rows * nb * p_out, f * nb * p_out, f * cg * kh * kw, packed
 
@@ -193,7 +200,7 @@ def _tap_forward(y, x, w, b, pad, groups, relu, workspace):
                                  out[g * fg:(g + 1) * fg], 0.0 if p == 0 else 1.0)
             k.bias_relu_image(y, b, n, relu)
 
-    workers.run(work, x.shape[0])
+    workers.run(work, x.shape[0], serial_blas=strategy.serial_blas(fg * kq * p_out))
 
 
 def _tap_backward_data(dx, dy, w, pad, groups, workspace):
@@ -216,7 +223,7 @@ def _tap_backward_data(dx, dy, w, pad, groups, workspace):
                                  trans_a=True)
             k.tap_rows_adjoint(dx, rows, n, kw, pad, ow)
 
-    workers.run(work, dx.shape[0])
+    workers.run(work, dx.shape[0], serial_blas=strategy.serial_blas(fg * kq * p_out))
 
 
 def _tap_backward_weights(dw, db, dy, x, pad, groups, workspace):
@@ -239,7 +246,7 @@ def _tap_backward_weights(dw, db, dy, x, pad, groups, workspace):
                     workers.gemm(block[:, p * ow:p * ow + p_out], d[g * fg:(g + 1) * fg],
                                  acc[p, g], 0.0 if i == lo else 1.0, trans_b=True)
 
-    busy = workers.run(work, n)
+    busy = workers.run(work, n, serial_blas=strategy.serial_blas(fg * kq * p_out))
     dw5 = dw.reshape(groups, fg, cg, kh, kw)
     for j, t in enumerate(busy):
         part = slices[t][1].reshape(kh, groups, cg, kw, fg).transpose(1, 4, 2, 0, 3)
@@ -291,7 +298,7 @@ def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, 
             else:
                 k.scatter_bias_relu(y.reshape(n, f, p_out), yt, b, n0, m, relu)
 
-    workers.run(work, n, serial_blas=strategy.small_map(oh, ow))
+    workers.run(work, n, serial_blas=strategy.serial_blas(fg * kg * p_out))
 
 
 @checks.checked(checks.conv2d_backward_data, "cpu")
@@ -324,7 +331,7 @@ def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=
             if m > 1:
                 k.unpack_images(dx, packed, n0, m)
 
-    workers.run(work, n, serial_blas=strategy.small_map(oh, ow))
+    workers.run(work, n, serial_blas=strategy.serial_blas(fg * kg * p_out))
 
 
 @checks.checked(checks.conv2d_backward_weights, "cpu")
@@ -359,7 +366,7 @@ def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, 
             if n0 != lo:
                 part += tmp
 
-    busy = workers.run(work, n, serial_blas=strategy.small_map(oh, ow))
+    busy = workers.run(work, n, serial_blas=strategy.serial_blas(fg * kg * p_out))
     dw2 = dw.reshape(f, kg)
     for g in range(groups):
         block = slice(g * kg * fg, (g + 1) * kg * fg)

@@ -7,7 +7,8 @@ reachable, so the same command takes the same path and gives the same bits:
 ``tap_rows``   stride 1 on maps larger than SMALL_MAP_PIXELS: per image, KH accumulating
                GEMMs on a column matrix KH times smaller than im2col's.
 ``im2col``     everything else: batch-parallel im2col chunks of several images each, one
-               GEMM per group and chunk, nb*P >= conv2d.TARGET_WIDTH columns wide.
+               GEMM per group and chunk, nb*P >= conv2d.TARGET_WIDTH columns wide
+               (STRIDE1_WIDTH for stride 1).
 
 Why small maps leave the kernel-row path: its GEMMs are one image wide, P columns, and a 5x5
 map gives P = 25, far too narrow for BLAS; a chunk of images makes them hundreds wide.
@@ -29,14 +30,21 @@ SMALL_MAP_PIXELS = 12 * 12
 
 
 def small_map(oh, ow):
-    """Whether an (oh, ow) output map counts as small (at most SMALL_MAP_PIXELS pixels).
-
-    A small map's single image gives GEMMs too small to share between threads: its chunk
-    runs with single-threaded BLAS (:func:`nbalex.cpu.workers.run`).  alexnet-mini at batch 1
-    after PyTorch's threads had run (bench/bench_cpu.py): inference 12.2 ms with threaded
-    BLAS in conv2-5, 3.9 ms on the kernel-row path before.
-    """
+    """Whether an (oh, ow) output map counts as small (at most SMALL_MAP_PIXELS pixels)."""
     return oh * ow <= SMALL_MAP_PIXELS
+
+
+# A lone image's GEMMs (batch 1) run on threaded BLAS only from this many multiply-adds a
+# GEMM: handing a call's jobs to the second core costs tens of microseconds.  At batch 1 on
+# the 2-core Xeon, ms threaded -> single-threaded BLAS: alexnet-mini conv1 (2.9 M a GEMM)
+# 0.43 -> 0.32, AlexNet conv1 (105 M) 2.5 -> 3.0, conv3's kernel rows (50 M) 3.4 -> 4.3.
+THREADED_GEMM_MACS = 16 * 1000 * 1000
+
+
+def serial_blas(gemm_macs):
+    """Whether a lone image's convolution keeps BLAS single-threaded, for GEMMs of
+    ``gemm_macs`` multiply-adds each (:func:`nbalex.cpu.workers.run`)."""
+    return gemm_macs < THREADED_GEMM_MACS
 
 
 def is_pointwise(kh, kw, stride, pad):

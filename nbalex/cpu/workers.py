@@ -108,18 +108,35 @@ _CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, 
                              ctypes.c_void_p, ctypes.c_int)
 
 
+def _locked():
+    lock = _thread.allocate_lock()
+    lock.acquire()
+    return lock
+
+
+def _acquire(lock):
+    """Acquire ``lock``, riding out KeyboardInterrupt; whether one came."""
+    interrupted = False
+    while True:
+        try:
+            lock.acquire()
+            return interrupted
+        except KeyboardInterrupt:
+            interrupted = True
+
+
 class BlasJobPool:
     """Runs the jobs of one multithreaded OpenBLAS call: job 0 on the calling thread, jobs
-    1..n-1 on threads of this pool that wait on a semaphore (asleep, not spinning) between calls.
+    1..n-1 on threads of this pool that wait on a lock (asleep, not spinning) between calls.
 
     All n jobs run at the same time (OpenBLAS's GEMM jobs wait on each other), so the pool
     grows to n-1 threads.  One call at a time (a lock): the jobs of a call use OpenBLAS's
-    per-job-index buffers.  ``calls`` counts the calls served."""
+    per-job-index buffers.  ``calls`` counts the calls served.  The handoff uses plain locks
+    (see :class:`_Team`)."""
 
     def __init__(self):
         self.calls = 0
         self._lock = threading.Lock()
-        self._done = threading.Semaphore(0)
         self._slots = []
 
     def _serve(self, slot):
@@ -129,7 +146,7 @@ class BlasJobPool:
             try:
                 fn(*args)
             finally:
-                self._done.release()
+                slot["done"].release()
 
     def __call__(self, sync, dojob, numjobs, elsize, jobdata, dojob_data):
         fn = _DOJOB(dojob)
@@ -137,7 +154,7 @@ class BlasJobPool:
         with self._lock:
             self.calls += 1
             while len(self._slots) < numjobs - 1:
-                slot = {"go": threading.Semaphore(0)}
+                slot = {"go": _locked(), "done": _locked()}
                 threading.Thread(target=self._serve, args=(slot,), daemon=True,
                                  name=f"nbalex-blas-{len(self._slots)}").start()
                 self._slots.append(slot)
@@ -152,13 +169,8 @@ class BlasJobPool:
         """Wait for ``jobs`` pool jobs.  OpenBLAS reuses their buffers once the callback
         returns, so a Ctrl-C here does not cut the wait short: it is raised again after."""
         interrupted = False
-        for _ in range(jobs):
-            while True:
-                try:
-                    self._done.acquire()
-                    break
-                except KeyboardInterrupt:
-                    interrupted = True
+        for slot in self._slots[:jobs]:
+            interrupted |= _acquire(slot["done"])
         if interrupted:
             _thread.interrupt_main()
 
@@ -221,7 +233,7 @@ _SGEMM = _openblas_sgemm()
 gemm = _gemm if _SGEMM is not None else None
 THREADS = max(1, min(numba.config.NUMBA_NUM_THREADS, os.cpu_count() or 1))
 WORKERS = THREADS if _CONTROLS else 1       # the convolution's shares need single-threaded BLAS
-SERIAL_WORK = 1 << 15                       # see for_ranges
+SERIAL_WORK = 1 << 19                       # see for_ranges
 _pool = []
 
 if threads.BLAS_THREADS == "pool" and install_blas_pool() is not None:
@@ -318,23 +330,6 @@ class _Team:
                 raise error
         if interrupted:
             raise KeyboardInterrupt
-
-
-def _locked():
-    lock = _thread.allocate_lock()
-    lock.acquire()
-    return lock
-
-
-def _acquire(lock):
-    """Acquire ``lock``, riding out KeyboardInterrupt; whether one came."""
-    interrupted = False
-    while True:
-        try:
-            lock.acquire()
-            return interrupted
-        except KeyboardInterrupt:
-            interrupted = True
 
 
 def _team():
