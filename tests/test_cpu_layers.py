@@ -42,6 +42,7 @@ CONV_CASES = [
     (3, 4, 14, 13, 6, 5, 1, 2, 2),    # stride 1, 14x13, 5x5 kernel, grouped: kernel-row path
     (3, 8, 5, 5, 6, 3, 1, 1, 2),      # stride 1, 5x5 map (alexnet-mini conv4-like): im2col
     (1, 6, 5, 5, 4, 3, 1, 1, 1),      # one image, 5x5 map: im2col on the calling thread
+    (3, 2, 4, 1, 3, 1, 4, 0, 1),      # one column, stride 4: phases wider than the image
 ]
 
 

@@ -106,7 +106,9 @@ def _per_worker(x_shape, w_shape, stride, pad, groups):
     n, c, f, cg, kh, kw, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
     rows, p_out = c * kh * kw, oh * ow
     nb = chunk_images(-(-n // workers.WORKERS), rows, p_out, stride)
-    packed = c * x_shape[2] * x_shape[3] * nb if nb > 1 else 0
+    # the packed chunk (k.pack_images), or a lone image's column phases (k.pack_phases)
+    packed = max(c * x_shape[2] * x_shape[3] * nb if nb > 1 else 0,
+                 c * x_shape[2] * stride * k.phase_width(x_shape[3], stride) if stride > 1 else 0)
     return nb, rows * nb * p_out, f * nb * p_out, f * cg * kh * kw, packed
 
 
@@ -144,13 +146,18 @@ def _buffers(workspace, x_shape, w_shape, stride, pad, groups):
     return nb, slices
 
 
-def _packed_chunk(packed, x, n0, m):
-    """Images n0..n0+m-1 of x, image innermost (im2col's input): image n0 itself, flattened,
-    when m == 1, else packed into ``packed``."""
-    if m == 1:
-        return x[n0].reshape(-1)
-    k.pack_images(packed, x, n0, m)
-    return packed
+def _im2col(cols, packed, x, n0, m, kh, kw, stride, pad, oh, ow):
+    """cols[:, :P*m] for images n0..n0+m-1 of x: packed image innermost when m > 1, one
+    image's column phases for a strided convolution, else from the image itself."""
+    c, h, w = x.shape[1:]
+    if m > 1:
+        k.pack_images(packed, x, n0, m)
+        k.im2col(cols, packed, m, c, h, w, kh, kw, stride, pad, oh, ow)
+    elif stride > 1:
+        k.pack_phases(packed, x, n0, stride)
+        k.im2col_phases(cols, packed, c, h, w, kh, kw, stride, pad, oh, ow)
+    else:
+        k.im2col(cols, x[n0].reshape(-1), 1, c, h, w, kh, kw, stride, pad, oh, ow)
 
 
 def _tap_buffers(workspace, x_shape, w_shape, pad, groups):
@@ -287,8 +294,7 @@ def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, 
         for n0 in range(lo, hi, nb):
             m = min(nb, hi - n0)
             width = m * p_out
-            k.im2col(cols, _packed_chunk(packed, x, n0, m), m, c, x.shape[2], x.shape[3],
-                     kh, kw, stride, pad, oh, ow)
+            _im2col(cols, packed, x, n0, m, kh, kw, stride, pad, oh, ow)
             out = y[n0].reshape(f, width) if m == 1 else yt     # one image: GEMM straight into y
             for g in range(groups):
                 np.matmul(w2[g * fg:(g + 1) * fg], cols[g * kg:(g + 1) * kg, :width],
@@ -355,8 +361,7 @@ def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, 
         for n0 in range(lo, hi, nb):
             m = min(nb, hi - n0)
             width = m * p_out
-            k.im2col(cols, _packed_chunk(packed, x, n0, m), m, c, x.shape[2], x.shape[3],
-                     kh, kw, stride, pad, oh, ow)
+            _im2col(cols, packed, x, n0, m, kh, kw, stride, pad, oh, ow)
             src = _filter_major(dyt, dy, n0, m)
             target = part if n0 == lo else tmp
             for g in range(groups):
