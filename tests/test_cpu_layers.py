@@ -109,6 +109,36 @@ def test_conv2d_backward_matches_reference(rng, case):
     _close(db, rdb)
 
 
+# One image whose GEMMs count as large (the threshold patched to 0): its filters are shared
+# between the workers; splits that cross a group boundary (F=6 in 3 groups, F=7 in 1).
+ONE_IMAGE_CASES = [
+    (1, 6, 14, 13, 6, 3, 1, 1, 3),    # kernel-row path, 3 groups
+    (1, 5, 13, 13, 7, 3, 1, 1, 1),    # kernel-row path, odd filter count
+    (1, 3, 23, 23, 5, 11, 4, 0, 1),   # im2col, strided (column phases)
+    (1, 6, 9, 9, 6, 3, 1, 1, 3),      # im2col, small map, 3 groups
+]
+
+
+@pytest.mark.parametrize("case", ONE_IMAGE_CASES)
+def test_one_image_shares_its_filters_and_matches_reference(rng, case, monkeypatch):
+    monkeypatch.setattr(conv_strategy, "THREADED_GEMM_MACS", 0)
+    x, wt, b, dy, stride, pad, groups = _conv_arrays(rng, case)
+    ws = np.empty(conv2d.conv2d_workspace_size(x.shape, wt.shape, stride, pad, groups), np.float32)
+    y, want = _garbage_like(dy), np.empty_like(dy)
+    conv2d.conv2d_forward(y, x, wt, b, stride, pad, groups, relu=True, workspace=ws)
+    ref.conv2d_forward(want, x, wt, b, stride, pad, groups)
+    _close(y, np.maximum(want, 0))
+    dx, dw, db = _garbage_like(x), _garbage_like(wt), _garbage_like(b)
+    conv2d.conv2d_backward_data(dx, dy, wt, stride, pad, groups, workspace=ws)
+    conv2d.conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=ws)
+    rdx, rdw, rdb = np.empty_like(x), np.empty_like(wt), np.empty_like(b)
+    ref.conv2d_backward_data(rdx, dy, wt, stride, pad, groups)
+    ref.conv2d_backward_weights(rdw, rdb, dy, x, stride, pad, groups)
+    _close(dx, rdx)
+    _close(dw, rdw)
+    _close(db, rdb)
+
+
 def test_conv2d_in_several_chunks_matches_one(rng, monkeypatch):
     """A tiny column budget forces one image per chunk: dw is then summed over chunks."""
     x, wt, b, dy, stride, pad, groups = _conv_arrays(rng, (5, 4, 9, 8, 6, 3, 1, 1, 2))

@@ -177,7 +177,7 @@ def _filters_by_kernel_row(filters, w):
     """wr (KH, F, C/G*KW) in the workspace: wr[p, f, c*KW + q] = w[f, c, p, q]."""
     f, cg, kh, kw = w.shape
     wr = filters.reshape(kh, f, cg * kw)
-    np.copyto(wr.reshape(kh, f, cg, kw), w.transpose(2, 0, 1, 3))
+    workers.for_ranges(k.filters_by_kernel_row, f, wr, w, work=w.size)
     return wr
 
 
@@ -189,24 +189,47 @@ def _tap_plan(x_shape, w_shape, pad, groups, workspace):
     return sizes, *_tap_buffers(workspace, x_shape, w_shape, pad, groups)
 
 
+def _split_filters(n, gemm_macs):
+    """Whether a batch of one image shares its filters between the workers (each with
+    single-threaded BLAS, one handoff per call) instead of threading each GEMM's BLAS: the
+    images cannot be shared, and OpenBLAS's threads cost a handoff per GEMM.  AlexNet at
+    batch 1 (2-core Xeon), forward ms, threaded BLAS -> filters split: conv2 4.1 -> 2.6,
+    conv4 3.1 -> 1.7 (with the filters rearranged by a kernel of their own)."""
+    return n == 1 and workers.WORKERS > 1 and not strategy.serial_blas(gemm_macs)
+
+
+def _group_parts(lo, hi, fg):
+    """(group, first, end) of the filters lo..hi-1 in each group they touch (fg a group)."""
+    return [(g, max(lo, g * fg), min(hi, (g + 1) * fg)) for g in range(lo // fg, -(-hi // fg))]
+
+
 def _tap_forward(y, x, w, b, pad, groups, relu, workspace):
     """conv2d_forward, stride 1: per image tap_rows, KH accumulating GEMMs into y[n], bias."""
     (c, f, kh, kw, fg, kq, ow, p_out, span), filters, slices = _tap_plan(
         x.shape, w.shape, pad, groups, workspace)
     wr = _filters_by_kernel_row(filters, w)
 
+    def image(rows, n, lo, hi):
+        """Filters lo..hi-1 of image n, from its tap_rows already in ``rows``."""
+        out = y[n].reshape(f, p_out)
+        for g, f0, f1 in _group_parts(lo, hi, fg):
+            block = rows[g * kq:(g + 1) * kq]
+            for p in range(kh):
+                workers.gemm(wr[p, f0:f1], block[:, p * ow:p * ow + p_out], out[f0:f1],
+                             0.0 if p == 0 else 1.0)
+        k.bias_relu_image(y, b, n, relu, lo, hi)
+
     def work(t, lo, hi):
         rows = slices[t][0][:c * kw * span].reshape(c * kw, span)
         for n in range(lo, hi):
             k.tap_rows(rows, x, n, kw, pad, ow)
-            out = y[n].reshape(f, p_out)
-            for g in range(groups):
-                block = rows[g * kq:(g + 1) * kq]
-                for p in range(kh):
-                    workers.gemm(wr[p, g * fg:(g + 1) * fg], block[:, p * ow:p * ow + p_out],
-                                 out[g * fg:(g + 1) * fg], 0.0 if p == 0 else 1.0)
-            k.bias_relu_image(y, b, n, relu)
+            image(rows, n, 0, f)
 
+    if _split_filters(x.shape[0], fg * kq * p_out):
+        rows = slices[0][0][:c * kw * span].reshape(c * kw, span)
+        k.tap_rows(rows, x, 0, kw, pad, ow)
+        workers.run(lambda t, lo, hi: image(rows, 0, lo, hi), f)
+        return
     workers.run(work, x.shape[0], serial_blas=strategy.serial_blas(fg * kq * p_out))
 
 
@@ -300,10 +323,22 @@ def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, 
                 np.matmul(w2[g * fg:(g + 1) * fg], cols[g * kg:(g + 1) * kg, :width],
                           out=out[g * fg:(g + 1) * fg, :width])
             if m == 1:
-                k.bias_relu_image(y, b, n0, relu)
+                k.bias_relu_image(y, b, n0, relu, 0, f)
             else:
                 k.scatter_bias_relu(y.reshape(n, f, p_out), yt, b, n0, m, relu)
 
+    if _split_filters(n, fg * kg * p_out):
+        cols, _, _, _, packed = slices[0]
+        _im2col(cols, packed, x, 0, 1, kh, kw, stride, pad, oh, ow)
+        out = y[0].reshape(f, p_out)
+
+        def filters(t, lo, hi):
+            for g, f0, f1 in _group_parts(lo, hi, fg):
+                np.matmul(w2[f0:f1], cols[g * kg:(g + 1) * kg, :p_out], out=out[f0:f1])
+            k.bias_relu_image(y, b, 0, relu, lo, hi)
+
+        workers.run(filters, f)
+        return
     workers.run(work, n, serial_blas=strategy.serial_blas(fg * kg * p_out))
 
 
