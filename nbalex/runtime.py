@@ -117,11 +117,12 @@ def same_data(stored, current, option):
 
 def host_signature(backend):
     """What decides the bits of a step besides the run's settings: the backend and, on the
-    cpu backend, the number of threads Numba's parallel loops use (None elsewhere)."""
+    cpu backend, the size of its thread team (the convolution's partial weight gradients are
+    one per worker; None elsewhere)."""
     threads = None
     if backend == "cpu":
-        import numba
-        threads = int(numba.get_num_threads())
+        from nbalex.cpu import workers
+        threads = int(workers.THREADS)
     return {"backend": backend, "threads": threads}
 
 

@@ -1,13 +1,14 @@
-"""Threading choice shared by the CPU kernels.
+"""Threading choices shared by the CPU code.
 
-The CPU backend alternates Numba parallel regions (LRN, pooling, ReLU, ...) with
-multithreaded BLAS calls.  Under the OpenMP threading layer, Numba's worker threads keep
-spinning after each region and starve the BLAS threads that follow (measured: a grouped conv
-forward, then built from parallel im2col + threaded GEMMs, ran 1.5-2x slower in a process that
-had also loaded PyTorch's OpenMP runtime).  Numba's ``workqueue`` layer
-parks its threads instead, so it is chosen here unless the user picked a layer through
-``NUMBA_THREADING_LAYER``.  This only takes effect if no parallel kernel has run yet in the
-process.  (``workqueue`` must not be entered from two Python threads at the same time.)
+The CPU backend's kernels run on its own thread team (:mod:`nbalex.cpu.workers`), not in
+Numba parallel regions; the one parallel Numba kernel left is the loader's augmentation
+(:mod:`nbalex.cpu.augment`, in the reader processes).  For it, Numba's ``workqueue`` layer is
+chosen unless the user picked a layer through ``NUMBA_THREADING_LAYER``: under the OpenMP
+layer, Numba's worker threads keep spinning after each region and starve the BLAS threads
+that follow (measured: a grouped conv forward, then built from parallel im2col + threaded
+GEMMs, ran 1.5-2x slower in a process that had also loaded PyTorch's OpenMP runtime).  This
+only takes effect if no parallel kernel has run yet in the process.  (``workqueue`` must not
+be entered from two Python threads at the same time.)
 
 ``NBALEX_BLAS_THREADS`` picks who runs OpenBLAS's parallel jobs: ``pool`` (the default), a
 pool of :mod:`nbalex.cpu.workers` whose idle threads sleep, or ``openblas``, OpenBLAS's own

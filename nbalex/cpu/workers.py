@@ -1,10 +1,15 @@
-"""Batch-parallel execution for the CPU convolution: a few Python threads, single-threaded BLAS.
+"""The CPU backend's threads: one team of Python threads for every kernel, single-threaded BLAS.
 
-Splitting the batch between one worker per core, each running im2col -> SGEMM -> epilogue on
-its own images with single-threaded BLAS and GIL-free Numba kernels, needs one
-synchronisation per layer instead of one per kernel and per GEMM.  On two shared cores this
-ran AlexNet's convolutions 1.2-3.7x faster (median wall time) than the same kernels with
-both threads inside every step, and used less CPU time.
+Every CPU kernel is a serial, GIL-free Numba function over a range of independent tasks;
+:func:`for_ranges` splits a pass between the team (the calling thread runs the first range)
+and :func:`run` splits a convolution's batch between the workers, each running im2col ->
+SGEMM -> epilogue on its own images with single-threaded BLAS.  Numba's own parallel loops
+are not used: under the ``workqueue`` layer each launch cost 165 us on the 2-core machine,
+and an OpenMP layer's spinning threads took the cores from the GEMMs.  Waking a sleeping
+helper still costs tens of microseconds (more on a VM), so small passes stay on the calling
+thread (SERIAL_WORK).  Splitting the batch needs one synchronisation per layer instead of
+one per kernel and per GEMM; on two shared cores this ran AlexNet's convolutions 1.2-3.7x
+faster (median wall time) than the same kernels with both threads inside every GEMM.
 
 OpenBLAS's thread count is switched to 1 while the workers run and restored afterwards,
 through the library NumPy loaded (found in /proc/self/maps).  Where that library cannot be
@@ -23,11 +28,11 @@ convolutions after them.  So this module hands OpenBLAS's parallel jobs to a poo
 whose idle threads sleep.  OpenBLAS still splits the work: the same jobs on the same data, so
 the same bits.  ``NBALEX_BLAS_THREADS=openblas`` (:mod:`nbalex.cpu.threads`) leaves OpenBLAS's
 own threads in charge; :data:`BLAS_POOL` says which runs.  The hand-off costs some tens of
-microseconds of Python per call: a win where calls are few and large (batch 32: alexnet-mini
-1.17x end to end), a loss where a step makes many small threaded calls (batch 1, whose
-single-image convolutions thread every GEMM: 0.76-0.92x).  A forked child (the loader's
-readers) goes back to OpenBLAS's own threads and gets a fresh worker pool, since threads do
-not survive a fork.
+microseconds per call, so a lone image's convolution shares its filters between the workers
+instead (one handoff a layer, :mod:`nbalex.cpu.conv2d`) and small GEMMs keep BLAS
+single-threaded (:func:`nbalex.cpu.conv_strategy.serial_blas`).  A forked child (the
+loader's readers) goes back to OpenBLAS's own threads and gets a fresh team, since threads
+do not survive a fork.
 """
 
 import _thread
