@@ -164,8 +164,9 @@ def test_conv2d_rejects_small_workspace(rng):
 
 
 @pytest.mark.parametrize("relu_on", [False, True])
-def test_linear_matches_reference(rng, relu_on):
-    n, k, m = 5, 37, 19
+@pytest.mark.parametrize("n", [1, 5, 12])      # dW as outer products below OUTER_BELOW, a GEMM above
+def test_linear_matches_reference(rng, relu_on, n):
+    k, m = 37, 19
     x, w, b, dy = _randn(rng, n, k), _randn(rng, m, k), _randn(rng, m), _randn(rng, n, m)
     y, want = _garbage_like((n, m)), np.empty((n, m), np.float32)
     linear.linear_forward(y, x, w, b, relu=relu_on)

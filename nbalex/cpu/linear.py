@@ -17,6 +17,38 @@ from nbalex.backends import host_array, workspace_view
 from . import workers
 
 
+# Layers with fewer weights than this run their GEMMs on single-threaded BLAS: handing half
+# of a call to the other core costs more than it saves.  alexnet-mini's fc6 at batch 32
+# (256 x 2304), ms threaded -> single-threaded: forward 0.52 -> 0.42, dW 0.55 -> 0.35; fc7
+# (256 x 256) 0.18 -> 0.05.  Large layers keep both cores, at batch 1 too, where a GEMM is a
+# pass over the weights at memory speed (AlexNet's fc6 forward: 4.5 ms threaded, 9.2 single).
+THREADED_WEIGHTS = 1 << 21
+
+# Below this batch dW = dy.T @ x is a sum of a few outer products, which OpenBLAS runs at a
+# fraction of the memory's speed: AlexNet's fc6 at batch 1 (4096 x 9216, 151 MB written)
+# took 45 ms, the kernel below on two threads 8.5 ms (batch 4: 40 -> 15 ms).
+OUTER_BELOW = 8
+
+
+def _blas_serial(w_shape):
+    return workers.blas_serial_if(w_shape[0] * w_shape[1] < THREADED_WEIGHTS)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def outer_products(dw, dy, x, lo, hi):
+    """dw[m, :] = sum over n, in increasing order, of dy[n, m] * x[n, :] for lo <= m < hi
+    (written): a small batch's weight gradient, rows of dw streamed once each."""
+    for m in range(lo, hi):
+        row = dw[m]
+        g, xs = dy[0, m], x[0]
+        for k in range(row.shape[0]):
+            row[k] = g * xs[k]
+        for i in range(1, dy.shape[0]):
+            g, xs = dy[i, m], x[i]
+            for k in range(row.shape[0]):
+                row[k] += g * xs[k]
+
+
 @checks.checked(checks.linear_workspace_size, "cpu")
 def linear_workspace_size(x_shape, w_shape):
     """float32 elements for y.T (N*M) or dx.T (N*K): N * max(M, K)."""
@@ -78,7 +110,8 @@ def column_sums(db, dy, first, last):
 def linear_forward(y, x, w, b, relu=False, workspace=None, stream=None):
     """y (N,M) <- x @ w.T + b, then max(y, 0) when relu.  y is overwritten."""
     yt = transposed(workspace, (y.shape[1], y.shape[0]))
-    np.matmul(w, x.T, out=yt)
+    with _blas_serial(w.shape):
+        np.matmul(w, x.T, out=yt)
     workers.for_ranges(transpose_bias_relu, _blocks(y.shape[1], 64), y, yt, b, relu, work=y.size)
 
 
@@ -86,12 +119,18 @@ def linear_forward(y, x, w, b, relu=False, workspace=None, stream=None):
 def linear_backward_data(dx, dy, w, workspace=None, stream=None):
     """dx (N,K) <- dy @ w, computed as dx.T = w.T @ dy.T (the faster orientation, as above)."""
     dxt = transposed(workspace, (dx.shape[1], dx.shape[0]))
-    np.matmul(w.T, dy.T, out=dxt)
+    with _blas_serial(w.shape):
+        np.matmul(w.T, dy.T, out=dxt)
     workers.for_ranges(transpose_into, _blocks(dx.shape[1], 64), dx, dxt, work=dx.size)
 
 
 @checks.checked(checks.linear_backward_weights, "cpu")
 def linear_backward_weights(dw, db, dy, x, workspace=None, stream=None):
-    """dw (M,K) <- dy.T @ x, db (M,) <- dy.sum(0).  Both overwritten."""
-    np.matmul(dy.T, x, out=dw)
+    """dw (M,K) <- dy.T @ x, db (M,) <- dy.sum(0).  Both overwritten.  Below OUTER_BELOW
+    examples as a sum of outer products (:func:`outer_products`), else one GEMM."""
+    if dy.shape[0] < OUTER_BELOW:
+        workers.for_ranges(outer_products, dw.shape[0], dw, dy, x, work=dw.size)
+    else:
+        with _blas_serial(dw.shape):
+            np.matmul(dy.T, x, out=dw)
     workers.for_ranges(column_sums, _blocks(dy.shape[1], 256), db, dy, work=dy.size)

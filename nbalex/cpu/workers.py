@@ -275,6 +275,11 @@ def _single_threaded_blas():
         put(before)
 
 
+def blas_serial_if(serial):
+    """A context in which BLAS runs single-threaded when ``serial`` (else nothing changes)."""
+    return _single_threaded_blas() if serial and _CONTROLS else _nothing()
+
+
 def split(n, parts):
     """[(lo, hi)] contiguous ranges covering range(n), ``parts`` of them (some may be empty)."""
     step = -(-n // parts)
@@ -371,7 +376,7 @@ def run(work, n, serial_blas=False):
     ranges = split(n, WORKERS)
     busy = [t for t, (lo, hi) in enumerate(ranges) if hi > lo]
     if WORKERS == 1 or len(busy) == 1:
-        with _single_threaded_blas() if serial_blas and _CONTROLS else _nothing():
+        with blas_serial_if(serial_blas):
             for t in busy:
                 work(t, *ranges[t])
         return busy
