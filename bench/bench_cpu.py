@@ -113,11 +113,14 @@ def header_lines(info):
 
 # --------------------------------------------------------------------------- timing
 
-def alternate(sides, rounds, block, warmup=1, gap=0.25):
+def alternate(sides, rounds, block, warmup=1, gap=0.25, warmup_s=0.0):
     """Time each callable of ``sides`` ({name: fn}) in alternating blocks.
 
     A round runs one block per side, in dict order on even rounds and reversed on odd ones; a
-    block is ``gap`` seconds of sleep, ``warmup`` untimed calls, then ``block`` timed calls.
+    block is ``gap`` seconds of sleep, ``warmup`` untimed calls and more until ``warmup_s``
+    seconds of them have passed, then ``block`` timed calls.  (After the pause the first
+    calls of either side run slow while the cores wake: alexnet-mini's batch-32 inference
+    took 17-21 ms for its first two calls after 0.25 s of sleep, 11 ms after.)
     Returns {name: [[seconds of each timed call] for each round]}."""
     names = list(sides)
     times = {name: [] for name in names}
@@ -125,7 +128,10 @@ def alternate(sides, rounds, block, warmup=1, gap=0.25):
         for name in (names if r % 2 == 0 else names[::-1]):
             fn = sides[name]
             time.sleep(gap)
+            start = time.perf_counter()
             for _ in range(warmup):
+                fn()
+            while time.perf_counter() - start < warmup_s:
                 fn()
             ts = []
             for _ in range(block):
@@ -217,7 +223,7 @@ def end_to_end(model, batch, mode, args, rng):
 
     nbalex_fn = nbalex_train if mode == "train" else (lambda: net.forward(x, train=False))
     times = alternate({"nbalex": nbalex_fn, "torch": torch_fn}, args.rounds, args.block,
-                      args.warmup, args.gap)
+                      args.warmup, args.gap, args.warmup_s)
     nb, pt = summary(times["nbalex"]), summary(times["torch"])
     return dict(model=net.name, batch=batch, mode=mode, torch_form=form, torch_probes=probes,
                 nbalex=dict(nb, images_per_s=1e3 * batch / nb["ms"]),
@@ -275,9 +281,10 @@ def report(result, args, md=False):
     if md:
         lines = [f"# CPU backend vs PyTorch, same machine, same run: {result['info']['date']}", ""] + \
                 [f"- {ln}" for ln in lines] + ["", f"Command: `{result['command']}`"]
-    lines += ["", f"Timing: {args.rounds} alternating rounds of {args.warmup} warm-up + {args.block} "
-              f"timed calls per side, {args.gap} s pause before each block; ratio = per-round "
-              "median (min-max), > 1: nbalex faster."]
+    lines += ["", f"Timing: {args.rounds} alternating rounds of {args.warmup} warm-up call(s) "
+              f"(at least {args.warmup_s} s of them) + {args.block} timed calls per side, "
+              f"{args.gap} s pause before each block; ratio = per-round median (min-max), > 1: "
+              "nbalex faster."]
     if result.get("end_to_end"):
         lines += ["", "End to end (training = forward + backward + SGD step):", ""]
         lines += end_to_end_lines(result["end_to_end"], md)
@@ -310,6 +317,8 @@ def parse_args(argv):
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (each: one block per side)")
     ap.add_argument("--block", type=int, default=4, help="timed calls per block")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls at the start of each block")
+    ap.add_argument("--warmup-s", type=float, default=0.3,
+                    help="... and more untimed calls until this many seconds have passed")
     ap.add_argument("--gap", type=float, default=0.25, help="seconds of pause before each block")
     ap.add_argument("--torch-form", choices=("auto",) + FORMS, default="auto",
                     help="PyTorch form to run (auto: the faster of contiguous and channels-last)")
@@ -326,8 +335,8 @@ def parse_args(argv):
     for name in ("rounds", "block", "layers_batch", "layer_rounds", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    if min(args.batches) < 1 or args.warmup < 0 or args.gap < 0:
-        ap.error("--batches must be >= 1, --warmup and --gap >= 0")
+    if min(args.batches) < 1 or min(args.warmup, args.gap, args.warmup_s) < 0:
+        ap.error("--batches must be >= 1, --warmup, --warmup-s and --gap >= 0")
     if args.torch_form != "auto":
         args.torch_forms = [args.torch_form]
     else:

@@ -201,7 +201,7 @@ def layer_table(model, batch, rounds, block, gap, rng, alternate, summary):
     x = rng.standard_normal((batch, *specs[0].in_shape)).astype(np.float32)
     labels = rng.integers(0, specs[-1].out_shape[0], batch).astype(np.int32)
     timed = lambda ours, theirs: {k: summary(v) for k, v in alternate(  # noqa: E731
-        {"nbalex": ours, "torch": theirs}, rounds, block, 1, gap).items()}
+        {"nbalex": ours, "torch": theirs}, rounds, block, 1, gap, 0.1).items()}
     rows = []
     tx = torch.from_numpy(x)
     for i, (s, m) in enumerate(zip(specs, mods)):

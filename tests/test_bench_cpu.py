@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "bench_cpu.py"
 TINY = str(ROOT / "tests" / "configs" / "tiny.toml")
-QUICK = ["--batches", "2", "--rounds", "2", "--block", "1", "--warmup", "0", "--gap", "0",
+QUICK = ["--batches", "2", "--rounds", "2", "--block", "1", "--warmup", "0", "--warmup-s", "0", "--gap", "0",
          "--layers-batch", "2", "--layer-rounds", "1"]
 
 
@@ -41,6 +42,10 @@ def test_alternate_runs_warmed_blocks_in_alternating_order():
     times = bench.alternate(sides, rounds=3, block=2, warmup=1, gap=0)
     assert "".join(calls) == "aaa" "bbb" "bbb" "aaa" "aaa" "bbb"
     assert {k: [len(r) for r in v] for k, v in times.items()} == {"a": [2, 2, 2], "b": [2, 2, 2]}
+    calls.clear()
+    slow = {"a": lambda: (calls.append("a"), time.sleep(0.01)), "b": lambda: calls.append("b")}
+    bench.alternate(slow, rounds=1, block=1, warmup=1, gap=0, warmup_s=0.05)
+    assert 4 <= calls.count("a") <= 8 and calls.count("b") > 10   # warm-up by time, then 1 timed
 
 
 def test_summary_and_ratios_follow_from_the_times():
