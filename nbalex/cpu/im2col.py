@@ -342,16 +342,32 @@ def bias_relu_image(y, b, n, relu, lo, hi):
 @njit(nogil=True, cache=True, error_model="numpy")
 def bias_grad(db, dy, lo, hi):
     """db[f] = sum over n, i, j of dy[n, f, i, j] (overwritten), summed in float64, for
-    lo <= f < hi."""
+    lo <= f < hi.
+
+    Eight running sums, element t of a plane going to sum t % 8 (the tail of a plane to the
+    first), added pairwise at the end: a fixed order, and one that vectorises, where a single
+    float64 running sum waits on each add (6.4 ms for AlexNet's conv1 gradient at batch 32).
+    """
     n = dy.shape[0]
     p_out = dy.shape[2] * dy.shape[3]
+    blocks = p_out // 8
     for f in range(lo, hi):
-        acc = 0.0
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
         for i in range(n):
             plane = dy[i, f].reshape(p_out)
-            for t in range(p_out):
-                acc += plane[t]
-        db[f] = acc
+            for blk in range(blocks):
+                t = np.uint64(blk) * np.uint64(8)
+                a0 += plane[t]
+                a1 += plane[t + np.uint64(1)]
+                a2 += plane[t + np.uint64(2)]
+                a3 += plane[t + np.uint64(3)]
+                a4 += plane[t + np.uint64(4)]
+                a5 += plane[t + np.uint64(5)]
+                a6 += plane[t + np.uint64(6)]
+                a7 += plane[t + np.uint64(7)]
+            for t in range(blocks * 8, p_out):
+                a0 += plane[np.uint64(t)]
+        db[f] = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
