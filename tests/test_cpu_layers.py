@@ -46,30 +46,36 @@ CONV_CASES = [
 ]
 
 
-def _conv_path(case):
+def _conv_path(case, pass_):
     n, c, h, w, f, k, stride, pad, groups = case
     oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-    return conv_strategy.choose(oh, ow, k, k, stride, pad, workers.gemm is not None)
+    return conv_strategy.choose(oh, ow, k, k, stride, pad, workers.gemm is not None, pass_)
 
 
-def test_conv_cases_cover_every_path_the_strategy_can_choose():
-    """Every path choose() returns somewhere is taken by a reference-checked case here."""
-    paths = {"pointwise", "im2col"} | ({"tap_rows"} if workers.gemm is not None else set())
-    assert {_conv_path(case) for case in CONV_CASES} == paths
+@pytest.mark.parametrize("pass_", conv_strategy.PASSES)
+def test_conv_cases_cover_every_path_the_strategy_can_choose(pass_):
+    """Every path choose() returns for a pass is taken by a reference-checked case here."""
+    paths = {"im2col"} | ({"tap_rows"} if workers.gemm is not None and pass_ != "backward_data"
+                          else set()) | ({"pointwise"} if pass_ != "backward_weights" else set())
+    assert {_conv_path(case, pass_) for case in CONV_CASES} == paths
 
 
 @pytest.mark.parametrize("oh,ow,kh,stride,pad,want", [
-    (5, 5, 3, 1, 1, "im2col"),        # alexnet-mini conv3-5
-    (12, 12, 5, 1, 2, "im2col"),      # alexnet-mini conv2
-    (13, 13, 3, 1, 1, "tap_rows"),    # alexnet conv3-5
-    (27, 27, 5, 1, 2, "tap_rows"),    # alexnet conv2
-    (25, 25, 7, 2, 0, "im2col"),      # strided: no kernel-row path
-    (7, 7, 1, 1, 0, "pointwise"),
+    (5, 5, 3, 1, 1, ("im2col",) * 3),                         # alexnet-mini conv3-5
+    (12, 12, 5, 1, 2, ("im2col",) * 3),                       # alexnet-mini conv2
+    (13, 13, 3, 1, 1, ("im2col", "im2col", "tap_rows")),      # alexnet conv3-5
+    (27, 27, 5, 1, 2, ("tap_rows", "im2col", "tap_rows")),    # alexnet conv2
+    (25, 25, 7, 2, 0, ("im2col",) * 3),                       # strided: no kernel-row path
+    (7, 7, 1, 1, 0, ("pointwise", "pointwise", "im2col")),
 ])
 def test_conv_strategy_by_shape(oh, ow, kh, stride, pad, want):
-    assert conv_strategy.choose(oh, ow, kh, kh, stride, pad, True) == want
-    if want == "tap_rows":          # without cblas_sgemm the kernel-row path is never chosen
-        assert conv_strategy.choose(oh, ow, kh, kh, stride, pad, False) == "im2col"
+    got = tuple(conv_strategy.choose(oh, ow, kh, kh, stride, pad, True, p)
+                for p in conv_strategy.PASSES)
+    assert got == want
+    for p in conv_strategy.PASSES:      # without cblas_sgemm the kernel-row path is never chosen
+        assert conv_strategy.choose(oh, ow, kh, kh, stride, pad, False, p) != "tap_rows"
+    with pytest.raises(ValueError, match="pass_"):
+        conv_strategy.choose(oh, ow, kh, kh, stride, pad, True, "sideways")
 
 
 def _conv_arrays(rng, case):

@@ -18,9 +18,10 @@ partial dw.T and the GEMM output being added to it).  With one image per chunk, 
 dy and write y in place, without the layout shuffles.  A 1x1, stride-1, unpadded convolution
 needs no im2col: its forward and backward-data passes are batched GEMMs on the NCHW arrays.
 
-Stride-1 convolutions on maps larger than 12x12 other than the pointwise one (conv2..conv5
-of AlexNet; smaller maps keep the chunks above, see :mod:`nbalex.cpu.conv_strategy`) take a
-leaner path, one image at a time, where BLAS's ``cblas_sgemm`` is reachable
+Stride-1 convolutions on maps larger than 12x12 other than the pointwise one can take a
+leaner path for some passes (AlexNet's conv2 forward, conv2..conv5 backward weights; which
+pass of which shape is :mod:`nbalex.cpu.conv_strategy`'s choice), one image at a time, where
+BLAS's ``cblas_sgemm`` is reachable
 (:func:`nbalex.cpu.workers.gemm`); ``rows = tap_rows(x[n])`` is (C*KW, HP*OW), KH times
 smaller than cols, and for kernel row p its window ``rows[:, p*OW : p*OW + P]`` is cols'
 block of rows (c, p, q) (layout in :mod:`nbalex.cpu.im2col`)::
@@ -84,10 +85,10 @@ def chunk_images(n, rows, p_out, stride=2):
     return max(1, min(n, wanted, COLS_BUDGET // max(1, rows * p_out)))
 
 
-def _path(x_shape, w_shape, stride, pad, groups):
-    """The path :func:`nbalex.cpu.conv_strategy.choose` picks for the shape."""
+def _path(x_shape, w_shape, stride, pad, groups, pass_):
+    """The path :func:`nbalex.cpu.conv_strategy.choose` picks for the shape and pass."""
     _, _, _, _, kh, kw, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
-    return strategy.choose(oh, ow, kh, kw, stride, pad, workers.gemm is not None)
+    return strategy.choose(oh, ow, kh, kw, stride, pad, workers.gemm is not None, pass_)
 
 
 def _tap_sizes(x_shape, w_shape, pad, groups):
@@ -116,15 +117,20 @@ def _per_worker(x_shape, w_shape, stride, pad, groups):
 def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
     """float32 elements the launchers use.
 
-    Kernel-row path: the rearranged filters, then per worker its tap_rows matrix and a
-    dw-sized accumulator.  Otherwise per worker cols + yt + two dw-sized buffers + the packed
-    chunk of x or dx when a chunk holds several images (unused by the pointwise path).
+    The most any of the three passes needs.  Kernel-row path: the rearranged filters, then
+    per worker its tap_rows matrix and a dw-sized accumulator.  im2col path: per worker
+    cols + yt + two dw-sized buffers + the packed chunk of x or dx.  (The pointwise path
+    needs none.)
     """
-    if _path(x_shape, w_shape, stride, pad, groups) == "tap_rows":
+    paths = {_path(x_shape, w_shape, stride, pad, groups, p) for p in strategy.PASSES}
+    size = 0
+    if "tap_rows" in paths:
         filters, rows, acc = _tap_sizes(x_shape, w_shape, pad, groups)
-        return filters + workers.WORKERS * (rows + acc)
-    _, cols, yt, dw, packed = _per_worker(x_shape, w_shape, stride, pad, groups)
-    return workers.WORKERS * (cols + yt + 2 * dw + packed)
+        size = filters + workers.WORKERS * (rows + acc)
+    if "im2col" in paths:
+        _, cols, yt, dw, packed = _per_worker(x_shape, w_shape, stride, pad, groups)
+        size = max(size, workers.WORKERS * (cols + yt + 2 * dw + packed))
+    return size
 
 
 def _buffers(workspace, x_shape, w_shape, stride, pad, groups):
@@ -300,7 +306,7 @@ def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, 
     """y (N,F,OH,OW) <- conv(x, w) + b, then max(y, 0) if ``relu``.  y is overwritten."""
     n, c, f, cg, kh, kw, oh, ow = _geometry(x.shape, w.shape, stride, pad, groups)
     fg, kg, p_out = f // groups, cg * kh * kw, oh * ow
-    path = _path(x.shape, w.shape, stride, pad, groups)
+    path = _path(x.shape, w.shape, stride, pad, groups, "forward")
     if path == "pointwise":
         wg = w.reshape(groups, fg, cg)
         np.matmul(wg, x.reshape(n, groups, cg, p_out), out=y.reshape(n, groups, fg, p_out))
@@ -347,7 +353,7 @@ def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=
     """dx (N,C,H,W) <- dL/dx given dy (N,F,OH,OW).  dx is overwritten."""
     n, c, f, cg, kh, kw, oh, ow = _geometry(dx.shape, w.shape, stride, pad, groups)
     fg, kg, p_out = f // groups, cg * kh * kw, oh * ow
-    path = _path(dx.shape, w.shape, stride, pad, groups)
+    path = _path(dx.shape, w.shape, stride, pad, groups, "backward_data")
     if path == "pointwise":
         wt = w.reshape(groups, fg, cg).transpose(0, 2, 1)
         np.matmul(wt, dy.reshape(n, groups, fg, p_out), out=dx.reshape(n, groups, cg, p_out))
@@ -385,7 +391,7 @@ def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, 
     """
     n, c, f, cg, kh, kw, oh, ow = _geometry(x.shape, dw.shape, stride, pad, groups)
     fg, kg, p_out = f // groups, cg * kh * kw, oh * ow
-    path = _path(x.shape, dw.shape, stride, pad, groups)
+    path = _path(x.shape, dw.shape, stride, pad, groups, "backward_weights")
     if path == "tap_rows":
         _tap_backward_weights(dw, db, dy, x, pad, groups, workspace)
         return

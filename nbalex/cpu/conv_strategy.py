@@ -1,14 +1,23 @@
-"""Which CPU convolution path runs for a shape (:mod:`nbalex.cpu.conv2d` has the paths).
+"""Which CPU convolution path runs for a shape and pass (:mod:`nbalex.cpu.conv2d` has the paths).
 
-:func:`choose` is a pure function of the convolution's shape and of whether cblas_sgemm is
-reachable, so the same command takes the same path and gives the same bits:
+:func:`choose` is a pure function of the convolution's shape, its pass (forward, backward
+data, backward weights) and of whether cblas_sgemm is reachable, so the same command takes
+the same path and gives the same bits:
 
 ``pointwise``  1x1, stride 1, unpadded: batched GEMMs on the NCHW arrays, no im2col.
-``tap_rows``   stride 1 on maps larger than SMALL_MAP_PIXELS: per image, KH accumulating
-               GEMMs on a column matrix KH times smaller than im2col's.
+``tap_rows``   stride 1 on maps larger than SMALL_MAP_PIXELS (the forward pass: larger than
+               TAP_FORWARD_PIXELS; never for backward data): per image, KH accumulating GEMMs
+               on a column matrix KH times smaller than im2col's.
 ``im2col``     everything else: batch-parallel im2col chunks of several images each, one
                GEMM per group and chunk, nb*P >= conv2d.TARGET_WIDTH columns wide
                (STRIDE1_WIDTH for stride 1).
+
+Since im2col copies runs with unsigned offsets (0.16 ns an element), it beats the kernel-row
+path on AlexNet's 13x13 maps forward and on every map for backward data; AlexNet at batch 32
+on the 2-core Xeon, ms kernel-row -> im2col, forward / backward data / backward weights:
+conv2 (27x27) 59.9/58.6/71.2 -> 61.7/55.3/69.0, conv3 (13x13) 39.8/40.7/40.2 ->
+36.1/34.3/41.7, conv4 34.2/33.5/34.6 -> 31.4/29.6/36.5, conv5 25.8/24.0/26.6 ->
+23.9/22.3/26.7.  Backward weights keeps the kernel-row path (conv2's difference is noise).
 
 Why small maps leave the kernel-row path: its GEMMs are one image wide, P columns, and a 5x5
 map gives P = 25, far too narrow for BLAS; a chunk of images makes them hundreds wide.
@@ -27,6 +36,12 @@ job stalled a 2 ms GEMM for 16-24 ms), and with its columns split between the wo
 # The largest output map (OH*OW pixels) that takes the im2col path when the kernel-row path
 # could run: alexnet-mini's conv2 (12x12) does, AlexNet's 13x13 conv3-5 do not.
 SMALL_MAP_PIXELS = 12 * 12
+
+# The forward pass takes the kernel-row path only on maps larger than this (AlexNet's 27x27
+# conv2, not its 13x13 conv3-5).
+TAP_FORWARD_PIXELS = 13 * 13
+
+PASSES = ("forward", "backward_data", "backward_weights")
 
 
 def small_map(oh, ow):
@@ -51,13 +66,18 @@ def is_pointwise(kh, kw, stride, pad):
     return kh == 1 and kw == 1 and stride == 1 and pad == 0
 
 
-def choose(oh, ow, kh, kw, stride, pad, has_gemm):
-    """'pointwise', 'tap_rows' or 'im2col' for (oh, ow) outputs of a (kh, kw) kernel.
+def choose(oh, ow, kh, kw, stride, pad, has_gemm, pass_="forward"):
+    """'pointwise', 'tap_rows' or 'im2col' for (oh, ow) outputs of a (kh, kw) kernel in
+    ``pass_`` (one of PASSES).
 
     ``has_gemm``: whether cblas_sgemm is reachable (the kernel-row path needs it).
     """
-    if is_pointwise(kh, kw, stride, pad):
-        return "pointwise"
-    if has_gemm and stride == 1 and not small_map(oh, ow):
-        return "tap_rows"
-    return "im2col"
+    if pass_ not in PASSES:
+        raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
+    if is_pointwise(kh, kw, stride, pad):        # its dw: one im2col GEMM per chunk
+        return "pointwise" if pass_ != "backward_weights" else "im2col"
+    if not has_gemm or stride != 1 or small_map(oh, ow) or pass_ == "backward_data":
+        return "im2col"
+    if pass_ == "forward" and oh * ow <= TAP_FORWARD_PIXELS:
+        return "im2col"
+    return "tap_rows"
