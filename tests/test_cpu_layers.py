@@ -43,27 +43,31 @@ CONV_CASES = [
     (3, 8, 5, 5, 6, 3, 1, 1, 2),      # stride 1, 5x5 map (alexnet-mini conv4-like): im2col
     (1, 6, 5, 5, 4, 3, 1, 1, 1),      # one image, 5x5 map: im2col on the calling thread
     (3, 2, 4, 1, 3, 1, 4, 0, 1),      # one column, stride 4: phases wider than the image
+    (4, 4, 13, 15, 6, 3, 1, 1, 2),    # 3x3, 4 images, 13x15: Winograd (odd tiles cropped)
+    (5, 3, 16, 14, 4, 3, 1, 0, 1),    # Winograd unpadded (backward data padded 2), 5 images
+    (4, 2, 12, 13, 4, 3, 1, 2, 2),    # Winograd padded 2 (backward data unpadded)
 ]
 
 
 def _conv_path(case, pass_):
     n, c, h, w, f, k, stride, pad, groups = case
     oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-    return conv_strategy.choose(oh, ow, k, k, stride, pad, workers.gemm is not None, pass_)
+    return conv_strategy.choose(oh, ow, k, k, stride, pad, workers.gemm is not None, pass_, n)
 
 
 @pytest.mark.parametrize("pass_", conv_strategy.PASSES)
 def test_conv_cases_cover_every_path_the_strategy_can_choose(pass_):
     """Every path choose() returns for a pass is taken by a reference-checked case here."""
     paths = {"im2col"} | ({"tap_rows"} if workers.gemm is not None and pass_ != "backward_data"
-                          else set()) | ({"pointwise"} if pass_ != "backward_weights" else set())
+                          else set()) | ({"pointwise", "winograd"} if pass_ != "backward_weights"
+                                         else set())
     assert {_conv_path(case, pass_) for case in CONV_CASES} == paths
 
 
 @pytest.mark.parametrize("oh,ow,kh,stride,pad,want", [
     (5, 5, 3, 1, 1, ("im2col",) * 3),                         # alexnet-mini conv3-5
     (12, 12, 5, 1, 2, ("im2col",) * 3),                       # alexnet-mini conv2
-    (13, 13, 3, 1, 1, ("im2col", "im2col", "tap_rows")),      # alexnet conv3-5
+    (13, 13, 3, 1, 1, ("winograd", "winograd", "tap_rows")),  # alexnet conv3-5
     (27, 27, 5, 1, 2, ("tap_rows", "im2col", "tap_rows")),    # alexnet conv2
     (25, 25, 7, 2, 0, ("im2col",) * 3),                       # strided: no kernel-row path
     (7, 7, 1, 1, 0, ("pointwise", "pointwise", "im2col")),
@@ -76,6 +80,10 @@ def test_conv_strategy_by_shape(oh, ow, kh, stride, pad, want):
         assert conv_strategy.choose(oh, ow, kh, kh, stride, pad, False, p) != "tap_rows"
     with pytest.raises(ValueError, match="pass_"):
         conv_strategy.choose(oh, ow, kh, kh, stride, pad, True, "sideways")
+    if "winograd" in want:            # a small batch keeps the other paths
+        small = conv_strategy.WINOGRAD_BATCH - 1
+        assert "winograd" not in {conv_strategy.choose(oh, ow, kh, kh, stride, pad, True, p, small)
+                                  for p in conv_strategy.PASSES}
 
 
 def _conv_arrays(rng, case):

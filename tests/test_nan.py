@@ -274,6 +274,30 @@ def assert_superset_of_specials(label, ref, got):
     np.testing.assert_allclose(got[finite], ref[finite], rtol=1e-4, atol=1e-5, err_msg=label)
 
 
+@pytest.mark.parametrize("which", ["x", "w", "dy"])
+def test_cpu_winograd_never_loses_a_nan_or_inf(which):
+    """The CPU's Winograd path (3x3, stride 1, a batch of 4+ on maps over 12x12) mixes a 4x4
+    input block into all four outputs of its tile, and inf - inf in a transform is NaN: a
+    special value may spread to more outputs, or turn from inf into NaN, but none is lost
+    and every finite output matches the reference."""
+    from nbalex.cpu import conv_strategy
+    x_shape, w_shape, y_shape = (4, 4, 13, 13), (4, 2, 3, 3), (4, 4, 13, 13)
+    assert conv_strategy.choose(13, 13, 3, 3, 1, 1, True, "forward", 4) == "winograd"
+    x = spiked(x_shape, 1) if which == "x" else plain(x_shape, 1)
+    w = spiked(w_shape, 2) if which == "w" else plain(w_shape, 2)
+    dy = spiked(y_shape, 4) if which == "dy" else plain(y_shape, 4)
+    b = plain((4,), 3)
+    for backend_out in (("conv2d_forward", [(y_shape, F32)], [x, w, b]),
+                        ("conv2d_backward_data", [(x_shape, F32)], [dy, w])):
+        name, outs, ins = backend_out
+        if (name == "conv2d_forward") == (which == "dy"):
+            continue                         # that pass does not read the spiked input
+        ref = launch("reference", name, outs, ins, 1, 1, 2)[0]
+        got = launch("cpu", name, outs, ins, 1, 1, 2)[0]
+        assert not np.isfinite(ref).all()
+        assert_superset_of_specials(f"{name}, spiked {which}", ref, got)
+
+
 def test_maxpool_first_nan_wins_in_the_reference():
     """The rule the kernels follow: a NaN beats every number, and the first NaN in row-major
     window order is the one idx points at."""

@@ -49,6 +49,7 @@ from nbalex.backends import host_array, workspace_view
 
 from . import conv_strategy as strategy
 from . import im2col as k
+from . import winograd
 from . import workers
 
 # A chunk aims at GEMMs at least TARGET_WIDTH columns wide (nb*P) and keeps its column matrix
@@ -88,7 +89,8 @@ def chunk_images(n, rows, p_out, stride=2):
 def _path(x_shape, w_shape, stride, pad, groups, pass_):
     """The path :func:`nbalex.cpu.conv_strategy.choose` picks for the shape and pass."""
     _, _, _, _, kh, kw, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
-    return strategy.choose(oh, ow, kh, kw, stride, pad, workers.gemm is not None, pass_)
+    return strategy.choose(oh, ow, kh, kw, stride, pad, workers.gemm is not None, pass_,
+                           x_shape[0])
 
 
 def _tap_sizes(x_shape, w_shape, pad, groups):
@@ -130,6 +132,11 @@ def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
     if "im2col" in paths:
         _, cols, yt, dw, packed = _per_worker(x_shape, w_shape, stride, pad, groups)
         size = max(size, workers.WORKERS * (cols + yt + 2 * dw + packed))
+    if "winograd" in paths:
+        n, c, f, _, _, _, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
+        size = max(size, winograd.workspace_size(n, c, f, groups, oh, ow, workers.WORKERS),
+                   winograd.workspace_size(n, f, c, groups, x_shape[2], x_shape[3],
+                                           workers.WORKERS))
     return size
 
 
@@ -315,6 +322,9 @@ def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, 
     if path == "tap_rows":
         _tap_forward(y, x, w, b, pad, groups, relu, workspace)
         return
+    if path == "winograd":
+        winograd.convolve(y, x, w, False, pad, groups, b, relu, workspace)
+        return
     nb, slices = _buffers(workspace, x.shape, w.shape, stride, pad, groups)
     w2 = w.reshape(f, kg)
 
@@ -354,6 +364,9 @@ def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=
     n, c, f, cg, kh, kw, oh, ow = _geometry(dx.shape, w.shape, stride, pad, groups)
     fg, kg, p_out = f // groups, cg * kh * kw, oh * ow
     path = _path(dx.shape, w.shape, stride, pad, groups, "backward_data")
+    if path == "winograd":            # a 3x3 convolution of dy with the turned filters
+        winograd.convolve(dx, dy, w, True, 2 - pad, groups, None, False, workspace)
+        return
     if path == "pointwise":
         wt = w.reshape(groups, fg, cg).transpose(0, 2, 1)
         np.matmul(wt, dy.reshape(n, groups, fg, p_out), out=dx.reshape(n, groups, cg, p_out))
