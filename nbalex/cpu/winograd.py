@@ -55,19 +55,22 @@ def filter_transform(u, ins, w, flipped, lo, hi):
     cg = w.shape[1]
     half = np.float32(0.5)
     flat = u.reshape(u.size)
+    wf = w.reshape(w.size)
     step = np.uint64(u.shape[1])
     for o in range(lo, hi):
         for i in range(ins):
             at = np.uint64(o * ins + i)
             if flipped:
                 grp = o // cg
-                src = w[grp * ins + i, o - grp * cg].reshape(9)
-                g0, g1, g2, g3, g4, g5, g6, g7, g8 = (src[8], src[7], src[6], src[5], src[4],
-                                                      src[3], src[2], src[1], src[0])
+                s0 = np.uint64(((grp * ins + i) * cg + o - grp * cg) * 9)
+                g0, g1, g2 = wf[s0 + np.uint64(8)], wf[s0 + np.uint64(7)], wf[s0 + np.uint64(6)]
+                g3, g4, g5 = wf[s0 + np.uint64(5)], wf[s0 + np.uint64(4)], wf[s0 + np.uint64(3)]
+                g6, g7, g8 = wf[s0 + np.uint64(2)], wf[s0 + np.uint64(1)], wf[s0]
             else:
-                src = w[o, i].reshape(9)
-                g0, g1, g2, g3, g4, g5, g6, g7, g8 = (src[0], src[1], src[2], src[3], src[4],
-                                                      src[5], src[6], src[7], src[8])
+                s0 = np.uint64((o * cg + i) * 9)
+                g0, g1, g2 = wf[s0], wf[s0 + np.uint64(1)], wf[s0 + np.uint64(2)]
+                g3, g4, g5 = wf[s0 + np.uint64(3)], wf[s0 + np.uint64(4)], wf[s0 + np.uint64(5)]
+                g6, g7, g8 = wf[s0 + np.uint64(6)], wf[s0 + np.uint64(7)], wf[s0 + np.uint64(8)]
             # t = G g, one column (q) at a time: rows t_a = (t_a0, t_a1, t_a2)
             t00, t10, t20, t30 = _g_rows(g0, g3, g6, half)
             t01, t11, t21, t31 = _g_rows(g1, g4, g7, half)
