@@ -108,11 +108,9 @@ def test_conv2d_forward_matches_reference(rng, case, relu_on):
         assert (got >= 0).all() and (got == 0).any()
 
 
-@pytest.mark.parametrize("case", CONV_CASES)
-def test_conv2d_backward_matches_reference(rng, case):
-    x, wt, b, dy, stride, pad, groups = _conv_arrays(rng, case)
+def _check_backward(x, wt, b, dy, stride, pad, groups, ws):
+    """Both backward launchers (garbage-filled outputs, workspace ``ws``) equal the reference."""
     dx, dw, db = _garbage_like(x), _garbage_like(wt), _garbage_like(b)
-    ws = np.empty(conv2d.conv2d_workspace_size(x.shape, wt.shape, stride, pad, groups), np.float32)
     conv2d.conv2d_backward_data(dx, dy, wt, stride, pad, groups, workspace=ws)
     conv2d.conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=ws)
     rdx, rdw, rdb = np.empty_like(x), np.empty_like(wt), np.empty_like(b)
@@ -121,6 +119,13 @@ def test_conv2d_backward_matches_reference(rng, case):
     _close(dx, rdx)
     _close(dw, rdw)
     _close(db, rdb)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d_backward_matches_reference(rng, case):
+    x, wt, b, dy, stride, pad, groups = _conv_arrays(rng, case)
+    ws = np.empty(conv2d.conv2d_workspace_size(x.shape, wt.shape, stride, pad, groups), np.float32)
+    _check_backward(x, wt, b, dy, stride, pad, groups, ws)
 
 
 # One image whose GEMMs count as large (the threshold patched to 0): its filters are shared
@@ -142,15 +147,7 @@ def test_one_image_shares_its_filters_and_matches_reference(rng, case, monkeypat
     conv2d.conv2d_forward(y, x, wt, b, stride, pad, groups, relu=True, workspace=ws)
     ref.conv2d_forward(want, x, wt, b, stride, pad, groups)
     _close(y, np.maximum(want, 0))
-    dx, dw, db = _garbage_like(x), _garbage_like(wt), _garbage_like(b)
-    conv2d.conv2d_backward_data(dx, dy, wt, stride, pad, groups, workspace=ws)
-    conv2d.conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=ws)
-    rdx, rdw, rdb = np.empty_like(x), np.empty_like(wt), np.empty_like(b)
-    ref.conv2d_backward_data(rdx, dy, wt, stride, pad, groups)
-    ref.conv2d_backward_weights(rdw, rdb, dy, x, stride, pad, groups)
-    _close(dx, rdx)
-    _close(dw, rdw)
-    _close(db, rdb)
+    _check_backward(x, wt, b, dy, stride, pad, groups, ws)
 
 
 def test_conv2d_in_several_chunks_matches_one(rng, monkeypatch):

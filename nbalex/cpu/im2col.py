@@ -54,6 +54,17 @@ def _valid_range(out_len, in_len, tap, stride, pad):
 # on alexnet-mini's chunks, 0.65-1.3 at batch 1).
 
 @njit(inline="always", cache=True)
+def _tap(k, kh, kw, h, w, stride, pad, oh, ow):
+    """Row k = (c*KH + p)*KW + q of a column matrix: (c, p, q) and the output rows
+    [lo_i, hi_i) and columns [lo_j, hi_j) whose tap falls inside the image."""
+    taps = kh * kw
+    c, p, q = k // taps, (k % taps) // kw, k % kw
+    lo_i, hi_i = _valid_range(oh, h, p, stride, pad)
+    lo_j, hi_j = _valid_range(ow, w, q, stride, pad)
+    return c, p, q, lo_i, hi_i, lo_j, hi_j
+
+
+@njit(inline="always", cache=True)
 def _fill0(dst, d0, n):
     d = np.uint64(d0)
     for t in range(n):
@@ -128,11 +139,7 @@ def im2col(cols, xt, nb, c_in, h, w, kh, kw, stride, pad, oh, ow):
     taps = kh * kw
     span = ow * nb
     for k in range(c_in * taps):
-        c = k // taps
-        p = (k % taps) // kw
-        q = k % kw
-        lo_i, hi_i = _valid_range(oh, h, p, stride, pad)
-        lo_j, hi_j = _valid_range(ow, w, q, stride, pad)
+        c, p, q, lo_i, hi_i, lo_j, hi_j = _tap(k, kh, kw, h, w, stride, pad, oh, ow)
         row = cols[k]
         _fill0(row, 0, lo_i * span)
         _fill0(row, hi_i * span, (oh - hi_i) * span)
@@ -184,13 +191,9 @@ def im2col_phases(cols, xph, c_in, h, w, kh, kw, stride, pad, oh, ow):
     taps = kh * kw
     wp = -(-w // stride)
     for k in range(c_in * taps):
-        c = k // taps
-        p = (k % taps) // kw
-        q = k % kw
+        c, p, q, lo_i, hi_i, lo_j, hi_j = _tap(k, kh, kw, h, w, stride, pad, oh, ow)
         d = (q - pad) // stride
         r = (q - pad) - d * stride
-        lo_i, hi_i = _valid_range(oh, h, p, stride, pad)
-        lo_j, hi_j = _valid_range(ow, w, q, stride, pad)
         row = cols[k]
         _fill0(row, 0, lo_i * ow)
         _fill0(row, hi_i * ow, (oh - hi_i) * ow)
@@ -211,11 +214,7 @@ def col2im(dxt, cols, nb, c_in, h, w, kh, kw, stride, pad, oh, ow):
     taps = kh * kw
     span = ow * nb
     for k in range(c_in * taps):
-        c = k // taps
-        p = (k % taps) // kw
-        q = k % kw
-        lo_i, hi_i = _valid_range(oh, h, p, stride, pad)
-        lo_j, hi_j = _valid_range(ow, w, q, stride, pad)
+        c, p, q, lo_i, hi_i, lo_j, hi_j = _tap(k, kh, kw, h, w, stride, pad, oh, ow)
         row = cols[k]
         for i in range(lo_i, hi_i):
             base = i * span
