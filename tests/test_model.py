@@ -277,7 +277,9 @@ def test_training_lowers_the_loss():
 def test_cpu_conv_and_linear_launchers_work_in_the_towers_workspace(monkeypatch):
     """Inside a step every conv and linear launcher gets the arena's workspace, never None."""
     import nbalex.cpu.conv2d as cpu_conv
+    import nbalex.cpu.conv_rows as cpu_rows
     import nbalex.cpu.linear as cpu_linear
+    import nbalex.cpu.winograd as cpu_winograd
     seen = []
 
     def spy(module, name, kind):
@@ -290,7 +292,8 @@ def test_cpu_conv_and_linear_launchers_work_in_the_towers_workspace(monkeypatch)
 
     spy(cpu_linear, "transposed", "fc")
     spy(cpu_conv, "_buffers", "conv")
-    spy(cpu_conv, "_tap_buffers", "conv")
+    spy(cpu_rows, "_buffers", "conv")
+    spy(cpu_winograd, "workspace_view", "conv")
     net = Net(TINY, backend="cpu", batch_size=2, gpus=(0, 0))
     x, labels = batch(net, 2)
     net.forward_backward(x, labels)

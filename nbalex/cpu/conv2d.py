@@ -18,28 +18,10 @@ partial dw.T and the GEMM output being added to it).  With one image per chunk, 
 dy and write y in place, without the layout shuffles.  A 1x1, stride-1, unpadded convolution
 needs no im2col: its forward and backward-data passes are batched GEMMs on the NCHW arrays.
 
-Stride-1 convolutions on maps larger than 12x12 other than the pointwise one can take a
-leaner path for some passes (AlexNet's conv2 forward, conv2..conv5 backward weights; which
-pass of which shape is :mod:`nbalex.cpu.conv_strategy`'s choice), one image at a time, where
-BLAS's ``cblas_sgemm`` is reachable
-(:func:`nbalex.cpu.workers.gemm`); ``rows = tap_rows(x[n])`` is (C*KW, HP*OW), KH times
-smaller than cols, and for kernel row p its window ``rows[:, p*OW : p*OW + P]`` is cols'
-block of rows (c, p, q) (layout in :mod:`nbalex.cpu.im2col`)::
-
-    forward          y[n][g] (+)= wr[p, g] @ window_p(rows[g])        for p < KH, into y[n]
-    backward data    window_p(rows[g]) (+)= wr[p, g].T @ dy[n][g]      overlapping windows,
-                     dx[n] = tap_rows_adjoint(rows)                    then KW shifted adds
-    backward weights acc[p, g] (+)= window_p(rows[g]) @ dy[n][g].T     (C/G*KW, F/G)
-
-``wr[p]`` (F, C/G*KW) holds the filters' kernel row p, rearranged once per call on the
-calling thread into a shared part of the workspace.  The KH GEMMs accumulate (beta = 1), so
-y[n] is written in place, col2im becomes KW adds per element, and the column matrix a worker
-touches fits its L2 cache.  AlexNet at batch 32 on the 2-core EPYC, median ms, im2col path ->
-kernel-row path: forward conv2 100 -> 85, conv4 52 -> 50, conv5 40 -> 38; backward data
-conv2 87 -> 75, conv4 46 -> 42; backward weights conv2 102 -> 87, conv3 72 -> 57,
-conv4 55 -> 47, conv5 41 -> 32.  (A direct "transposed convolution as a convolution" of
-padded dy with the flipped filters was slower for backward data: conv2 94 ms, its GEMMs
-only C/G = 48 rows tall.)
+Stride-1 convolutions on maps larger than 12x12 can take the kernel-row path of
+:mod:`nbalex.cpu.conv_rows` for some passes, and 3x3 ones Winograd's
+(:mod:`nbalex.cpu.winograd`); which pass of which shape takes which path is
+:mod:`nbalex.cpu.conv_strategy`'s choice.
 """
 
 import numpy as np
@@ -47,6 +29,7 @@ import numpy as np
 from nbalex import checks
 from nbalex.backends import host_array, workspace_view
 
+from . import conv_rows as rows_path
 from . import conv_strategy as strategy
 from . import im2col as k
 from . import winograd
@@ -93,17 +76,6 @@ def _path(x_shape, w_shape, stride, pad, groups, pass_):
                            x_shape[0])
 
 
-def _tap_sizes(x_shape, w_shape, pad, groups):
-    """(filters' size, rows size, accumulator size) of the kernel-row path, float32 elements.
-
-    ``rows`` holds tap_rows of x (forward, backward weights) or its gradient (backward data);
-    the accumulator is one worker's dw partial sum.
-    """
-    n, c, f, cg, kh, kw, oh, ow = _geometry(x_shape, w_shape, 1, pad, groups)
-    rows = c * kw * (x_shape[2] + 2 * pad) * ow
-    return f * cg * kh * kw, rows, f * cg * kh * kw
-
-
 def _per_worker(x_shape, w_shape, stride, pad, groups):
     """(nb, cols size, yt size, dw size, packed chunk size) of one worker's workspace slice."""
     n, c, f, cg, kh, kw, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
@@ -127,8 +99,7 @@ def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
     paths = {_path(x_shape, w_shape, stride, pad, groups, p) for p in strategy.PASSES}
     size = 0
     if "tap_rows" in paths:
-        filters, rows, acc = _tap_sizes(x_shape, w_shape, pad, groups)
-        size = filters + workers.WORKERS * (rows + acc)
+        size = rows_path.workspace_size(x_shape, w_shape, pad, groups)
     if "im2col" in paths:
         _, cols, yt, dw, packed = _per_worker(x_shape, w_shape, stride, pad, groups)
         size = max(size, workers.WORKERS * (cols + yt + 2 * dw + packed))
@@ -173,133 +144,6 @@ def _im2col(cols, packed, x, n0, m, kh, kw, stride, pad, oh, ow):
         k.im2col(cols, x[n0].reshape(-1), 1, c, h, w, kh, kw, stride, pad, oh, ow)
 
 
-def _tap_buffers(workspace, x_shape, w_shape, pad, groups):
-    """(filters, [(rows, acc)] per worker) flat slices of the workspace (or allocated)."""
-    workspace = workspace_view(workspace, conv2d_workspace_size(x_shape, w_shape, 1, pad, groups),
-                               host_array)
-    filters, rows, acc = _tap_sizes(x_shape, w_shape, pad, groups)
-    per = rows + acc
-    slices = []
-    for t in range(workers.WORKERS):
-        base = workspace[filters + t * per:filters + (t + 1) * per]
-        slices.append((base[:rows], base[rows:]))
-    return workspace[:filters], slices
-
-
-def _filters_by_kernel_row(filters, w):
-    """wr (KH, F, C/G*KW) in the workspace: wr[p, f, c*KW + q] = w[f, c, p, q]."""
-    f, cg, kh, kw = w.shape
-    wr = filters.reshape(kh, f, cg * kw)
-    workers.for_ranges(k.filters_by_kernel_row, f, wr, w, work=w.size)
-    return wr
-
-
-def _tap_plan(x_shape, w_shape, pad, groups, workspace):
-    """What the three stride-1 passes share: the sizes (c, f, kh, kw, fg = F/G, kq = C/G*KW,
-    ow, p_out = OH*OW, span = padded H * OW), and the workspace as _tap_buffers carves it."""
-    n, c, f, cg, kh, kw, oh, ow = _geometry(x_shape, w_shape, 1, pad, groups)
-    sizes = (c, f, kh, kw, f // groups, cg * kw, ow, oh * ow, (x_shape[2] + 2 * pad) * ow)
-    return sizes, *_tap_buffers(workspace, x_shape, w_shape, pad, groups)
-
-
-def _split_filters(n, gemm_macs):
-    """Whether a batch of one image shares its filters between the workers (each with
-    single-threaded BLAS, one handoff per call) instead of threading each GEMM's BLAS: the
-    images cannot be shared, and OpenBLAS's threads cost a handoff per GEMM.  AlexNet at
-    batch 1 (2-core Xeon), forward ms, threaded BLAS -> filters split: conv2 4.1 -> 2.6,
-    conv4 3.1 -> 1.7 (with the filters rearranged by a kernel of their own)."""
-    return n == 1 and workers.WORKERS > 1 and not strategy.serial_blas(gemm_macs)
-
-
-def _group_parts(lo, hi, fg):
-    """(group, first, end) of the filters lo..hi-1 in each group they touch (fg a group)."""
-    return [(g, max(lo, g * fg), min(hi, (g + 1) * fg)) for g in range(lo // fg, -(-hi // fg))]
-
-
-def _tap_forward(y, x, w, b, pad, groups, relu, workspace):
-    """conv2d_forward, stride 1: per image tap_rows, KH accumulating GEMMs into y[n], bias."""
-    (c, f, kh, kw, fg, kq, ow, p_out, span), filters, slices = _tap_plan(
-        x.shape, w.shape, pad, groups, workspace)
-    wr = _filters_by_kernel_row(filters, w)
-
-    def image(rows, n, lo, hi):
-        """Filters lo..hi-1 of image n, from its tap_rows already in ``rows``."""
-        out = y[n].reshape(f, p_out)
-        for g, f0, f1 in _group_parts(lo, hi, fg):
-            block = rows[g * kq:(g + 1) * kq]
-            for p in range(kh):
-                workers.gemm(wr[p, f0:f1], block[:, p * ow:p * ow + p_out], out[f0:f1],
-                             0.0 if p == 0 else 1.0)
-        k.bias_relu_image(y, b, n, relu, lo, hi)
-
-    def work(t, lo, hi):
-        rows = slices[t][0][:c * kw * span].reshape(c * kw, span)
-        for n in range(lo, hi):
-            k.tap_rows(rows, x, n, kw, pad, ow)
-            image(rows, n, 0, f)
-
-    if _split_filters(x.shape[0], fg * kq * p_out):
-        rows = slices[0][0][:c * kw * span].reshape(c * kw, span)
-        k.tap_rows(rows, x, 0, kw, pad, ow)
-        workers.run(lambda t, lo, hi: image(rows, 0, lo, hi), f)
-        return
-    workers.run(work, x.shape[0], serial_blas=strategy.serial_blas(fg * kq * p_out))
-
-
-def _tap_backward_data(dx, dy, w, pad, groups, workspace):
-    """conv2d_backward_data, stride 1: per image KH GEMMs into overlapping windows of rows,
-    then tap_rows_adjoint writes dx[n]."""
-    (c, f, kh, kw, fg, kq, ow, p_out, span), filters, slices = _tap_plan(
-        dx.shape, w.shape, pad, groups, workspace)
-    wr = _filters_by_kernel_row(filters, w)
-
-    def work(t, lo, hi):
-        rows = slices[t][0][:c * kw * span].reshape(c * kw, span)
-        for n in range(lo, hi):
-            d = dy[n].reshape(f, p_out)
-            rows[:, p_out:] = 0.0            # only the p > 0 windows reach past column P
-            for g in range(groups):
-                block = rows[g * kq:(g + 1) * kq]
-                for p in range(kh):
-                    workers.gemm(wr[p, g * fg:(g + 1) * fg], d[g * fg:(g + 1) * fg],
-                                 block[:, p * ow:p * ow + p_out], 0.0 if p == 0 else 1.0,
-                                 trans_a=True)
-            k.tap_rows_adjoint(dx, rows, n, kw, pad, ow)
-
-    workers.run(work, dx.shape[0], serial_blas=strategy.serial_blas(fg * kq * p_out))
-
-
-def _tap_backward_weights(dw, db, dy, x, pad, groups, workspace):
-    """conv2d_backward_weights, stride 1: each worker sums its images' (C/G*KW, F/G) GEMMs per
-    kernel row and group into its accumulator; the calling thread adds them up into dw."""
-    (c, f, kh, kw, fg, kq, ow, p_out, span), _, slices = _tap_plan(
-        x.shape, dw.shape, pad, groups, workspace)
-    n, cg = x.shape[0], dw.shape[1]
-
-    def work(t, lo, hi):
-        flat_rows, flat_acc = slices[t]
-        rows = flat_rows[:c * kw * span].reshape(c * kw, span)
-        acc = flat_acc.reshape(kh, groups, kq, fg)
-        for i in range(lo, hi):
-            k.tap_rows(rows, x, i, kw, pad, ow)
-            d = dy[i].reshape(f, p_out)
-            for g in range(groups):
-                block = rows[g * kq:(g + 1) * kq]
-                for p in range(kh):
-                    workers.gemm(block[:, p * ow:p * ow + p_out], d[g * fg:(g + 1) * fg],
-                                 acc[p, g], 0.0 if i == lo else 1.0, trans_b=True)
-
-    busy = workers.run(work, n, serial_blas=strategy.serial_blas(fg * kq * p_out))
-    dw5 = dw.reshape(groups, fg, cg, kh, kw)
-    for j, t in enumerate(busy):
-        part = slices[t][1].reshape(kh, groups, cg, kw, fg).transpose(1, 4, 2, 0, 3)
-        if j == 0:
-            np.copyto(dw5, part)
-        else:
-            dw5 += part
-    workers.for_ranges(k.bias_grad, dy.shape[1], db, dy, work=dy.size)
-
-
 def _filter_major(dyt, dy, n0, m):
     """dy's chunk as (F, P*m): a view of dy itself for one image, else gathered into dyt."""
     if m == 1:
@@ -320,7 +164,7 @@ def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, 
         workers.for_ranges(k.add_bias_relu_nchw, n * f, y, b, relu, work=y.size)
         return
     if path == "tap_rows":
-        _tap_forward(y, x, w, b, pad, groups, relu, workspace)
+        rows_path.forward(y, x, w, b, pad, groups, relu, workspace)
         return
     if path == "winograd":
         winograd.convolve(y, x, w, False, pad, groups, b, relu, workspace)
@@ -343,13 +187,13 @@ def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, 
             else:
                 k.scatter_bias_relu(y.reshape(n, f, p_out), yt, b, n0, m, relu)
 
-    if _split_filters(n, fg * kg * p_out):
+    if strategy.split_filters(n, fg * kg * p_out):
         cols, _, _, _, packed = slices[0]
         _im2col(cols, packed, x, 0, 1, kh, kw, stride, pad, oh, ow)
         out = y[0].reshape(f, p_out)
 
         def filters(t, lo, hi):
-            for g, f0, f1 in _group_parts(lo, hi, fg):
+            for g, f0, f1 in strategy.group_parts(lo, hi, fg):
                 np.matmul(w2[f0:f1], cols[g * kg:(g + 1) * kg, :p_out], out=out[f0:f1])
             k.bias_relu_image(y, b, 0, relu, lo, hi)
 
@@ -372,8 +216,7 @@ def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=
         np.matmul(wt, dy.reshape(n, groups, fg, p_out), out=dx.reshape(n, groups, cg, p_out))
         return
     if path == "tap_rows":
-        _tap_backward_data(dx, dy, w, pad, groups, workspace)
-        return
+        raise AssertionError("backward data never takes the kernel-row path")
     nb, slices = _buffers(workspace, dx.shape, w.shape, stride, pad, groups)
     w2 = w.reshape(f, kg)
 
@@ -406,7 +249,7 @@ def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, 
     fg, kg, p_out = f // groups, cg * kh * kw, oh * ow
     path = _path(x.shape, dw.shape, stride, pad, groups, "backward_weights")
     if path == "tap_rows":
-        _tap_backward_weights(dw, db, dy, x, pad, groups, workspace)
+        rows_path.backward_weights(dw, db, dy, x, pad, groups, workspace)
         return
     nb, slices = _buffers(workspace, x.shape, dw.shape, stride, pad, groups)
 

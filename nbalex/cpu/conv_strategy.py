@@ -36,6 +36,8 @@ job stalled a 2 ms GEMM for 16-24 ms), and with its columns split between the wo
 (single-threaded BLAS each), which was no faster than the chunks above.
 """
 
+from . import workers
+
 # The largest output map (OH*OW pixels) that takes the im2col path when the kernel-row path
 # could run: alexnet-mini's conv2 (12x12) does, AlexNet's 13x13 conv3-5 do not.
 SMALL_MAP_PIXELS = 12 * 12
@@ -69,6 +71,20 @@ def serial_blas(gemm_macs):
     """Whether a lone image's convolution keeps BLAS single-threaded, for GEMMs of
     ``gemm_macs`` multiply-adds each (:func:`nbalex.cpu.workers.run`)."""
     return gemm_macs < THREADED_GEMM_MACS
+
+
+def split_filters(n, gemm_macs):
+    """Whether a batch of one image shares its filters between the workers (each with
+    single-threaded BLAS, one handoff per call) instead of threading each GEMM's BLAS: the
+    images cannot be shared, and OpenBLAS's threads cost a handoff per GEMM.  AlexNet at
+    batch 1 (2-core Xeon), forward ms, threaded BLAS -> filters split: conv2 4.1 -> 2.6,
+    conv4 3.1 -> 1.7 (with the filters rearranged by a kernel of their own)."""
+    return n == 1 and workers.WORKERS > 1 and not serial_blas(gemm_macs)
+
+
+def group_parts(lo, hi, fg):
+    """(group, first, end) of the filters lo..hi-1 in each group they touch (fg a group)."""
+    return [(g, max(lo, g * fg), min(hi, (g + 1) * fg)) for g in range(lo // fg, -(-hi // fg))]
 
 
 def is_pointwise(kh, kw, stride, pad):

@@ -270,27 +270,6 @@ def filters_by_kernel_row(wr, w, lo, hi):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def tap_rows_adjoint(dx, rows, n, kw, pad, ow):
-    """Overwrite image n of dx (N, C, H, W) with the adjoint of :func:`tap_rows` applied to rows.
-
-    dx[n, c, a, b] = sum over q of rows[c*KW + q, (a + pad)*OW + b + pad - q] (valid terms only):
-    every entry of rows that tap_rows would have read from x[n, c, a, b] is added back to it.
-    One step per channel, each zeroing and then accumulating its own plane.
-    """
-    c_in, h, w = dx.shape[1], dx.shape[2], dx.shape[3]
-    top = pad * ow
-    for c in range(c_in):
-        plane = dx[n, c].reshape(h * w)
-        _fill0(plane, 0, h * w)
-        for q in range(kw):
-            row = rows[c * kw + q]
-            lo, hi = _valid_range(ow, w, q, 1, pad)
-            off = q - pad
-            for a in range(h):
-                _add(plane, a * w + lo + off, row, top + a * ow + lo, hi - lo)
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
 def scatter_bias_relu(y, yt, b, n0, nb, relu):
     """y[n0+j, f, pix] = yt[f, pix*nb + j] + b[f], then max(., 0) if relu (a NaN kept, as
     np.maximum keeps it).  y (N, F, P) (the output map flattened), yt (F, >= P*nb).
