@@ -85,10 +85,10 @@ def blas_info():
 
 def environment():
     import numba
-    from nbalex.cpu import workers
+    from nbalex.cpu import openblas
     return dict(cpu=cpu_model(), cores=os.cpu_count(), blas=blas_info(), numpy=np.__version__,
                 numba=numba.__version__, torch=torch.__version__,
-                torch_threads=torch.get_num_threads(), blas_pool=workers.BLAS_POOL,
+                torch_threads=torch.get_num_threads(), blas_pool=openblas.BLAS_POOL,
                 python=platform.python_version(), load_avg=list(os.getloadavg()),
                 blas_env={v: os.environ[v] for v in BLAS_VARS if v in os.environ},
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))

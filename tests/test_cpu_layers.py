@@ -9,7 +9,7 @@ import pytest
 
 from nbalex import reference as ref
 from nbalex.backends import dropout_keep
-from nbalex.cpu import (conv2d, conv_strategy, dropout, linear, lrn, maxpool, relu, sgd,
+from nbalex.cpu import (conv2d, conv_strategy, dropout, linear, lrn, maxpool, openblas, relu, sgd,
                         softmax_xent, workers)
 
 GARBAGE = 7.0
@@ -52,13 +52,13 @@ CONV_CASES = [
 def _conv_path(case, pass_):
     n, c, h, w, f, k, stride, pad, groups = case
     oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-    return conv_strategy.choose(oh, ow, k, k, stride, pad, workers.gemm is not None, pass_, n)
+    return conv_strategy.choose(oh, ow, k, k, stride, pad, openblas.gemm is not None, pass_, n)
 
 
 @pytest.mark.parametrize("pass_", conv_strategy.PASSES)
 def test_conv_cases_cover_every_path_the_strategy_can_choose(pass_):
     """Every path choose() returns for a pass is taken by a reference-checked case here."""
-    paths = {"im2col"} | ({"tap_rows"} if workers.gemm is not None and pass_ != "backward_data"
+    paths = {"im2col"} | ({"tap_rows"} if openblas.gemm is not None and pass_ != "backward_data"
                           else set()) | ({"pointwise", "winograd"} if pass_ != "backward_weights"
                                          else set())
     assert {_conv_path(case, pass_) for case in CONV_CASES} == paths
@@ -322,22 +322,22 @@ def test_conv2d_workers_split_the_batch_and_restore_blas_threads(rng):
     assert workers.split(5, 2) == [(0, 3), (3, 5)]
     assert workers.split(1, 2) == [(0, 1), (1, 1)]
     x, wt, b, dy, stride, pad, groups = _conv_arrays(rng, (5, 4, 9, 8, 6, 3, 1, 1, 2))
-    before = workers._CONTROLS[0]() if workers._CONTROLS else None
+    before = openblas.CONTROLS[0]() if openblas.CONTROLS else None
     y, want = _garbage_like(dy), np.empty_like(dy)
     conv2d.conv2d_forward(y, x, wt, b, stride, pad, groups)
     ref.conv2d_forward(want, x, wt, b, stride, pad, groups)
     _close(y, want)
     if before is not None:
-        assert workers._CONTROLS[0]() == before
+        assert openblas.CONTROLS[0]() == before
 
 
 def test_one_image_on_a_small_map_runs_single_threaded_blas(rng):
     """A lone chunk with serial_blas sees 1 BLAS thread, then the count is restored; without
     it BLAS keeps its threads; the conv on such a shape still equals the reference."""
     from nbalex.cpu import workers
-    if workers._CONTROLS is None:
+    if openblas.CONTROLS is None:
         pytest.skip("OpenBLAS thread controls not found")
-    get = workers._CONTROLS[0]
+    get = openblas.CONTROLS[0]
     before, seen = get(), []
     workers.run(lambda t, lo, hi: seen.append(get()), 1, serial_blas=True)
     workers.run(lambda t, lo, hi: seen.append(get()), 1)

@@ -1,4 +1,4 @@
-"""OpenBLAS's parallel jobs on nbalex's pool (nbalex.cpu.workers): same bits, no spinning after
+"""OpenBLAS's parallel jobs on nbalex's pool (nbalex.cpu.openblas): same bits, no spinning after
 a call, a forked child still runs BLAS, and the opt-out.
 
 Each case runs in a fresh process: the pool is installed at import, process-wide.
@@ -11,17 +11,17 @@ import textwrap
 
 import pytest
 
-from nbalex.cpu import workers
+from nbalex.cpu import openblas
 
-needs_pool = pytest.mark.skipif(workers._SET_CALLBACK is None or workers._CONTROLS is None,
+needs_pool = pytest.mark.skipif(openblas.SET_CALLBACK is None or openblas.CONTROLS is None,
                                 reason="this OpenBLAS has no threads callback")
 
 # A product big enough for OpenBLAS to split over two jobs.
 SETUP = """
 import time
 import numpy as np
-from nbalex.cpu import workers
-workers._CONTROLS[1](2)
+from nbalex.cpu import openblas, workers
+openblas.CONTROLS[1](2)
 r = np.random.default_rng(0)
 a = r.standard_normal((384, 1536)).astype(np.float32)
 b = r.standard_normal((1536, 384)).astype(np.float32)
@@ -39,13 +39,13 @@ def python(code, env=None, timeout=120):
 @needs_pool
 def test_blas_jobs_run_on_the_pool_and_give_openblas_bits():
     out = python("""
-        pool = workers.blas_pool()
+        pool = openblas.blas_pool()
         ours = a @ b
         served = pool.calls
-        workers.uninstall_blas_pool()
+        openblas.uninstall_blas_pool()
         theirs = a @ b
-        workers.install_blas_pool()
-        print(workers.BLAS_POOL.startswith("nbalex"), served, np.array_equal(ours, theirs))
+        openblas.install_blas_pool()
+        print(openblas.BLAS_POOL.startswith("nbalex"), served, np.array_equal(ours, theirs))
     """)
     assert out[0] == "True" and int(out[1]) >= 1 and out[2] == "True"
 
@@ -81,17 +81,17 @@ def test_a_forked_child_runs_blas_and_batch_parallel_work():
         workers.run(lambda t, lo, hi: None, 4)
         pid = os.fork()
         if pid == 0:
-            ok = np.array_equal(a @ b, a @ b) and workers.blas_pool() is None
+            ok = np.array_equal(a @ b, a @ b) and openblas.blas_pool() is None
             workers.run(lambda t, lo, hi: None, 4)
             os._exit(0 if ok else 3)
         _, status = os.waitpid(pid, 0)
-        print(os.waitstatus_to_exitcode(status), workers.blas_pool() is not None)
+        print(os.waitstatus_to_exitcode(status), openblas.blas_pool() is not None)
     """, timeout=60)
     assert out == ["0", "True"]
 
 
 def test_openblas_opt_out_and_bad_value():
-    out = python("print(workers.blas_pool() is None, workers.BLAS_POOL)",
+    out = python("print(openblas.blas_pool() is None, openblas.BLAS_POOL)",
                  env={"NBALEX_BLAS_THREADS": "openblas"})
     assert out[0] == "True" and "OpenBLAS" in " ".join(out[1:])
     res = subprocess.run([sys.executable, "-c", "import nbalex.cpu.workers"], capture_output=True,

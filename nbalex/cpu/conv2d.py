@@ -32,6 +32,7 @@ from nbalex.backends import host_array, workspace_view
 from . import conv_rows as rows_path
 from . import conv_strategy as strategy
 from . import im2col as k
+from . import openblas
 from . import winograd
 from . import workers
 
@@ -72,7 +73,7 @@ def chunk_images(n, rows, p_out, stride=2):
 def _path(x_shape, w_shape, stride, pad, groups, pass_):
     """The path :func:`nbalex.cpu.conv_strategy.choose` picks for the shape and pass."""
     _, _, _, _, kh, kw, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
-    return strategy.choose(oh, ow, kh, kw, stride, pad, workers.gemm is not None, pass_,
+    return strategy.choose(oh, ow, kh, kw, stride, pad, openblas.gemm is not None, pass_,
                            x_shape[0])
 
 

@@ -1,6 +1,6 @@
 """The kernel-row path of the CPU convolution (stride 1, maps larger than 12x12; which passes
 take it is :mod:`nbalex.cpu.conv_strategy`'s choice), one image at a time, where BLAS's
-``cblas_sgemm`` is reachable (:func:`nbalex.cpu.workers.gemm`).
+``cblas_sgemm`` is reachable (:func:`nbalex.cpu.openblas.gemm`).
 
 ``rows = tap_rows(x[n])`` is (C*KW, HP*OW), KH times smaller than im2col's column matrix, and
 for kernel row p its window ``rows[:, p*OW : p*OW + P]`` is the column matrix's block of rows
@@ -23,6 +23,7 @@ from nbalex.backends import host_array, workspace_view
 
 from . import conv_strategy as strategy
 from . import im2col as k
+from . import openblas
 from . import workers
 
 
@@ -88,7 +89,7 @@ def forward(y, x, w, b, pad, groups, relu, workspace):
         for g, f0, f1 in strategy.group_parts(lo, hi, fg):
             block = rows[g * kq:(g + 1) * kq]
             for p in range(kh):
-                workers.gemm(wr[p, f0:f1], block[:, p * ow:p * ow + p_out], out[f0:f1],
+                openblas.gemm(wr[p, f0:f1], block[:, p * ow:p * ow + p_out], out[f0:f1],
                              0.0 if p == 0 else 1.0)
         k.bias_relu_image(y, b, n, relu, lo, hi)
 
@@ -123,7 +124,7 @@ def backward_weights(dw, db, dy, x, pad, groups, workspace):
             for g in range(groups):
                 block = rows[g * kq:(g + 1) * kq]
                 for p in range(kh):
-                    workers.gemm(block[:, p * ow:p * ow + p_out], d[g * fg:(g + 1) * fg],
+                    openblas.gemm(block[:, p * ow:p * ow + p_out], d[g * fg:(g + 1) * fg],
                                  acc[p, g], 0.0 if i == lo else 1.0, trans_b=True)
 
     busy = workers.run(work, n, serial_blas=strategy.serial_blas(fg * kq * p_out))

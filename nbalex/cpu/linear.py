@@ -14,7 +14,7 @@ from numba import njit
 from nbalex import checks
 from nbalex.backends import host_array, workspace_view
 
-from . import workers
+from . import openblas, workers
 
 
 # Layers with fewer weights than this run their GEMMs on single-threaded BLAS: handing half
@@ -31,7 +31,7 @@ OUTER_BELOW = 8
 
 
 def _blas_serial(w_shape):
-    return workers.blas_serial_if(w_shape[0] * w_shape[1] < THREADED_WEIGHTS)
+    return openblas.serial_if(w_shape[0] * w_shape[1] < THREADED_WEIGHTS)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")

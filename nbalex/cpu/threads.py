@@ -11,8 +11,8 @@ only takes effect if no parallel kernel has run yet in the process.  (``workqueu
 be entered from two Python threads at the same time.)
 
 ``NBALEX_BLAS_THREADS`` picks who runs OpenBLAS's parallel jobs: ``pool`` (the default), a
-pool of :mod:`nbalex.cpu.workers` whose idle threads sleep, or ``openblas``, OpenBLAS's own
-threads, which spin for a while after each call (see :mod:`nbalex.cpu.workers`).
+pool of :mod:`nbalex.cpu.openblas` whose idle threads sleep, or ``openblas``, OpenBLAS's own
+threads, which spin for a while after each call (see :mod:`nbalex.cpu.openblas`).
 """
 
 import os

@@ -11,273 +11,30 @@ thread (SERIAL_WORK).  Splitting the batch needs one synchronisation per layer i
 one per kernel and per GEMM; on two shared cores this ran AlexNet's convolutions 1.2-3.7x
 faster (median wall time) than the same kernels with both threads inside every GEMM.
 
-OpenBLAS's thread count is switched to 1 while the workers run and restored afterwards,
-through the library NumPy loaded (found in /proc/self/maps).  Where that library cannot be
-found, the work runs on the calling thread alone with BLAS threaded as usual.
-
-The same library's ``cblas_sgemm`` is exposed as :func:`gemm` (None where it is missing): unlike
-``np.matmul`` it accumulates into its output (beta = 1) and reads operands with any row
-stride, which the stride-1 convolution uses to sum one GEMM per kernel row without copies.
-ctypes releases the GIL for the call, so the workers' GEMMs run side by side.
-
-OpenBLAS's own threads spin for about 0.1 s after every multithreaded call (its
-``OPENBLAS_THREAD_TIMEOUT``, read only when the library loads) and take a core from the Numba
-kernels and worker GEMMs that follow: the fully connected layers' GEMMs slowed the
-convolutions after them.  So this module hands OpenBLAS's parallel jobs to a pool of its own
-(:class:`BlasJobPool`, through ``openblas_set_threads_callback_function``, OpenBLAS >= 0.3.28)
-whose idle threads sleep.  OpenBLAS still splits the work: the same jobs on the same data, so
-the same bits.  ``NBALEX_BLAS_THREADS=openblas`` (:mod:`nbalex.cpu.threads`) leaves OpenBLAS's
-own threads in charge; :data:`BLAS_POOL` says which runs.  The hand-off costs some tens of
-microseconds per call, so a lone image's convolution shares its filters between the workers
-instead (one handoff a layer, :mod:`nbalex.cpu.conv2d`) and small GEMMs keep BLAS
-single-threaded (:func:`nbalex.cpu.conv_strategy.serial_blas`).  A forked child (the
-loader's readers) goes back to OpenBLAS's own threads and gets a fresh team, since threads
-do not survive a fork.
+OpenBLAS itself (its thread count, its ``cblas_sgemm``, the pool its parallel jobs run on) is
+:mod:`nbalex.cpu.openblas`.
 """
 
-import _thread
-import atexit
-import ctypes
 import os
 import threading
-from contextlib import contextmanager
 
 import numba
-import numpy as np  # noqa: F401  (loads the BLAS library looked up below)
 
-from . import threads  # picks the threading layer before any kernel runs
+from . import openblas
+from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
+from .openblas import acquire_through_interrupts, held_lock
 
-
-def _openblas_libraries():
-    """The OpenBLAS shared libraries loaded in this process (NumPy's), opened with ctypes."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps
-                            if "openblas" in line.lower() and ".so" in line})
-    except OSError:
-        return
-    for path in paths:
-        try:
-            yield ctypes.CDLL(path)
-        except OSError:
-            continue
-
-
-def _openblas_thread_controls():
-    """(get, set) for the OpenBLAS NumPy links, or None when it cannot be found."""
-    for lib in _openblas_libraries():
-        for suffix in ("64_", "", "_64"):
-            for prefix in ("scipy_openblas", "openblas"):
-                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and put is not None:
-                    get.restype = ctypes.c_int
-                    put.argtypes = [ctypes.c_int]
-                    return get, put
-    return None
-
-
-def _openblas_sgemm():
-    """cblas_sgemm (64-bit integer interface) of the OpenBLAS NumPy links, or None."""
-    for lib in _openblas_libraries():
-        for name in ("scipy_cblas_sgemm64_", "cblas_sgemm64_"):
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-                fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, i64, f32,
-                               ptr, i64, ptr, i64, f32, ptr, i64]
-                fn.restype = None
-                return fn
-    return None
-
-
-def _openblas_callback_setter():
-    """openblas_set_threads_callback_function of the OpenBLAS NumPy links, or None."""
-    for lib in _openblas_libraries():
-        for name in ("scipy_openblas_set_threads_callback_function64_",
-                     "scipy_openblas_set_threads_callback_function",
-                     "openblas_set_threads_callback_function64_",
-                     "openblas_set_threads_callback_function"):
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn.argtypes = [ctypes.c_void_p]
-                fn.restype = None
-                return fn
-    return None
-
-
-# OpenBLAS's callback contract (cblas.h): job i is dojob(i, jobdata + i * elsize, dojob_data);
-# every job must have run when the callback returns.
-_DOJOB = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
-_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t,
-                             ctypes.c_void_p, ctypes.c_int)
-
-
-def _locked():
-    lock = _thread.allocate_lock()
-    lock.acquire()
-    return lock
-
-
-def _acquire(lock):
-    """Acquire ``lock``, riding out KeyboardInterrupt; whether one came."""
-    interrupted = False
-    while True:
-        try:
-            lock.acquire()
-            return interrupted
-        except KeyboardInterrupt:
-            interrupted = True
-
-
-class BlasJobPool:
-    """Runs the jobs of one multithreaded OpenBLAS call: job 0 on the calling thread, jobs
-    1..n-1 on threads of this pool that wait on a lock (asleep, not spinning) between calls.
-
-    All n jobs run at the same time (OpenBLAS's GEMM jobs wait on each other), so the pool
-    grows to n-1 threads.  One call at a time (a lock): the jobs of a call use OpenBLAS's
-    per-job-index buffers.  ``calls`` counts the calls served.  The handoff uses plain locks
-    (see :class:`_Team`)."""
-
-    def __init__(self):
-        self.calls = 0
-        self._lock = threading.Lock()
-        self._slots = []
-
-    def _serve(self, slot):
-        while True:
-            slot["go"].acquire()
-            fn, args = slot.pop("job")
-            try:
-                fn(*args)
-            finally:
-                slot["done"].release()
-
-    def __call__(self, sync, dojob, numjobs, elsize, jobdata, dojob_data):
-        fn = _DOJOB(dojob)
-        jobdata = jobdata or 0
-        with self._lock:
-            self.calls += 1
-            while len(self._slots) < numjobs - 1:
-                slot = {"go": _locked(), "done": _locked()}
-                threading.Thread(target=self._serve, args=(slot,), daemon=True,
-                                 name=f"nbalex-blas-{len(self._slots)}").start()
-                self._slots.append(slot)
-            for i in range(1, numjobs):
-                slot = self._slots[i - 1]
-                slot["job"] = (fn, (i, jobdata + i * elsize, dojob_data))
-                slot["go"].release()
-            fn(0, jobdata, dojob_data)
-            self._wait(numjobs - 1)
-
-    def _wait(self, jobs):
-        """Wait for ``jobs`` pool jobs.  OpenBLAS reuses their buffers once the callback
-        returns, so a Ctrl-C here does not cut the wait short: it is raised again after."""
-        interrupted = False
-        for slot in self._slots[:jobs]:
-            interrupted |= _acquire(slot["done"])
-        if interrupted:
-            _thread.interrupt_main()
-
-
-_SET_CALLBACK = _openblas_callback_setter()
-_installed = []                              # [(BlasJobPool, its C function pointer)] while installed
-
-
-def install_blas_pool():
-    """Route OpenBLAS's parallel jobs through a new :class:`BlasJobPool`; returns it (None
-    where this OpenBLAS has no callback entry point).  Replaces a pool installed before."""
-    if _SET_CALLBACK is None:
-        return None
-    pool = BlasJobPool()
-    pointer = _CALLBACK(pool)
-    _SET_CALLBACK(ctypes.cast(pointer, ctypes.c_void_p))
-    _installed[:] = [(pool, pointer)]        # keeps the C function pointer alive
-    return pool
-
-
-def uninstall_blas_pool():
-    """Give OpenBLAS its own threads back (a no-op when no pool is installed)."""
-    if _installed:
-        _SET_CALLBACK(None)
-        _installed.clear()
-
-
-def blas_pool():
-    """The installed :class:`BlasJobPool`, or None."""
-    return _installed[0][0] if _installed else None
-
-
-_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
-
-
-def _row_stride(a):
-    if a.dtype != np.float32 or a.ndim != 2 or a.strides[1] != 4 or a.strides[0] % 4:
-        raise ValueError("gemm operands must be 2-D float32 with unit-stride rows")
-    return max(a.strides[0] // 4, a.shape[1], 1)
-
-
-def _gemm(a, b, c, beta, trans_a=False, trans_b=False):
-    """c = op(a) @ op(b) + beta * c, float32, through cblas_sgemm; op(z) is z.T if trans_z.
-
-    op(a) (M, K), op(b) (K, N), c (M, N): 2-D views whose rows are contiguous (any row
-    stride).  Only ``c`` is written.
-    """
-    m, kk = a.shape[::-1] if trans_a else a.shape
-    n = b.shape[0] if trans_b else b.shape[1]
-    if (b.shape[1] if trans_b else b.shape[0]) != kk or c.shape != (m, n):
-        raise ValueError(f"gemm shapes {a.shape} {b.shape} -> {c.shape} do not fit")
-    op_a, op_b = (_TRANS if t else _NO_TRANS for t in (trans_a, trans_b))
-    _SGEMM(_ROW_MAJOR, op_a, op_b, m, n, kk, 1.0,
-           a.ctypes.data, _row_stride(a), b.ctypes.data, _row_stride(b), float(beta),
-           c.ctypes.data, _row_stride(c))
-
-
-_CONTROLS = _openblas_thread_controls()
-_SGEMM = _openblas_sgemm()
-gemm = _gemm if _SGEMM is not None else None
 THREADS = max(1, min(numba.config.NUMBA_NUM_THREADS, os.cpu_count() or 1))
-WORKERS = THREADS if _CONTROLS else 1       # the convolution's shares need single-threaded BLAS
-SERIAL_WORK = 1 << 19                       # see for_ranges
+WORKERS = THREADS if openblas.CONTROLS else 1   # the convolution's shares need single-threaded BLAS
+SERIAL_WORK = 1 << 19                               # see for_ranges
 _pool = []
 
-if threads.BLAS_THREADS == "pool" and install_blas_pool() is not None:
-    BLAS_POOL = "nbalex pool (idle threads sleep)"
-    atexit.register(uninstall_blas_pool)     # before interpreter teardown stops the pool's threads
-else:
-    BLAS_POOL = "OpenBLAS's own" + (" (NBALEX_BLAS_THREADS=openblas)" if threads.BLAS_THREADS != "pool"
-                                    else " (no callback entry point)")
-
-
 def _after_fork_in_child():
-    """Threads do not survive a fork: the child's BLAS runs on OpenBLAS's own threads again
-    and its first batch-parallel call starts a new worker pool."""
-    uninstall_blas_pool()
+    """Threads do not survive a fork: the child's first parallel call starts a new team."""
     _pool.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-@contextmanager
-def _nothing():
-    yield
-
-
-@contextmanager
-def _single_threaded_blas():
-    get, put = _CONTROLS
-    before = get()
-    put(1)
-    try:
-        yield
-    finally:
-        put(before)
-
-
-def blas_serial_if(serial):
-    """A context in which BLAS runs single-threaded when ``serial`` (else nothing changes)."""
-    return _single_threaded_blas() if serial and _CONTROLS else _nothing()
 
 
 def split(n, parts):
@@ -298,8 +55,8 @@ class _Team:
         self.busy = threading.Lock()
         # Plain locks used as binary semaphores (held = "not yet"): a C-level handoff,
         # several times cheaper than threading.Semaphore's Condition.
-        self._go = [_locked() for _ in range(helpers)]
-        self._done = [_locked() for _ in range(helpers)]
+        self._go = [held_lock() for _ in range(helpers)]
+        self._done = [held_lock() for _ in range(helpers)]
         self._jobs = [None] * helpers
         self._errors = [None] * helpers
         for i in range(helpers):
@@ -332,7 +89,7 @@ class _Team:
             errors[0] = error
         interrupted = False
         for i in range(helpers):
-            interrupted |= _acquire(self._done[i])
+            interrupted |= acquire_through_interrupts(self._done[i])
         errors += self._errors[:helpers]
         self._errors[:helpers] = [None] * helpers
         for error in errors:
@@ -376,11 +133,11 @@ def run(work, n, serial_blas=False):
     ranges = split(n, WORKERS)
     busy = [t for t, (lo, hi) in enumerate(ranges) if hi > lo]
     if WORKERS == 1 or len(busy) == 1:
-        with blas_serial_if(serial_blas):
+        with openblas.serial_if(serial_blas):
             for t in busy:
                 work(t, *ranges[t])
         return busy
-    with _single_threaded_blas():
+    with openblas.single_threaded():
         _run_shares([lambda t=t: work(t, *ranges[t]) for t in busy])
     return busy
 
