@@ -82,3 +82,32 @@ def test_split_passes_give_the_bits_of_one_range(monkeypatch, rng):
         outs.append((y, ww, v))
     for a, b in zip(*outs):
         assert np.array_equal(a, b)
+
+
+@needs_threads
+def test_a_stop_during_the_wait_is_raised_as_itself_once_every_share_ended():
+    """A signal's exception (a KeyboardInterrupt subclass) that comes while the caller waits
+    for a helper is raised after the helper's share ended, with its own type."""
+    import _thread
+    import time
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    ended = []
+
+    def kernel(lo, hi):
+        if lo > 0:
+            time.sleep(0.3)
+            ended.append(lo)
+        else:
+            threading.Timer(0.05, _thread.interrupt_main).start()
+
+    import signal
+    previous = signal.signal(signal.SIGINT, lambda *a: (_ for _ in ()).throw(Stop()))
+    try:
+        with pytest.raises(Stop):
+            workers.for_ranges(kernel, 10, work=1 << 30)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert ended == [5]

@@ -116,13 +116,14 @@ def _python(code):
 
 
 def _slow_pack(src, out):
-    """``nbalex pack SRC OUT --workers 2`` in a new session, 0.3 s per image."""
+    """``nbalex pack SRC OUT --workers 2`` in a new session, 1 s per image: the tests stop it
+    early, and at 0.3 s a busy machine let it finish before the test's signal was sent."""
     return _python(f"""
         import sys, time
         from nbalex.io import pack
         real = pack.load_and_resize
         def slow(path, size, notes=None):          # decoders inherit this by fork
-            time.sleep(0.3)
+            time.sleep(1.0)
             return real(path, size, notes)
         pack.load_and_resize = slow
         from nbalex.cli import main

@@ -107,15 +107,21 @@ def held_lock():
     return lock
 
 
-def acquire_through_interrupts(lock):
-    """Acquire ``lock``, riding out KeyboardInterrupt; whether one came."""
-    interrupted = False
-    while True:
+def wait_done(lock, done):
+    """Wait until ``done()`` is true, sleeping on ``lock`` (which whoever sets done releases
+    once after setting it), riding out KeyboardInterrupt and its subclasses (the stop signals'
+    exceptions); returns the last one that came, or None.  The lock is left held: a release
+    still pending is taken, and a stale one (left by a wait cut short) only costs one more
+    pass round the loop.  (Re-acquiring after an exception that came just after the acquire
+    succeeded would wait forever.)"""
+    interrupted = None
+    while not done():
         try:
             lock.acquire()
-            return interrupted
-        except KeyboardInterrupt:
-            interrupted = True
+        except KeyboardInterrupt as error:
+            interrupted = error
+    lock.acquire(blocking=False)
+    return interrupted
 
 
 class BlasJobPool:
@@ -139,6 +145,7 @@ class BlasJobPool:
             try:
                 fn(*args)
             finally:
+                slot["finished"] = True
                 slot["done"].release()
 
     def __call__(self, sync, dojob, numjobs, elsize, jobdata, dojob_data):
@@ -153,6 +160,7 @@ class BlasJobPool:
                 self._slots.append(slot)
             for i in range(1, numjobs):
                 slot = self._slots[i - 1]
+                slot["finished"] = False
                 slot["job"] = (fn, (i, jobdata + i * elsize, dojob_data))
                 slot["go"].release()
             fn(0, jobdata, dojob_data)
@@ -163,7 +171,7 @@ class BlasJobPool:
         returns, so a Ctrl-C here does not cut the wait short: it is raised again after."""
         interrupted = False
         for slot in self._slots[:jobs]:
-            interrupted |= acquire_through_interrupts(slot["done"])
+            interrupted |= wait_done(slot["done"], lambda slot=slot: slot["finished"]) is not None
         if interrupted:
             _thread.interrupt_main()
 

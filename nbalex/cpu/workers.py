@@ -22,7 +22,7 @@ import numba
 
 from . import openblas
 from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
-from .openblas import acquire_through_interrupts, held_lock
+from .openblas import held_lock, wait_done
 
 THREADS = max(1, min(numba.config.NUMBA_NUM_THREADS, os.cpu_count() or 1))
 WORKERS = THREADS if openblas.CONTROLS else 1   # the convolution's shares need single-threaded BLAS
@@ -59,6 +59,7 @@ class _Team:
         self._done = [held_lock() for _ in range(helpers)]
         self._jobs = [None] * helpers
         self._errors = [None] * helpers
+        self._finished = [False] * helpers
         for i in range(helpers):
             threading.Thread(target=self._serve, args=(i,), daemon=True,
                              name=f"nbalex-cpu-{i + 1}").start()
@@ -72,6 +73,7 @@ class _Team:
             except BaseException as error:     # handed to the caller
                 self._errors[i] = error
             finally:
+                self._finished[i] = True
                 self._done[i].release()
 
     def run(self, jobs):
@@ -80,6 +82,7 @@ class _Team:
         helpers write the caller's arrays): it is raised once every share has ended."""
         helpers = len(jobs) - 1
         for i in range(helpers):
+            self._finished[i] = False
             self._jobs[i] = jobs[i + 1]
             self._go[i].release()
         errors = [None]
@@ -87,16 +90,14 @@ class _Team:
             jobs[0]()
         except BaseException as error:
             errors[0] = error
-        interrupted = False
+        interrupted = None
         for i in range(helpers):
-            interrupted |= acquire_through_interrupts(self._done[i])
+            interrupted = wait_done(self._done[i], lambda i=i: self._finished[i]) or interrupted
         errors += self._errors[:helpers]
         self._errors[:helpers] = [None] * helpers
-        for error in errors:
+        for error in [interrupted] + errors:       # a stop signal's own exception first
             if error is not None:
                 raise error
-        if interrupted:
-            raise KeyboardInterrupt
 
 
 def _team():
