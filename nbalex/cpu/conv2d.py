@@ -216,8 +216,6 @@ def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=
         wt = w.reshape(groups, fg, cg).transpose(0, 2, 1)
         np.matmul(wt, dy.reshape(n, groups, fg, p_out), out=dx.reshape(n, groups, cg, p_out))
         return
-    if path == "tap_rows":
-        raise AssertionError("backward data never takes the kernel-row path")
     nb, slices = _buffers(workspace, dx.shape, w.shape, stride, pad, groups)
     w2 = w.reshape(f, kg)
 

@@ -102,17 +102,25 @@ def _add_scattered(dst, d0, step, src, s0, n):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def pack_images(xt, x, n0, nb):
-    """xt[((c*H + a)*W + b)*nb + j] = x[n0 + j, c, a, b] for j < nb: the chunk's images
-    interleaved, image innermost (written).  x (N, C, H, W), xt flat with C*H*W*nb elements."""
-    c_in, plane = x.shape[1], x.shape[2] * x.shape[3]
-    e = np.uint64(nb)
+def pack_images(xt, x, n0, nb, pad=0, hp=0, wp=0):
+    """xt[((c*HP + a)*WP + b)*nb + j] = x[n0 + j, c, a - pad, b - pad] for j < nb, zero
+    outside x (written for a < HP, b < WP; HP, WP = 0: H, W): the chunk's images interleaved,
+    image innermost, optionally zero-padded (Winograd's tiles read it so).  x (N, C, H, W),
+    xt flat with C*HP*WP*nb elements."""
+    c_in, h, w = x.shape[1], x.shape[2], x.shape[3]
+    hp = hp if hp > 0 else h
+    wp = wp if wp > 0 else w
+    u, e = np.uint64, np.uint64(nb)
+    if pad > 0 or hp != h or wp != w:
+        _fill0(xt, 0, c_in * hp * wp * nb)
     for c in range(c_in):
         for j in range(nb):
-            img = x[n0 + j, c].reshape(plane)
-            d = np.uint64(c * plane * nb + j)
-            for t in range(plane):
-                xt[d + np.uint64(t) * e] = img[t]
+            img = x[n0 + j, c].reshape(h * w)
+            for a in range(h):
+                d = u(((c * hp + a + pad) * wp + pad) * nb + j)
+                s = u(a * w)
+                for b in range(w):
+                    xt[d + u(b) * e] = img[s + u(b)]
 
 
 @njit(nogil=True, cache=True, error_model="numpy")

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 import numpy as np  # noqa: F401  (loads the BLAS library looked up below)
 
 from . import threads
+from .handoff import Helper
 
 
 def _openblas_libraries():
@@ -101,79 +102,33 @@ _CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, 
                              ctypes.c_void_p, ctypes.c_int)
 
 
-def held_lock():
-    lock = _thread.allocate_lock()
-    lock.acquire()
-    return lock
-
-
-def wait_done(lock, done):
-    """Wait until ``done()`` is true, sleeping on ``lock`` (which whoever sets done releases
-    once after setting it), riding out KeyboardInterrupt and its subclasses (the stop signals'
-    exceptions); returns the last one that came, or None.  The lock is left held: a release
-    still pending is taken, and a stale one (left by a wait cut short) only costs one more
-    pass round the loop.  (Re-acquiring after an exception that came just after the acquire
-    succeeded would wait forever.)"""
-    interrupted = None
-    while not done():
-        try:
-            lock.acquire()
-        except KeyboardInterrupt as error:
-            interrupted = error
-    lock.acquire(blocking=False)
-    return interrupted
-
-
 class BlasJobPool:
     """Runs the jobs of one multithreaded OpenBLAS call: job 0 on the calling thread, jobs
-    1..n-1 on threads of this pool that wait on a lock (asleep, not spinning) between calls.
+    1..n-1 on :class:`nbalex.cpu.handoff.Helper` threads, asleep (not spinning) between calls.
 
     All n jobs run at the same time (OpenBLAS's GEMM jobs wait on each other), so the pool
     grows to n-1 threads.  One call at a time (a lock): the jobs of a call use OpenBLAS's
-    per-job-index buffers.  ``calls`` counts the calls served.  The handoff uses plain locks
-    (see :class:`_Team`)."""
+    per-job-index buffers.  ``calls`` counts the calls served."""
 
     def __init__(self):
         self.calls = 0
         self._lock = threading.Lock()
-        self._slots = []
-
-    def _serve(self, slot):
-        while True:
-            slot["go"].acquire()
-            fn, args = slot.pop("job")
-            try:
-                fn(*args)
-            finally:
-                slot["finished"] = True
-                slot["done"].release()
+        self._helpers = []
 
     def __call__(self, sync, dojob, numjobs, elsize, jobdata, dojob_data):
         fn = _DOJOB(dojob)
         jobdata = jobdata or 0
         with self._lock:
             self.calls += 1
-            while len(self._slots) < numjobs - 1:
-                slot = {"go": held_lock(), "done": held_lock()}
-                threading.Thread(target=self._serve, args=(slot,), daemon=True,
-                                 name=f"nbalex-blas-{len(self._slots)}").start()
-                self._slots.append(slot)
-            for i in range(1, numjobs):
-                slot = self._slots[i - 1]
-                slot["finished"] = False
-                slot["job"] = (fn, (i, jobdata + i * elsize, dojob_data))
-                slot["go"].release()
+            while len(self._helpers) < numjobs - 1:
+                self._helpers.append(Helper(f"nbalex-blas-{len(self._helpers)}"))
+            for i, helper in enumerate(self._helpers[:numjobs - 1], start=1):
+                helper.start(lambda i=i: fn(i, jobdata + i * elsize, dojob_data))
             fn(0, jobdata, dojob_data)
-            self._wait(numjobs - 1)
-
-    def _wait(self, jobs):
-        """Wait for ``jobs`` pool jobs.  OpenBLAS reuses their buffers once the callback
-        returns, so a Ctrl-C here does not cut the wait short: it is raised again after."""
-        interrupted = False
-        for slot in self._slots[:jobs]:
-            interrupted |= wait_done(slot["done"], lambda slot=slot: slot["finished"]) is not None
-        if interrupted:
-            _thread.interrupt_main()
+            # OpenBLAS reuses the jobs' buffers once the callback returns, so a Ctrl-C does
+            # not cut the wait short: it is raised again after.
+            if [h.wait() for h in self._helpers[:numjobs - 1]] != [None] * (numjobs - 1):
+                _thread.interrupt_main()
 
 
 SET_CALLBACK = _openblas_callback_setter()

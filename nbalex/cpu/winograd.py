@@ -28,8 +28,8 @@ from numba import njit
 
 from nbalex.backends import host_array, workspace_view
 
+from . import im2col as k
 from . import workers
-
 
 
 def tiles(oh, ow):
@@ -99,27 +99,9 @@ def _bt(d0, d1, d2, d3):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def pack_padded(xp, x, n0, nb, pad, hp, wp):
-    """xp[((c*HP + a)*WP + b)*nb + j] = x[n0 + j, c, a - pad, b - pad], zero outside x
-    (written for a < HP, b < WP): the chunk zero-padded, images innermost."""
-    c_in, h, w = x.shape[1], x.shape[2], x.shape[3]
-    u, e = np.uint64, np.uint64(nb)
-    for t in range(c_in * hp * wp * nb):
-        xp[u(t)] = 0.0
-    for c in range(c_in):
-        for j in range(nb):
-            img = x[n0 + j, c].reshape(h * w)
-            for a in range(h):
-                d = u(((c * hp + a + pad) * wp + pad) * nb + j)
-                s = u(a * w)
-                for b in range(w):
-                    xp[d + u(b) * e] = img[s + u(b)]
-
-
-@njit(nogil=True, cache=True, error_model="numpy")
 def input_transform(v, xp, c_in, nb, hp, wp, th, tw):
     """v[xi, c*T*nb + (ti*TW + tj)*nb + j] = (B^T d B)[xi] for the 4x4 block d at (2ti, 2tj) of
-    the padded chunk xp (:func:`pack_padded`): every element of v[:, :, :T*nb] written.
+    the padded chunk xp (:func:`nbalex.cpu.im2col.pack_images`): every element of v[:, :, :T*nb] written.
     The images are innermost in both, so the loop over them reads and writes unit strides."""
     u = np.uint64
     row = u(wp * nb)
@@ -247,7 +229,7 @@ def convolve(y, x, w, flipped, pad, groups, b, relu, workspace):
         for n0 in range(lo, hi, nb):
             mm = min(nb, hi - n0)
             width = t * mm
-            pack_padded(xp, x, n0, mm, pad, hp, wp)
+            k.pack_images(xp, x, n0, mm, pad, hp, wp)
             input_transform(v, xp, c_in, mm, hp, wp, th, tw)
             for xi in range(16):
                 uf = u[xi, :c_out * cgi].reshape(c_out, cgi)

@@ -22,12 +22,13 @@ import numba
 
 from . import openblas
 from . import threads  # noqa: F401  (picks the threading layer before any kernel runs)
-from .openblas import held_lock, wait_done
+from .handoff import Helper
 
 THREADS = max(1, min(numba.config.NUMBA_NUM_THREADS, os.cpu_count() or 1))
 WORKERS = THREADS if openblas.CONTROLS else 1   # the convolution's shares need single-threaded BLAS
 SERIAL_WORK = 1 << 19                               # see for_ranges
 _pool = []
+
 
 def _after_fork_in_child():
     """Threads do not survive a fork: the child's first parallel call starts a new team."""
@@ -44,8 +45,8 @@ def split(n, parts):
 
 
 class _Team:
-    """``helpers`` threads that each run one share of a parallel call while the calling thread
-    runs the first share; between calls they sleep on a semaphore (they never spin).
+    """``helpers`` :class:`nbalex.cpu.handoff.Helper` threads that each run one share of a
+    parallel call while the calling thread runs the first share; between calls they sleep.
 
     One call at a time: a call made while another runs (from a share, or from a second Python
     thread) runs all its shares on its own thread instead (:func:`_run_shares`).
@@ -53,49 +54,23 @@ class _Team:
 
     def __init__(self, helpers):
         self.busy = threading.Lock()
-        # Plain locks used as binary semaphores (held = "not yet"): a C-level handoff,
-        # several times cheaper than threading.Semaphore's Condition.
-        self._go = [held_lock() for _ in range(helpers)]
-        self._done = [held_lock() for _ in range(helpers)]
-        self._jobs = [None] * helpers
-        self._errors = [None] * helpers
-        self._finished = [False] * helpers
-        for i in range(helpers):
-            threading.Thread(target=self._serve, args=(i,), daemon=True,
-                             name=f"nbalex-cpu-{i + 1}").start()
-
-    def _serve(self, i):
-        while True:
-            self._go[i].acquire()
-            job, self._jobs[i] = self._jobs[i], None
-            try:
-                job()
-            except BaseException as error:     # handed to the caller
-                self._errors[i] = error
-            finally:
-                self._finished[i] = True
-                self._done[i].release()
+        self._helpers = [Helper(f"nbalex-cpu-{i + 1}") for i in range(helpers)]
 
     def run(self, jobs):
         """Run jobs[0] here and jobs[1:] on the helpers; return when all have ended, raising
         the first exception (in share order).  A Ctrl-C does not cut the wait short (the
-        helpers write the caller's arrays): it is raised once every share has ended."""
-        helpers = len(jobs) - 1
-        for i in range(helpers):
-            self._finished[i] = False
-            self._jobs[i] = jobs[i + 1]
-            self._go[i].release()
-        errors = [None]
+        helpers write the caller's arrays): it is raised, as itself, once every share has
+        ended."""
+        helpers = self._helpers[:len(jobs) - 1]
+        for helper, job in zip(helpers, jobs[1:]):
+            helper.start(job)
+        first = None
         try:
             jobs[0]()
         except BaseException as error:
-            errors[0] = error
-        interrupted = None
-        for i in range(helpers):
-            interrupted = wait_done(self._done[i], lambda i=i: self._finished[i]) or interrupted
-        errors += self._errors[:helpers]
-        self._errors[:helpers] = [None] * helpers
-        for error in [interrupted] + errors:       # a stop signal's own exception first
+            first = error
+        interrupts = [helper.wait() for helper in helpers]
+        for error in interrupts + [first] + [helper.error for helper in helpers]:
             if error is not None:
                 raise error
 
