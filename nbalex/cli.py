@@ -10,123 +10,31 @@ inside the commands so ``nbalex --help`` is instant.
 import importlib
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
 
 import click
 
+from nbalex.cli_common import H5, FiniteFloat, NbalexGroup, examples, gpu_list, hdf5_file
+from nbalex.cli_lab import lab
+
 BACKENDS = click.Choice(["auto", "cuda", "cpu", "reference"])
 BENCHMARKS = ("kernels", "plan", "sgemm", "train")   # modules of nbalex.benchmarks, on demand
 SHOW_SKIPPED = 10             # skipped files pack names on stderr; the rest are counted
 
 
-# ------------------------------------------------------------------------ error handling
-def _user_errors():
-    """The exception classes that mean "the input is wrong", not "the program is wrong".
-
-    ValueError covers the project's own: ConfigError (configs), DataError (packed data and
-    images), the checkpoint reader's and the checks of the model, loader and training loop.
-    """
-    from nbalex.io.errors import DataError
-    from nbalex.train import Diverged
-    errors = [ValueError, DataError, OSError, MemoryError, Diverged]
-    driver = sys.modules.get("numba.cuda.cudadrv.driver")   # loaded only if CUDA was used
-    for name in ("CudaSupportError", "CudaAPIError", "CudaDriverError"):
-        cls = getattr(driver, name, None)        # no GPU, no driver, out of device memory
-        if isinstance(cls, type):
-            errors.append(cls)
-    return tuple(errors)
-
-
-def _one_line(exc):
-    """A one-line description of ``exc`` for ``Error: ...``."""
-    if isinstance(exc, OSError) and exc.filename and exc.strerror:
-        return f"{exc.filename}: {exc.strerror}"
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, MemoryError):
-        text = f"out of memory ({text}); try a smaller --batch-size"
-    return text
-
-
-class OneLineUsageError(click.ClickException):
-    """A usage mistake (missing file, bad option value) reported as one line, exit status 2."""
-
-    exit_code = 2
-
-
-class NbalexGroup(click.Group):
-    """A click group that reports the project's errors as one line instead of a traceback."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except click.UsageError as exc:
-            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
-            raise OneLineUsageError(f"{exc.format_message()} (see '{where} --help')") from None
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
-        except Exception as exc:
-            if isinstance(exc, _user_errors()):
-                raise click.ClickException(_one_line(exc)) from None
-            raise
-
-
-def _hdf5_file(ctx, param, value):
-    """Option callback: ``value`` must be an existing HDF5 file (None passes through)."""
-    if value is None:
-        return None
-    import h5py
-    if not h5py.is_hdf5(value):
-        writer = "nbalex train" if param.name == "checkpoint" else "nbalex pack"
-        raise click.ClickException(f"{param.opts[0]} {value} is not an HDF5 file "
-                                   f"(expected a file written by `{writer}`)")
-    return value
-
-
-def _gpu_list(ctx, param, value):
-    try:
-        gpus = tuple(int(g) for g in value.split(",") if g.strip())
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected GPU numbers such as 0 or 0,1") from None
-    if not gpus or len(gpus) > 2 or any(g < 0 for g in gpus):
-        raise click.BadParameter(f"{value!r}: give one or two GPU numbers, such as 0 or 0,1")
-    return gpus
-
-
-class FiniteFloat(click.FloatRange):
-    """A float option that refuses ``nan`` and ``inf`` (a usage error, exit 2), optionally in
-    a range (FloatRange's arguments).  Every float option of every command uses it."""
-
-    name = "float"
-
-    def convert(self, value, param, ctx):
-        number = click.FLOAT.convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        return super().convert(number, param, ctx)
-
-
-FINITE = FiniteFloat()
-H5 = click.Path(exists=True, dir_okay=False)
-
-
-def _examples(*lines, note=""):
-    """A click epilog listing example command lines, kept unwrapped (click's \\b marker)."""
-    text = "Example" + ("s" if len(lines) > 1 else "") + ":\n\n\b\n" + "\n".join(
-        "  " + line for line in lines)
-    return text + ("\n\n" + note if note else "")
-
-
 @click.group(cls=NbalexGroup, context_settings={"help_option_names": ["-h", "--help"]},
-             epilog=_examples("nbalex synth demo/images --classes 6",
+             epilog=examples("nbalex synth demo/images --classes 6",
                               "nbalex pack demo/images/train demo/train.h5 --size 64",
                               "nbalex train --help",
                               note="`make demo` runs the whole tour."))
 @click.version_option(package_name="nbalex")
 def cli():
     """nbalex: AlexNet (Krizhevsky, Sutskever & Hinton, 2012) from scratch in Numba."""
+
+
+cli.add_command(lab)
 
 
 def main(argv=None):
@@ -173,7 +81,7 @@ def _rank_main(w, args):
 
 
 # ----------------------------------------------------------------------------- data
-@cli.command(epilog=_examples("nbalex synth demo/images --classes 6 --train-per-class 120 "
+@cli.command(epilog=examples("nbalex synth demo/images --classes 6 --train-per-class 120 "
                              "--val-per-class 30"))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--classes", default=10, show_default=True, type=int,
@@ -211,7 +119,7 @@ def _synth_classes(value):
     return value
 
 
-@cli.command(epilog=_examples("nbalex pack ~/imagenet/train train.h5 --workers 8",
+@cli.command(epilog=examples("nbalex pack ~/imagenet/train train.h5 --workers 8",
                              "nbalex pack ~/imagenet/val val.h5 --classes-from train.h5"))
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
@@ -219,7 +127,7 @@ def _synth_classes(value):
               help="Side of the stored square images (shorter side resized, centre crop).")
 @click.option("--workers", default=None, type=click.IntRange(1),
               help="Decoding processes [default: the number of CPUs].")
-@click.option("--classes-from", type=H5, callback=_hdf5_file,
+@click.option("--classes-from", type=H5, callback=hdf5_file,
               help="Use this packed file's class list (pack validation data this way).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (never the "
               "--classes-from file).")
@@ -255,7 +163,7 @@ def pack(ctx, src, out, size, workers, classes_from, force):
 
 
 # --------------------------------------------------------------------------- training
-TRAIN_EPILOG = _examples(
+TRAIN_EPILOG = examples(
     "nbalex train --data demo/train.h5 --val demo/val.h5 --model alexnet-mini \\",
     "    --epochs 8 --batch-size 32 --out demo/run",
     "nbalex train --data demo/train.h5 --val demo/val.h5 --epochs 12 --out demo/run --resume",
@@ -266,9 +174,9 @@ TRAIN_EPILOG = _examples(
 
 
 @cli.command(epilog=TRAIN_EPILOG)
-@click.option("--data", required=True, type=H5, callback=_hdf5_file,
+@click.option("--data", required=True, type=H5, callback=hdf5_file,
               help="Packed training data (from `nbalex pack`).")
-@click.option("--val", required=True, type=H5, callback=_hdf5_file,
+@click.option("--val", required=True, type=H5, callback=hdf5_file,
               help="Packed validation data (pack it with --classes-from the training file).")
 @click.option("--model", default=None, help="alexnet, alexnet-mini or a config .toml "
               "(run setting) [default: alexnet].")
@@ -291,7 +199,7 @@ TRAIN_EPILOG = _examples(
               "and dropout (run setting) [default: 0].")
 @click.option("--backend", type=BACKENDS, default="auto", show_default=True,
               help="auto = cuda when a GPU is present, else cpu.")
-@click.option("--gpus", default="0", show_default=True, callback=_gpu_list,
+@click.option("--gpus", default="0", show_default=True, callback=gpu_list,
               help="GPU numbers for the towers, e.g. 0,1 for the paper's two GPUs (cuda "
                    "backend only).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
@@ -361,12 +269,12 @@ def _check_gpus_need_cuda(ctx, backend):
 
 
 # ------------------------------------------------------------------------ inference
-@cli.command("eval", epilog=_examples(
+@cli.command("eval", epilog=examples(
                  "nbalex eval --checkpoint demo/run/checkpoint.h5 --data demo/val.h5",
                  "nbalex eval --checkpoint run/checkpoint.h5 --data val.h5 --ten-crop --json"))
-@click.option("--checkpoint", required=True, type=H5, callback=_hdf5_file,
+@click.option("--checkpoint", required=True, type=H5, callback=hdf5_file,
               help="A checkpoint written by `nbalex train`.")
-@click.option("--data", required=True, type=H5, callback=_hdf5_file,
+@click.option("--data", required=True, type=H5, callback=hdf5_file,
               help="Packed data to evaluate on.")
 @click.option("--ten-crop", is_flag=True, help="Average the softmax over the 4 corner and "
               "centre crops and their mirrors (the paper's test-time views).")
@@ -393,11 +301,11 @@ def evaluate(checkpoint, data, ten_crop, batch_size, backend, workers, as_json):
                    f"({scores['images']} images, {'10 crops' if ten_crop else 'centre crop'})")
 
 
-@cli.command(epilog=_examples("nbalex predict --checkpoint demo/run/checkpoint.h5 --top 3 "
+@cli.command(epilog=examples("nbalex predict --checkpoint demo/run/checkpoint.h5 --top 3 "
                              "photo.jpg other.png",
                              "nbalex predict --checkpoint demo/run/checkpoint.h5 --json "
                              "demo/images/val"))
-@click.option("--checkpoint", required=True, type=H5, callback=_hdf5_file,
+@click.option("--checkpoint", required=True, type=H5, callback=hdf5_file,
               help="A checkpoint written by `nbalex train` (holds classes and mean image).")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--top", default=5, show_default=True, type=click.IntRange(1),
@@ -436,7 +344,7 @@ def predict(ctx, checkpoint, images, top, backend, as_json):
 
 
 # ------------------------------------------------------------------------------ info
-@cli.command(epilog=_examples("nbalex info --model alexnet",
+@cli.command(epilog=examples("nbalex info --model alexnet",
                              "nbalex info --model alexnet-mini --classes 10",
                              "nbalex info --model alexnet-mini --batch-size 32 --json"))
 @click.option("--model", required=True, help="alexnet, alexnet-mini or a config .toml.")
@@ -532,14 +440,14 @@ def _passthrough(name, run, doc):
     return command
 
 
-@cli.group(cls=BenchGroup, epilog=_examples("nbalex bench static",
+@cli.group(cls=BenchGroup, epilog=examples("nbalex bench static",
                                              "nbalex bench kernels --help"))
 def bench():
     """Measure the kernels: timings against a peer (on a GPU) or static analysis (anywhere)."""
 
 
 @bench.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-               epilog=_examples("nbalex bench static", note="No GPU is needed: the kernels "
+               epilog=examples("nbalex bench static", note="No GPU is needed: the kernels "
                                  "are compiled for sm_90 and inspected."))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
@@ -553,76 +461,6 @@ def static(ctx, args):
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     code = "import sys; from nbalex.cuda.static import main; sys.exit(main(sys.argv[1:]))"
     ctx.exit(subprocess.run([sys.executable, "-c", code, *args], env=env).returncode)
-
-
-# ------------------------------------------------------------------------------- lab
-@cli.group(cls=NbalexGroup, epilog=_examples("nbalex lab list", "nbalex lab start relu lab1",
-                                             "nbalex lab check relu lab1/relu.py"))
-def lab():
-    """GPU teaching labs: write a layer's kernels, graded against the reference."""
-
-
-@lab.command("list")
-def lab_list():
-    """The exercises in order, one line each: name, op, what it teaches."""
-    from nbalex.labs.registry import LABS
-    width = max(len(x.name) for x in LABS)
-    for x in LABS:
-        click.echo(f"{x.name:<{width}}  {x.op:<13} {x.teaches}")
-
-
-@lab.command("start", epilog=_examples("nbalex lab start relu lab1"))
-@click.argument("name")
-@click.argument("folder", type=click.Path(file_okay=False))
-@click.option("--force", is_flag=True, help="Replace a handout or starter already in FOLDER.")
-def lab_start(name, folder, force):
-    """Write NAME's handout (NAME.md) and starter module (NAME.py) into FOLDER."""
-    from nbalex.labs.handout import start
-    for path in start(name, folder, force=force):
-        click.echo(path)
-
-
-@lab.command("check", epilog=_examples("nbalex lab check relu lab1/relu.py",
-                                       "nbalex lab check relu lab1/relu.py --json",
-                                       "nbalex lab check relu lab1/relu.py --static",
-                                       "nbalex lab check relu lab1/relu.py --no-gpu-shapes",
-                                       note="Exit status 0 when every case passes, 1 "
-                                            "otherwise. On a GPU the lab also runs at "
-                                            "AlexNet's shapes, timed beside the package's "
-                                            "kernel and PyTorch's (timing is not graded)."))
-@click.argument("name")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--backend", type=click.Choice(["cuda", "cpu", "reference"]), default="cuda",
-              show_default=True, help="cuda: the GPU, or the simulator when there is none.")
-@click.option("--timeout", type=FiniteFloat(0, min_open=True), default=60.0,
-              show_default=True, help="Seconds one case may take before it counts as hung.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (score, cases).")
-@click.option("--static", "static", is_flag=True,
-              help="Also compile FILE's kernels for sm_90 (needs the CUDA tools, nbalex[static]) "
-                   "and show registers, shared memory and spills beside the package's.")
-@click.option("--no-gpu-shapes", "no_gpu_shapes", is_flag=True,
-              help="Skip the GPU leg (AlexNet's shapes, checked and timed) on a GPU.")
-@click.option("--gpu-shapes-scale", "gpu_shapes_scale",
-              type=FiniteFloat(0, 1, min_open=True), hidden=True,
-              help="Run the GPU leg at AlexNet's shapes times this, under the simulator too.")
-@click.pass_context
-def lab_check(ctx, name, file, backend, timeout, as_json, static, no_gpu_shapes,
-              gpu_shapes_scale):
-    """Grade FILE's launchers for lab NAME against the reference at small, awkward shapes
-    (and, on a GPU, at AlexNet's)."""
-    from nbalex.labs.grader import check, format_report
-    try:
-        report = check(name, file, backend=backend, timeout=timeout,
-                       gpu_shapes=not no_gpu_shapes, scale=gpu_shapes_scale)
-    except ValueError as exc:               # an unknown lab or not a .py file: exit 2, not 1
-        raise OneLineUsageError(_one_line(exc)) from None
-    text = None if as_json else format_report(report)
-    if static:                              # shown, never graded: the exit status is the grade's
-        from nbalex.labs.static_report import format_static, static_report
-        report["static"] = static_report(name, file)
-        text = text and text + "\n" + format_static(report["static"])
-    click.echo(json.dumps(report, indent=1) if as_json else text)
-    ctx.exit(0 if report["passed"] else 1)
 
 
 if __name__ == "__main__":
