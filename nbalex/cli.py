@@ -7,20 +7,16 @@ a non-zero exit: :class:`NbalexGroup` turns the project's error classes into
 inside the commands so ``nbalex --help`` is instant.
 """
 
-import importlib
-import importlib.util
 import json
-import os
-import subprocess
 import sys
 
 import click
 
+from nbalex.cli_bench import bench
 from nbalex.cli_common import H5, FiniteFloat, NbalexGroup, examples, gpu_list, hdf5_file
 from nbalex.cli_lab import lab
 
 BACKENDS = click.Choice(["auto", "cuda", "cpu", "reference"])
-BENCHMARKS = ("kernels", "plan", "sgemm", "train")   # modules of nbalex.benchmarks, on demand
 SHOW_SKIPPED = 10             # skipped files pack names on stderr; the rest are counted
 
 
@@ -34,6 +30,7 @@ def cli():
     """nbalex: AlexNet (Krizhevsky, Sutskever & Hinton, 2012) from scratch in Numba."""
 
 
+cli.add_command(bench)
 cli.add_command(lab)
 
 
@@ -404,63 +401,6 @@ def _layer_table(description):
                      f"{description['arena_bytes']:,} bytes "
                      f"({description['arena_bytes'] / 2**20:.1f} MiB) per tower")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- bench
-class BenchGroup(NbalexGroup):
-    """``nbalex bench``: ``static`` here, the others imported from nbalex.benchmarks on use."""
-
-    def list_commands(self, ctx):
-        found = [n for n in BENCHMARKS if importlib.util.find_spec(f"nbalex.benchmarks.{n}")]
-        return sorted(set(super().list_commands(ctx)) | set(found))
-
-    def get_command(self, ctx, name):
-        command = super().get_command(ctx, name)
-        if command is not None or name not in BENCHMARKS:
-            return command
-        if importlib.util.find_spec(f"nbalex.benchmarks.{name}") is None:
-            return None
-        module = importlib.import_module(f"nbalex.benchmarks.{name}")
-        if isinstance(getattr(module, "command", None), click.Command):
-            return module.command
-        return _passthrough(name, module.main, (module.__doc__ or "").strip())
-
-
-def _passthrough(name, run, doc):
-    """A click command that hands its arguments to ``run(argv)`` and exits with its result."""
-
-    @click.command(name, help=doc, context_settings={"ignore_unknown_options": True,
-                                                     "allow_extra_args": True,
-                                                     "help_option_names": []})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    @click.pass_context
-    def command(ctx, args):
-        ctx.exit(run(list(args)) or 0)
-
-    return command
-
-
-@cli.group(cls=BenchGroup, epilog=examples("nbalex bench static",
-                                             "nbalex bench kernels --help"))
-def bench():
-    """Measure the kernels: timings against a peer (on a GPU) or static analysis (anywhere)."""
-
-
-@bench.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-               epilog=examples("nbalex bench static", note="No GPU is needed: the kernels "
-                                 "are compiled for sm_90 and inspected."))
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@click.pass_context
-def static(ctx, args):
-    """Registers, spills, shared memory and SASS instruction mix of every kernel.
-
-    Runs nbalex.cuda.static in a fresh process without NUMBA_ENABLE_CUDASIM (the compiler is
-    needed, not a GPU).  Extra ARGS are passed to it: `nbalex bench static -- --help` lists
-    them.
-    """
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    code = "import sys; from nbalex.cuda.static import main; sys.exit(main(sys.argv[1:]))"
-    ctx.exit(subprocess.run([sys.executable, "-c", code, *args], env=env).returncode)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ fast) and uses, in this order, the module's
 * ``main(argv)`` -- a function given the remaining command-line arguments as a list of
   strings; the subcommand passes them through untouched and exits with its return value.
 
-The subcommands are listed in ``nbalex.cli.BENCHMARKS``: ``kernels`` (every layer's kernels
+The subcommands are listed in ``nbalex.cli_bench.BENCHMARKS``: ``kernels`` (every layer's kernels
 against the peer), ``plan`` (the step's kernel launches and their predicted GPU time,
 no GPU needed), ``sgemm`` (the matrix multiply), ``train`` (whole training steps).
 ``static`` (registers, spills and SASS of the kernels, no GPU needed) lives in
