@@ -10,7 +10,7 @@ import pytest
 from nbalex import reference as ref
 from nbalex.backends import dropout_keep
 from nbalex.cpu import (conv2d, conv_strategy, dropout, linear, lrn, maxpool, openblas, relu, sgd,
-                        softmax_xent, workers)
+                        softmax_xent, winograd, workers)
 
 GARBAGE = 7.0
 
@@ -58,16 +58,17 @@ def _conv_path(case, pass_):
 @pytest.mark.parametrize("pass_", conv_strategy.PASSES)
 def test_conv_cases_cover_every_path_the_strategy_can_choose(pass_):
     """Every path choose() returns for a pass is taken by a reference-checked case here."""
-    paths = {"im2col"} | ({"tap_rows"} if openblas.gemm is not None and pass_ != "backward_data"
-                          else set()) | ({"pointwise", "winograd"} if pass_ != "backward_weights"
-                                         else set())
+    gemm = openblas.gemm is not None
+    paths = ({"im2col"} | ({"tap_rows"} if gemm and pass_ != "backward_data" else set())
+             | ({"pointwise"} if pass_ != "backward_weights" else set())
+             | ({"winograd"} if gemm or pass_ != "backward_weights" else set()))
     assert {_conv_path(case, pass_) for case in CONV_CASES} == paths
 
 
 @pytest.mark.parametrize("oh,ow,kh,stride,pad,want", [
     (5, 5, 3, 1, 1, ("im2col",) * 3),                         # alexnet-mini conv3-5
     (12, 12, 5, 1, 2, ("im2col",) * 3),                       # alexnet-mini conv2
-    (13, 13, 3, 1, 1, ("winograd", "winograd", "tap_rows")),  # alexnet conv3-5
+    (13, 13, 3, 1, 1, ("winograd",) * 3),                     # alexnet conv3-5
     (27, 27, 5, 1, 2, ("tap_rows", "im2col", "tap_rows")),    # alexnet conv2
     (25, 25, 7, 2, 0, ("im2col",) * 3),                       # strided: no kernel-row path
     (7, 7, 1, 1, 0, ("pointwise", "pointwise", "im2col")),
@@ -78,6 +79,8 @@ def test_conv_strategy_by_shape(oh, ow, kh, stride, pad, want):
     assert got == want
     for p in conv_strategy.PASSES:      # without cblas_sgemm the kernel-row path is never chosen
         assert conv_strategy.choose(oh, ow, kh, kh, stride, pad, False, p) != "tap_rows"
+    # ... nor Winograd's backward weights (its GEMMs accumulate through cblas_sgemm's beta)
+    assert conv_strategy.choose(oh, ow, kh, kh, stride, pad, False, "backward_weights") != "winograd"
     with pytest.raises(ValueError, match="pass_"):
         conv_strategy.choose(oh, ow, kh, kh, stride, pad, True, "sideways")
     if "winograd" in want:            # a small batch keeps the other paths
@@ -164,6 +167,18 @@ def test_conv2d_in_several_chunks_matches_one(rng, monkeypatch):
     assert conv2d.conv2d_workspace_size(x.shape, wt.shape, 1, 1, 2) > 0
     for one, many in zip(*outs):
         _close(many, one)
+
+
+def test_winograd_in_several_chunks_matches_reference(rng, monkeypatch):
+    """One image per Winograd chunk: each worker's backward weights then accumulate chunk
+    after chunk (the GEMMs' beta = 1), and the workspace is sized for that chunk."""
+    monkeypatch.setattr(winograd, "CHUNK", 1)
+    case = (5, 4, 13, 15, 6, 3, 1, 1, 2)
+    want = {"winograd"} if openblas.gemm is not None else {"winograd", "im2col"}
+    assert {_conv_path(case, p) for p in conv_strategy.PASSES} == want
+    x, wt, b, dy, stride, pad, groups = _conv_arrays(rng, case)
+    ws = np.empty(conv2d.conv2d_workspace_size(x.shape, wt.shape, stride, pad, groups), np.float32)
+    _check_backward(x, wt, b, dy, stride, pad, groups, ws)
 
 
 def test_conv2d_rejects_small_workspace(rng):

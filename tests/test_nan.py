@@ -276,8 +276,8 @@ def assert_superset_of_specials(label, ref, got):
 
 @pytest.mark.parametrize("which", ["x", "w", "dy"])
 def test_cpu_winograd_never_loses_a_nan_or_inf(which):
-    """The CPU's Winograd path (3x3, stride 1, a batch of 4+ on maps over 12x12) mixes a 4x4
-    input block into all four outputs of its tile, and inf - inf in a transform is NaN: a
+    """The CPU's Winograd path (3x3, stride 1, a batch of 4+ on maps over 12x12; every pass)
+    mixes a 4x4 input block into all four outputs of its tile, and inf - inf in a transform is NaN: a
     special value may spread to more outputs, or turn from inf into NaN, but none is lost
     and every finite output matches the reference."""
     from nbalex.cpu import conv_strategy
@@ -287,10 +287,12 @@ def test_cpu_winograd_never_loses_a_nan_or_inf(which):
     w = spiked(w_shape, 2) if which == "w" else plain(w_shape, 2)
     dy = spiked(y_shape, 4) if which == "dy" else plain(y_shape, 4)
     b = plain((4,), 3)
-    for backend_out in (("conv2d_forward", [(y_shape, F32)], [x, w, b]),
-                        ("conv2d_backward_data", [(x_shape, F32)], [dy, w])):
-        name, outs, ins = backend_out
-        if (name == "conv2d_forward") == (which == "dy"):
+    assert conv_strategy.choose(13, 13, 3, 3, 1, 1, True, "backward_weights", 4) == "winograd"
+    for name, outs, ins, reads in (
+            ("conv2d_forward", [(y_shape, F32)], [x, w, b], ("x", "w")),
+            ("conv2d_backward_data", [(x_shape, F32)], [dy, w], ("dy", "w")),
+            ("conv2d_backward_weights", [(w_shape, F32), ((4,), F32)], [dy, x], ("dy", "x"))):
+        if which not in reads:
             continue                         # that pass does not read the spiked input
         ref = launch("reference", name, outs, ins, 1, 1, 2)[0]
         got = launch("cpu", name, outs, ins, 1, 1, 2)[0]

@@ -20,7 +20,7 @@ needs no im2col: its forward and backward-data passes are batched GEMMs on the N
 
 Stride-1 convolutions on maps larger than 12x12 can take the kernel-row path of
 :mod:`nbalex.cpu.conv_rows` for some passes, and 3x3 ones Winograd's
-(:mod:`nbalex.cpu.winograd`); which pass of which shape takes which path is
+(:mod:`nbalex.cpu.winograd`, :mod:`nbalex.cpu.winograd_weights`); which pass of which shape takes which path is
 :mod:`nbalex.cpu.conv_strategy`'s choice.
 """
 
@@ -34,6 +34,7 @@ from . import conv_strategy as strategy
 from . import im2col as k
 from . import openblas
 from . import winograd
+from . import winograd_weights
 from . import workers
 
 # A chunk aims at GEMMs at least TARGET_WIDTH columns wide (nb*P) and keeps its column matrix
@@ -108,7 +109,8 @@ def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
         n, c, f, _, _, _, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
         size = max(size, winograd.workspace_size(n, c, f, groups, oh, ow, workers.WORKERS),
                    winograd.workspace_size(n, f, c, groups, x_shape[2], x_shape[3],
-                                           workers.WORKERS))
+                                           workers.WORKERS),
+                   winograd_weights.workspace_size(n, c, f, groups, oh, ow, workers.WORKERS))
     return size
 
 
@@ -249,6 +251,9 @@ def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, 
     path = _path(x.shape, dw.shape, stride, pad, groups, "backward_weights")
     if path == "tap_rows":
         rows_path.backward_weights(dw, db, dy, x, pad, groups, workspace)
+        return
+    if path == "winograd":
+        winograd_weights.backward_weights(dw, db, dy, x, pad, groups, workspace)
         return
     nb, slices = _buffers(workspace, x.shape, dw.shape, stride, pad, groups)
 

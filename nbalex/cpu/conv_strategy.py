@@ -9,7 +9,8 @@ the same path and gives the same bits:
                TAP_FORWARD_PIXELS; never for backward data): per image, KH accumulating GEMMs
                on a column matrix KH times smaller than im2col's.
 ``winograd``   3x3, stride 1, pad <= 2 on maps larger than SMALL_MAP_PIXELS, at least
-               WINOGRAD_BATCH images, forward and backward data (:mod:`nbalex.cpu.winograd`):
+               WINOGRAD_BATCH images, every pass (backward weights: when cblas_sgemm is
+               reachable; :mod:`nbalex.cpu.winograd`, :mod:`nbalex.cpu.winograd_weights`):
                16 GEMMs on transformed tiles, 1.9x fewer multiplies on 13x13 maps.
 ``im2col``     everything else: batch-parallel im2col chunks of several images each, one
                GEMM per group and chunk, nb*P >= conv2d.TARGET_WIDTH columns wide
@@ -48,10 +49,11 @@ TAP_FORWARD_PIXELS = 13 * 13
 
 PASSES = ("forward", "backward_data", "backward_weights")
 
-# Winograd's filter transform is paid once a call, its chunks want several images: below
+# Winograd's filter transforms are paid once a call, its chunks want several images: below
 # this batch the other paths run.  AlexNet at batch 32 on the 2-core Xeon, ms im2col ->
 # Winograd, forward / backward data: conv3 33.6/34.5 -> 27.3/28.6, conv4 31.5/27.7 ->
-# 24.6/24.0, conv5 20.8/18.9 -> 16.9/16.2.
+# 24.6/24.0, conv5 20.8/18.9 -> 16.9/16.2; backward weights, kernel-row -> Winograd, inside
+# a training step: conv3 40.0 -> 26.8, conv4 34.3 -> 26.4, conv5 24.4 -> 22.0.
 WINOGRAD_BATCH = 4
 
 
@@ -100,7 +102,8 @@ def choose(oh, ow, kh, kw, stride, pad, has_gemm, pass_="forward", batch=None):
     if pass_ not in PASSES:
         raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
     if (kh == kw == 3 and stride == 1 and pad <= 2 and not small_map(oh, ow)
-            and pass_ != "backward_weights" and (batch is None or batch >= WINOGRAD_BATCH)):
+            and (has_gemm or pass_ != "backward_weights")
+            and (batch is None or batch >= WINOGRAD_BATCH)):
         return "winograd"
     if is_pointwise(kh, kw, stride, pad):        # its dw: one im2col GEMM per chunk
         return "pointwise" if pass_ != "backward_weights" else "im2col"

@@ -75,14 +75,14 @@ def filter_transform(u, ins, w, flipped, lo, hi):
             t00, t10, t20, t30 = _g_rows(g0, g3, g6, half)
             t01, t11, t21, t31 = _g_rows(g1, g4, g7, half)
             t02, t12, t22, t32 = _g_rows(g2, g5, g8, half)
-            _store4(flat, 0, step, at, _g_rows(t00, t01, t02, half))   # rows of t G^T
-            _store4(flat, 4, step, at, _g_rows(t10, t11, t12, half))
-            _store4(flat, 8, step, at, _g_rows(t20, t21, t22, half))
-            _store4(flat, 12, step, at, _g_rows(t30, t31, t32, half))
+            store4(flat, 0, step, at, _g_rows(t00, t01, t02, half))   # rows of t G^T
+            store4(flat, 4, step, at, _g_rows(t10, t11, t12, half))
+            store4(flat, 8, step, at, _g_rows(t20, t21, t22, half))
+            store4(flat, 12, step, at, _g_rows(t30, t31, t32, half))
 
 
 @njit(inline="always", cache=True)
-def _store4(a, first, step, at, e):
+def store4(a, first, step, at, e):
     """a[(first + r)*step + at] = e[r] for r < 4 (a flat, unsigned offsets)."""
     u = np.uint64
     base = u(first) * step + at
@@ -125,10 +125,10 @@ def input_transform(v, xp, c_in, nb, hp, wp, th, tw):
                     c3 = _bt(xp[p0 + u(3) * nbu], xp[p1 + u(3) * nbu], xp[p2 + u(3) * nbu],
                              xp[p3 + u(3) * nbu])
                     at = col + u(j)             # V row a = B^T applied to r's row a
-                    _store4(flat, 0, step, at, _bt(c0[0], c1[0], c2[0], c3[0]))
-                    _store4(flat, 4, step, at, _bt(c0[1], c1[1], c2[1], c3[1]))
-                    _store4(flat, 8, step, at, _bt(c0[2], c1[2], c2[2], c3[2]))
-                    _store4(flat, 12, step, at, _bt(c0[3], c1[3], c2[3], c3[3]))
+                    store4(flat, 0, step, at, _bt(c0[0], c1[0], c2[0], c3[0]))
+                    store4(flat, 4, step, at, _bt(c0[1], c1[1], c2[1], c3[1]))
+                    store4(flat, 8, step, at, _bt(c0[2], c1[2], c2[2], c3[2]))
+                    store4(flat, 12, step, at, _bt(c0[3], c1[3], c2[3], c3[3]))
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -183,11 +183,11 @@ def chunk_images(n, workers_n):
 ROW_PAD = 16
 
 
-def _row(n):
+def row_length(n):
     return n + ROW_PAD
 
 
-def _padded(th, tw):
+def padded(th, tw):
     """(HP, WP) of the padded chunk: every tile's 4x4 block inside it."""
     return 2 * th + 2, 2 * tw + 2
 
@@ -195,11 +195,11 @@ def _padded(th, tw):
 def workspace_size(n, c_in, c_out, groups, oh, ow, workers_n):
     """float32 elements: the transformed filters, then per worker its padded chunk, V and M."""
     th, tw = tiles(oh, ow)
-    hp, wp = _padded(th, tw)
+    hp, wp = padded(th, tw)
     nb = chunk_images(n, workers_n)
     t = th * tw * nb
-    return 16 * _row(c_out * (c_in // groups)) + workers_n * (
-        c_in * hp * wp * nb + 16 * (_row(c_in * t) + _row(c_out * t)))
+    return 16 * row_length(c_out * (c_in // groups)) + workers_n * (
+        c_in * hp * wp * nb + 16 * (row_length(c_in * t) + row_length(c_out * t)))
 
 
 def convolve(y, x, w, flipped, pad, groups, b, relu, workspace):
@@ -210,10 +210,11 @@ def convolve(y, x, w, flipped, pad, groups, b, relu, workspace):
     c_out, oh, ow = y.shape[1], y.shape[2], y.shape[3]
     cgi, cgo = c_in // groups, c_out // groups
     th, tw = tiles(oh, ow)
-    hp, wp = _padded(th, tw)
+    hp, wp = padded(th, tw)
     t = th * tw
     nb = chunk_images(n, workers.WORKERS)
-    u_row, v_row, m_row = _row(c_out * cgi), _row(c_in * t * nb), _row(c_out * t * nb)
+    u_row = row_length(c_out * cgi)
+    v_row, m_row = row_length(c_in * t * nb), row_length(c_out * t * nb)
     size = workspace_size(n, c_in, c_out, groups, oh, ow, workers.WORKERS)
     ws = workspace_view(workspace, size, host_array)
     per = (size - 16 * u_row) // workers.WORKERS
