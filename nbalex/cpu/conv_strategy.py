@@ -53,7 +53,10 @@ PASSES = ("forward", "backward_data", "backward_weights")
 # this batch the other paths run.  AlexNet at batch 32 on the 2-core Xeon, ms im2col ->
 # Winograd, forward / backward data: conv3 33.6/34.5 -> 27.3/28.6, conv4 31.5/27.7 ->
 # 24.6/24.0, conv5 20.8/18.9 -> 16.9/16.2; backward weights, kernel-row -> Winograd, inside
-# a training step: conv3 40.0 -> 26.8, conv4 34.3 -> 26.4, conv5 24.4 -> 22.0.
+# a training step: conv3 40.0 -> 26.8, conv4 34.3 -> 26.4, conv5 24.4 -> 22.0.  F(2x2, 5x5)
+# (6x6 transforms) was measured for AlexNet's conv2 and lost every pass, ms forward /
+# backward data / backward weights: 59 -> 63, 56 -> 77, 69 -> 82; its transforms hold 9
+# values per output, and with 48 channels a group the GEMMs are too short to pay for them.
 WINOGRAD_BATCH = 4
 
 
