@@ -191,8 +191,13 @@ def test_conv2d_rejects_small_workspace(rng):
 
 @pytest.mark.parametrize("relu_on", [False, True])
 @pytest.mark.parametrize("n", [1, 5, 12])      # dW as outer products below OUTER_BELOW, a GEMM above
-def test_linear_matches_reference(rng, relu_on, n):
+@pytest.mark.parametrize("large", [False, True])   # large: the GEMMs in the workers' shares
+def test_linear_matches_reference(rng, relu_on, n, large, monkeypatch):
     k, m = 37, 19
+    if large:
+        monkeypatch.setattr(linear, "THREADED_WEIGHTS", 0)
+    assert linear._shared(n, (m, k)) == (large and n > 1 and workers.WORKERS > 1
+                                         and openblas.gemm is not None)
     x, w, b, dy = _randn(rng, n, k), _randn(rng, m, k), _randn(rng, m), _randn(rng, n, m)
     y, want = _garbage_like((n, m)), np.empty((n, m), np.float32)
     linear.linear_forward(y, x, w, b, relu=relu_on)

@@ -1,11 +1,19 @@
 """Fully connected layer on the CPU: SGEMM from NumPy's BLAS, bias and ReLU fused after it.
 
-x (N,K), w (M,K), b (M,), y (N,M) = x @ w.T + b.  The transposes are views; NumPy passes
-them to BLAS as transpose flags, so no operand is copied.  The forward GEMM is computed as
-y.T = w @ x.T (M x N, M the long side): OpenBLAS runs that orientation several times faster
-than x @ w.T when the batch N is small; likewise dx.T = w.T @ dy.T.  y.T and dx.T land in
-the caller's ``workspace`` (``linear_workspace_size`` elements, allocated per call when it is
-None), and one pass on the worker threads transposes them into y (adding bias and ReLU) or dx.
+x (N,K), w (M,K), b (M,), y (N,M) = x @ w.T + b.  The transposes are views, passed to BLAS as
+transpose flags, so no operand is copied.  The forward GEMM is computed as y.T = w @ x.T
+(M x N, M the long side): OpenBLAS runs that orientation several times faster than x @ w.T
+when the batch N is small.  y.T lands in the caller's ``workspace`` (``linear_workspace_size``
+elements, allocated per call when it is None), and one pass on the worker threads transposes
+it into y, adding bias and ReLU.
+
+A large layer's GEMMs (at least THREADED_WEIGHTS weights) are shared between the workers
+(:mod:`nbalex.cpu.workers`) from two examples up: each runs single-threaded BLAS on its own
+rows of y.T and dW and its own columns of dx = dy @ w, which needs no transpose.  AlexNet's
+fc6 at batch 32 (2-core Xeon), ms OpenBLAS's threads -> the workers' shares: forward 17.7
+-> 16.6, backward data 22.8 -> 19.3, dW 19.2 -> 17.1; fc7 6.7 -> 6.0, 10.0 -> 7.7, 7.4 ->
+6.2.  A single example keeps OpenBLAS's threads (its GEMMs are GEMVs there: fc6 forward 3.9
+ms, 8.6 as shares of an SGEMM), and then computes dx.T = w.T @ dy.T into the workspace.
 """
 
 import numpy as np
@@ -32,6 +40,18 @@ OUTER_BELOW = 8
 
 def _blas_serial(w_shape):
     return openblas.serial_if(w_shape[0] * w_shape[1] < THREADED_WEIGHTS)
+
+
+def _shared(n, w_shape):
+    """Whether the GEMMs of a layer with weights ``w_shape`` at batch n are split between
+    the workers (each on single-threaded BLAS through cblas_sgemm)."""
+    return (n > 1 and w_shape[0] * w_shape[1] >= THREADED_WEIGHTS and workers.WORKERS > 1
+            and openblas.gemm is not None)
+
+
+def _in_shares(n, gemm_part):
+    """gemm_part(lo, hi) for each worker's share [lo, hi) of range(n), in parallel."""
+    workers.run(lambda wid, lo, hi: gemm_part(lo, hi), n, serial_blas=True)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -110,14 +130,21 @@ def column_sums(db, dy, first, last):
 def linear_forward(y, x, w, b, relu=False, workspace=None, stream=None):
     """y (N,M) <- x @ w.T + b, then max(y, 0) when relu.  y is overwritten."""
     yt = transposed(workspace, (y.shape[1], y.shape[0]))
-    with _blas_serial(w.shape):
-        np.matmul(w, x.T, out=yt)
+    if _shared(x.shape[0], w.shape):
+        _in_shares(w.shape[0], lambda lo, hi: openblas.gemm(w[lo:hi], x, yt[lo:hi], 0.0,
+                                                            trans_b=True))
+    else:
+        with _blas_serial(w.shape):
+            np.matmul(w, x.T, out=yt)
     workers.for_ranges(transpose_bias_relu, _blocks(y.shape[1], 64), y, yt, b, relu, work=y.size)
 
 
 @checks.checked(checks.linear_backward_data, "cpu")
 def linear_backward_data(dx, dy, w, workspace=None, stream=None):
-    """dx (N,K) <- dy @ w, computed as dx.T = w.T @ dy.T (the faster orientation, as above)."""
+    """dx (N,K) <- dy @ w: the workers' columns of it, or dx.T = w.T @ dy.T (see above)."""
+    if _shared(dy.shape[0], w.shape):
+        _in_shares(w.shape[1], lambda lo, hi: openblas.gemm(dy, w[:, lo:hi], dx[:, lo:hi], 0.0))
+        return
     dxt = transposed(workspace, (dx.shape[1], dx.shape[0]))
     with _blas_serial(w.shape):
         np.matmul(w.T, dy.T, out=dxt)
@@ -130,6 +157,9 @@ def linear_backward_weights(dw, db, dy, x, workspace=None, stream=None):
     examples as a sum of outer products (:func:`outer_products`), else one GEMM."""
     if dy.shape[0] < OUTER_BELOW:
         workers.for_ranges(outer_products, dw.shape[0], dw, dy, x, work=dw.size)
+    elif _shared(dy.shape[0], dw.shape):
+        _in_shares(dw.shape[0], lambda lo, hi: openblas.gemm(dy[:, lo:hi], x, dw[lo:hi], 0.0,
+                                                             trans_a=True))
     else:
         with _blas_serial(dw.shape):
             np.matmul(dy.T, x, out=dw)
