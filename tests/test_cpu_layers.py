@@ -249,11 +249,15 @@ def test_relu_matches_reference_and_works_in_place(rng):
     np.testing.assert_array_equal(inplace, want)
 
 
-@pytest.mark.parametrize("channels", [1, 2, 4, 5, 6, 11])
+@pytest.mark.parametrize("channels", [1, 2, 4, 5, 6, 11, 70])
 @pytest.mark.parametrize("beta", [0.75, 0.6])
-def test_lrn_matches_reference(rng, channels, beta):
-    """C below, at and above the window of 5; beta 0.75 takes the pow-free path."""
-    size, alpha, k = 5, 1e-2, 2.0
+@pytest.mark.parametrize("size", [5, 3])
+def test_lrn_matches_reference(rng, channels, beta, size):
+    """C below, at and above the window (the backward pass's full windows of 5 take a fused
+    path), across the backward pass's channel blocks (70 > 2 * CHANNEL_BLOCK); beta 0.75
+    takes the pow-free path."""
+    assert 2 * lrn.CHANNEL_BLOCK < 70
+    alpha, k = 1e-2, 2.0
     x, dy = _randn(rng, 3, channels, 5, 7) * 3, _randn(rng, 3, channels, 5, 7)
     y, scale = _garbage_like(x), _garbage_like(x)
     lrn.lrn_forward(y, scale, x, size, alpha, beta, k)
@@ -265,6 +269,12 @@ def test_lrn_matches_reference(rng, channels, beta):
     lrn.lrn_backward(dx, dy, x, y, scale, size, alpha, beta, k)
     ref.lrn_backward(rdx, dy, x, ry, rscale, size, alpha, beta, k)
     _close(dx, rdx, 1e-5, 1e-6)
+    if channels > lrn.CHANNEL_BLOCK:      # a share that starts at image 0's second block
+        part, f32, flat = _garbage_like(x), np.float32, (lambda a: a.reshape(3, channels, -1))
+        lrn.lrn_backward_kernel(flat(part), flat(dy), flat(x), flat(y), flat(scale), size // 2,
+                                f32(alpha), f32(beta), beta == 0.75, 1, 2)
+        block = slice(lrn.CHANNEL_BLOCK, 2 * lrn.CHANNEL_BLOCK)
+        _close(part[0, block], rdx[0, block], 1e-5, 1e-6)
 
 
 @pytest.mark.parametrize("size,stride,h,w", [(3, 2, 13, 11), (2, 2, 9, 8), (3, 1, 7, 10),
