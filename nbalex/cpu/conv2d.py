@@ -57,13 +57,6 @@ def output_size(size, kernel, stride, pad):
     return (size + 2 * pad - kernel) // stride + 1
 
 
-def _geometry(x_shape, w_shape, stride, pad, groups):
-    """(N, C, F, C/G, KH, KW, OH, OW), the rules checked by nbalex.checks.conv2d_geometry."""
-    n, c, _, _, f, cg, kh, kw, oh, ow = checks.conv2d_geometry(x_shape, w_shape, stride, pad,
-                                                              groups)
-    return n, c, f, cg, kh, kw, oh, ow
-
-
 def chunk_images(n, rows, p_out, stride=2):
     """Images per chunk: enough for TARGET_WIDTH columns (STRIDE1_WIDTH for stride 1), within
     COLS_BUDGET, in [1, n]."""
@@ -73,14 +66,14 @@ def chunk_images(n, rows, p_out, stride=2):
 
 def _path(x_shape, w_shape, stride, pad, groups, pass_):
     """The path :func:`nbalex.cpu.conv_strategy.choose` picks for the shape and pass."""
-    _, _, _, _, kh, kw, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
+    _, _, _, _, kh, kw, oh, ow = strategy.geometry(x_shape, w_shape, stride, pad, groups)
     return strategy.choose(oh, ow, kh, kw, stride, pad, openblas.gemm is not None, pass_,
                            x_shape[0])
 
 
 def _per_worker(x_shape, w_shape, stride, pad, groups):
     """(nb, cols size, yt size, dw size, packed chunk size) of one worker's workspace slice."""
-    n, c, f, cg, kh, kw, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
+    n, c, f, cg, kh, kw, oh, ow = strategy.geometry(x_shape, w_shape, stride, pad, groups)
     rows, p_out = c * kh * kw, oh * ow
     nb = chunk_images(-(-n // workers.WORKERS), rows, p_out, stride)
     # the packed chunk (k.pack_images), or a lone image's column phases (k.pack_phases)
@@ -106,7 +99,7 @@ def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
         _, cols, yt, dw, packed = _per_worker(x_shape, w_shape, stride, pad, groups)
         size = max(size, workers.WORKERS * (cols + yt + 2 * dw + packed))
     if "winograd" in paths:
-        n, c, f, _, _, _, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
+        n, c, f, _, _, _, oh, ow = strategy.geometry(x_shape, w_shape, stride, pad, groups)
         size = max(size, winograd.workspace_size(n, c, f, groups, oh, ow, workers.WORKERS),
                    winograd.workspace_size(n, f, c, groups, x_shape[2], x_shape[3],
                                            workers.WORKERS),
@@ -117,9 +110,9 @@ def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
 def _buffers(workspace, x_shape, w_shape, stride, pad, groups):
     """nb and, per worker, (cols, yt, part, tmp, packed) carved out of the workspace (or
     allocated)."""
-    n, c, f, cg, kh, kw, oh, ow = _geometry(x_shape, w_shape, stride, pad, groups)
+    n, c, f, cg, kh, kw, oh, ow = strategy.geometry(x_shape, w_shape, stride, pad, groups)
     nb, cols_size, yt_size, dw_size, packed = _per_worker(x_shape, w_shape, stride, pad, groups)
-    size = conv2d_workspace_size(x_shape, w_shape, stride, pad, groups)
+    size = conv2d_workspace_size.unchecked(x_shape, w_shape, stride, pad, groups)
     workspace = workspace_view(workspace, size, host_array)
     per = size // workers.WORKERS
     ends = np.cumsum([cols_size, yt_size, dw_size, dw_size, packed])
@@ -158,7 +151,7 @@ def _filter_major(dyt, dy, n0, m):
 @checks.checked(checks.conv2d_forward, "cpu")
 def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, stream=None):
     """y (N,F,OH,OW) <- conv(x, w) + b, then max(y, 0) if ``relu``.  y is overwritten."""
-    n, c, f, cg, kh, kw, oh, ow = _geometry(x.shape, w.shape, stride, pad, groups)
+    n, c, f, cg, kh, kw, oh, ow = strategy.geometry(x.shape, w.shape, stride, pad, groups)
     fg, kg, p_out = f // groups, cg * kh * kw, oh * ow
     path = _path(x.shape, w.shape, stride, pad, groups, "forward")
     if path == "pointwise":
@@ -208,7 +201,7 @@ def conv2d_forward(y, x, w, b, stride, pad, groups, relu=False, workspace=None, 
 @checks.checked(checks.conv2d_backward_data, "cpu")
 def conv2d_backward_data(dx, dy, w, stride, pad, groups, workspace=None, stream=None):
     """dx (N,C,H,W) <- dL/dx given dy (N,F,OH,OW).  dx is overwritten."""
-    n, c, f, cg, kh, kw, oh, ow = _geometry(dx.shape, w.shape, stride, pad, groups)
+    n, c, f, cg, kh, kw, oh, ow = strategy.geometry(dx.shape, w.shape, stride, pad, groups)
     fg, kg, p_out = f // groups, cg * kh * kw, oh * ow
     path = _path(dx.shape, w.shape, stride, pad, groups, "backward_data")
     if path == "winograd":            # a 3x3 convolution of dy with the turned filters
@@ -246,7 +239,7 @@ def conv2d_backward_weights(dw, db, dy, x, stride, pad, groups, workspace=None, 
     orientation (the long nb*P reduction contiguous in both operands, a tall output) several
     times faster than dyt @ cols.T.  The workers' partial sums are transposed into dw at the end.
     """
-    n, c, f, cg, kh, kw, oh, ow = _geometry(x.shape, dw.shape, stride, pad, groups)
+    n, c, f, cg, kh, kw, oh, ow = strategy.geometry(x.shape, dw.shape, stride, pad, groups)
     fg, kg, p_out = f // groups, cg * kh * kw, oh * ow
     path = _path(x.shape, dw.shape, stride, pad, groups, "backward_weights")
     if path == "tap_rows":

@@ -18,7 +18,6 @@ vectorised: AlexNet's conv2 58.6 -> 55.3 ms, conv3 40.7 -> 34.3 ms at batch 32.)
 
 import numpy as np
 
-from nbalex import checks
 from nbalex.backends import host_array, workspace_view
 
 from . import conv_strategy as strategy
@@ -27,17 +26,12 @@ from . import openblas
 from . import workers
 
 
-def _geometry(x_shape, w_shape, pad, groups):
-    n, c, _, _, f, cg, kh, kw, oh, ow = checks.conv2d_geometry(x_shape, w_shape, 1, pad, groups)
-    return n, c, f, cg, kh, kw, oh, ow
-
-
 def _sizes(x_shape, w_shape, pad, groups):
     """(filters' size, rows size, accumulator size) of the kernel-row path, float32 elements.
 
     ``rows`` holds tap_rows of x; the accumulator is one worker's dw partial sum.
     """
-    n, c, f, cg, kh, kw, oh, ow = _geometry(x_shape, w_shape, pad, groups)
+    n, c, f, cg, kh, kw, oh, ow = strategy.geometry(x_shape, w_shape, 1, pad, groups)
     rows = c * kw * (x_shape[2] + 2 * pad) * ow
     return f * cg * kh * kw, rows, f * cg * kh * kw
 
@@ -72,7 +66,7 @@ def _filters_by_kernel_row(filters, w):
 def _plan(x_shape, w_shape, pad, groups, workspace):
     """What the passes share: the sizes (c, f, kh, kw, fg = F/G, kq = C/G*KW,
     ow, p_out = OH*OW, span = padded H * OW), and the workspace as _buffers carves it."""
-    n, c, f, cg, kh, kw, oh, ow = _geometry(x_shape, w_shape, pad, groups)
+    n, c, f, cg, kh, kw, oh, ow = strategy.geometry(x_shape, w_shape, 1, pad, groups)
     sizes = (c, f, kh, kw, f // groups, cg * kw, ow, oh * ow, (x_shape[2] + 2 * pad) * ow)
     return sizes, *_buffers(workspace, x_shape, w_shape, pad, groups)
 

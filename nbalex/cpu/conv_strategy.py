@@ -92,6 +92,17 @@ def group_parts(lo, hi, fg):
     return [(g, max(lo, g * fg), min(hi, (g + 1) * fg)) for g in range(lo // fg, -(-hi // fg))]
 
 
+def geometry(x_shape, w_shape, stride, pad, groups):
+    """(N, C, F, C/G, KH, KW, OH, OW) of a convolution whose arguments were checked already
+    (by the launcher's check, :func:`nbalex.checks.conv2d_geometry`'s rules): plain
+    arithmetic, since a launch derives its sizes from it several times (the checked form
+    cost about 65 us a convolution call, most of a small layer's time at batch 1)."""
+    n, c, h, w = x_shape
+    f, cg, kh, kw = w_shape
+    return (n, c, f, cg, kh, kw, (h + 2 * pad - kh) // stride + 1,
+            (w + 2 * pad - kw) // stride + 1)
+
+
 def is_pointwise(kh, kw, stride, pad):
     return kh == 1 and kw == 1 and stride == 1 and pad == 0
 
