@@ -52,11 +52,6 @@ STRIDE1_WIDTH = 4096
 COLS_BUDGET = 4 * 1024 * 1024
 
 
-def output_size(size, kernel, stride, pad):
-    """floor((size + 2*pad - kernel) / stride) + 1."""
-    return (size + 2 * pad - kernel) // stride + 1
-
-
 def chunk_images(n, rows, p_out, stride=2):
     """Images per chunk: enough for TARGET_WIDTH columns (STRIDE1_WIDTH for stride 1), within
     COLS_BUDGET, in [1, n]."""
