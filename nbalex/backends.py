@@ -137,7 +137,8 @@ def workspace_view(workspace, size, allocate):
     array), or ``allocate(size)`` when it is None; a ValueError when it does not qualify."""
     if workspace is None:
         return allocate(size)
-    if str(workspace.dtype) != "float32" or len(workspace.shape) != 1 or workspace.size < size:
+    kind = (workspace.dtype.kind, workspace.dtype.itemsize)    # float32 (str(dtype) is slow)
+    if kind != ("f", 4) or len(workspace.shape) != 1 or workspace.size < size:
         raise ValueError(f"workspace must be flat float32 with >= {size} elements")
     return workspace[:size]
 

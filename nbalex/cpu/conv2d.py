@@ -104,20 +104,18 @@ def conv2d_workspace_size(x_shape, w_shape, stride, pad, groups):
 
 def _buffers(workspace, x_shape, w_shape, stride, pad, groups):
     """nb and, per worker, (cols, yt, part, tmp, packed) carved out of the workspace (or
-    allocated)."""
+    allocated): the im2col path's share of conv2d_workspace_size, worker after worker."""
     n, c, f, cg, kh, kw, oh, ow = strategy.geometry(x_shape, w_shape, stride, pad, groups)
     nb, cols_size, yt_size, dw_size, packed = _per_worker(x_shape, w_shape, stride, pad, groups)
-    size = conv2d_workspace_size.unchecked(x_shape, w_shape, stride, pad, groups)
-    workspace = workspace_view(workspace, size, host_array)
-    per = size // workers.WORKERS
-    ends = np.cumsum([cols_size, yt_size, dw_size, dw_size, packed])
+    per = cols_size + yt_size + 2 * dw_size + packed
+    workspace = workspace_view(workspace, workers.WORKERS * per, host_array)
+    e0, e1 = cols_size, cols_size + yt_size
+    e2, e3 = e1 + dw_size, e1 + 2 * dw_size
     slices = []
     for t in range(workers.WORKERS):
         base = workspace[t * per:(t + 1) * per]
-        cols = base[:ends[0]].reshape(c * kh * kw, -1)
-        yt = base[ends[0]:ends[1]].reshape(f, -1)
-        slices.append((cols, yt, base[ends[1]:ends[2]], base[ends[2]:ends[3]],
-                       base[ends[3]:ends[4]]))
+        slices.append((base[:e0].reshape(c * kh * kw, -1), base[e0:e1].reshape(f, -1),
+                       base[e1:e2], base[e2:e3], base[e3:]))
     return nb, slices
 
 
