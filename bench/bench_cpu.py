@@ -23,7 +23,7 @@ Usage::
 
     python bench/bench_cpu.py                                  # everything (several minutes)
     python bench/bench_cpu.py --models alexnet-mini --batches 32 --skip-layers --rounds 3
-    python bench/bench_cpu.py --json results.json --out bench/results/cpu-DATE.md
+    python bench/bench_cpu.py --json results.json --out bench/results/cpu-DATE.md --png cpu.png
 
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, when set in the environment, can pin NumPy's OpenBLAS to
 a slower kernel; run with them unset (``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python
@@ -50,6 +50,7 @@ from nbalex.benchmarks.torch_net import (FORMS, load_params, torch_form, torch_n
                                          torch_sgd)
 from nbalex.config import ConfigError, load_config  # noqa: E402
 from nbalex.model import Net  # noqa: E402
+from nbalex.plots import plot_cpu_benchmark  # noqa: E402
 
 from bench_cpu_layers import layer_table  # noqa: E402
 
@@ -331,6 +332,7 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch's threads")
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': stdout, tables to stderr)")
     ap.add_argument("--out", metavar="PATH", help="write the tables as markdown (e.g. bench/results/cpu-DATE.md)")
+    ap.add_argument("--png", metavar="PATH", help="draw the ratios and the per-layer times as a PNG")
     args = ap.parse_args(argv)
     for name in ("rounds", "block", "layers_batch", "layer_rounds", "threads"):
         if getattr(args, name) < 1:
@@ -374,6 +376,8 @@ def main(argv=None):
         write_atomic(args.json, json.dumps(result, indent=2) + "\n")
     if args.out:
         write_atomic(args.out, "\n".join(report(result, args, md=True)) + "\n")
+    if args.png:
+        plot_cpu_benchmark(result, args.png)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Pictures of a training run: ``curves.png`` (loss and error per epoch) and ``filters.png``.
+"""Pictures of a training run: ``curves.png`` (loss and error per epoch) and ``filters.png``;
+and of the CPU benchmark against PyTorch (:func:`plot_cpu_benchmark`).
 
 ``filters.png`` is the paper's Figure 3: the first convolution's filters drawn as small RGB
 images.  Each filter is min-max normalised to [0, 1] on its own (so weak and strong filters
@@ -97,3 +98,49 @@ def plot_filters(weights, path):
     plt = _pyplot()
     grid = filter_grid(weights)
     _write_png(path, lambda tmp: plt.imsave(tmp, grid, format="png"))
+
+
+def plot_cpu_benchmark(result, path):
+    """Draw ``bench/bench_cpu.py``'s result (its JSON as a dict): the end-to-end ratios
+    nbalex / PyTorch with their min-max range (left), and the per-layer forward + backward
+    milliseconds of both (right), whichever of the two the result holds.  Writes a PNG."""
+    rows, layers = result.get("end_to_end") or [], (result.get("layers") or {}).get("rows") or []
+    panels = [p for p, have in (("ratios", rows), ("layers", layers)) if have]
+    if not panels:
+        raise ValueError("the result has neither end-to-end rows nor a per-layer table")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 0.5 + 0.42 * max(
+        len(rows), len(layers))), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "ratios":
+            labels = [f"{r['model']}, batch {r['batch']}, {r['mode']}" for r in rows]
+            med = [r["ratio"]["median"] for r in rows]
+            err = [[m - r["ratio"]["min"] for m, r in zip(med, rows)],
+                   [r["ratio"]["max"] - m for m, r in zip(med, rows)]]
+            ax.barh(labels, [m - 1 for m in med], left=1, xerr=err, capsize=3,   # from 1 out
+                    color=["C0" if m >= 1 else "C3" for m in med])
+            ax.axvline(1.0, color="k", lw=1)
+            ax.invert_yaxis()
+            ax.set_xscale("log")            # a ratio and its inverse equally far from 1
+            ax.set(xlabel="images/s, nbalex / PyTorch (median, min-max; log scale)",
+                   title="End to end: above 1, nbalex is faster")
+        else:
+            lay = result["layers"]
+            names = [r["layer"] for r in layers]
+            total = lambda r, side: sum(r[f"{p}_{side}"]["ms"] for p in ("fwd", "bwd")  # noqa: E731
+                                        if f"{p}_{side}" in r)
+            y = np.arange(len(layers))
+            ax.barh(y - 0.2, [total(r, "nbalex") for r in layers], 0.4, label="nbalex")
+            ax.barh(y + 0.2, [total(r, "torch") for r in layers], 0.4, label="PyTorch")
+            ax.set_yticks(y, names)
+            ax.invert_yaxis()
+            ax.set_xscale("log")
+            ax.legend()
+            ax.set(xlabel="ms per call, forward + backward (log scale)",
+                   title=f"Per layer, {lay['model']}, batch {lay['batch']}")
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    try:
+        _write_png(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)

@@ -60,8 +60,11 @@ def test_summary_and_ratios_follow_from_the_times():
 
 def test_tiny_run_reports_every_case_with_derived_numbers(tmp_path):
     out = tmp_path / "table.md"
-    res = run("--models", TINY, "--layers", TINY, *QUICK, "--json", "-", "--out", str(out))
+    png = tmp_path / "bench.png"
+    res = run("--models", TINY, "--layers", TINY, *QUICK, "--json", "-", "--out", str(out),
+              "--png", str(png))
     assert res.returncode == 0, res.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads(res.stdout)
     info = result["info"]
     for key in ("cpu", "cores", "numpy", "numba", "torch", "date", "blas_pool"):
@@ -92,7 +95,7 @@ def test_markdown_only_when_asked_and_fixed_form(tmp_path):
     res = run("--models", TINY, "--modes", "infer", "--skip-layers", "--torch-form", "channels-last",
               *QUICK, "--json", str(tmp_path / "r.json"))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]     # no PNG unless asked
     row, = json.loads((tmp_path / "r.json").read_text())["end_to_end"]
     assert row["torch_form"] == "channels-last" and list(row["torch_probes"]) == ["channels-last"]
     assert "End to end" in res.stdout
