@@ -331,11 +331,11 @@ def test_softmax_xent_matches_reference(rng):
 
 @pytest.mark.parametrize("with_offsets", [False, True])
 def test_sgd_matches_reference(rng, with_offsets):
-    size = 1000
+    size = 2 * sgd.BLOCK + 1000          # tensors across the kernel's blocks
     w, dw, v = _randn(rng, size), _randn(rng, size), _randn(rng, size)
     kwargs = {}
     if with_offsets:
-        kwargs = dict(offsets=np.array([0, 10, 400, 401, size], np.int64),
+        kwargs = dict(offsets=np.array([0, 10, 400, sgd.BLOCK + 7, size], np.int64),
                       lr_mults=np.array([1.0, 2.0, 0.5, 1.0]),
                       decay_mults=np.array([1.0, 0.0, 3.0, 1.0]))
     rw, rv = w.copy(), v.copy()
@@ -344,6 +344,14 @@ def test_sgd_matches_reference(rng, with_offsets):
         ref.sgd_update(rw, dw, rv, 0.05, 0.9, 0.01, **kwargs)
     _close(w, rw, 1e-5, 1e-6)
     _close(v, rv, 1e-5, 1e-6)
+    for where in (5, sgd.BLOCK + 3, size - 1):  # the non-finite count sees every block
+        flag, bad = np.zeros(1, np.int32), dw.copy()
+        bad[where] = np.inf
+        sgd.sgd_update(w.copy(), bad, v.copy(), 0.05, 0.9, 0.01, nonfinite=flag, **kwargs)
+        assert flag[0] == 1, where
+    flag = np.zeros(1, np.int32)
+    sgd.sgd_update(w, dw, v, 0.05, 0.9, 0.01, nonfinite=flag, **kwargs)
+    assert flag[0] == 0
 
 
 def test_conv2d_workers_split_the_batch_and_restore_blas_threads(rng):

@@ -13,14 +13,15 @@ The same pass counts the updated w that are not finite (an integer sum, so its o
 matter); the launcher turns a nonzero count into the caller's ``nonfinite`` flag.
 """
 
-import math
-
 import numpy as np
 from numba import njit
 
 from nbalex import checks
 
 from . import workers
+
+
+BLOCK = 4096    # weights a block of the kernel: updated, then counted while in cache
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -31,23 +32,24 @@ def sgd_kernel(w, dw, v, offsets, steps, decays, momentum, lo, hi):
     parallel loop per tensor cost AlexNet's 16 tensors 16 thread wake-ups a step.)
 
     The loops run over views from index 0: an index that might be negative makes Numba
-    wrap it around, and that check kept LLVM from vectorising (2.5x slower).
+    wrap it around, and that check kept LLVM from vectorising (2.5x slower).  The count is a
+    second loop over each block of BLOCK updated weights, still in cache: counted inside the
+    update loop, it kept that loop scalar (AlexNet's 61 M parameters: 28.7-30.6 -> 25.8-26.3 ms).
     """
     bad = 0
     for t in range(offsets.shape[0] - 1):
-        first = max(lo, offsets[t])
-        last = min(hi, offsets[t + 1])
-        if last <= first:
-            continue
         step = steps[t]
         decay = decays[t]
-        ws, gs, vs = w[first:last], dw[first:last], v[first:last]
-        for i in range(last - first):
-            vi = momentum * vs[i] - step * (decay * ws[i] + gs[i])
-            vs[i] = vi
-            wi = ws[i] + vi
-            ws[i] = wi
-            bad += 0 if math.isfinite(wi) else 1
+        for first in range(max(lo, offsets[t]), min(hi, offsets[t + 1]), BLOCK):
+            last = min(hi, offsets[t + 1], first + BLOCK)
+            ws, gs, vs = w[first:last], dw[first:last], v[first:last]
+            for i in range(last - first):
+                vi = momentum * vs[i] - step * (decay * ws[i] + gs[i])
+                vs[i] = vi
+                ws[i] = ws[i] + vi
+            for i in range(last - first):
+                d = ws[i] - ws[i]               # NaN exactly when ws[i] is NaN or infinite
+                bad += d != d
     return bad
 
 
