@@ -20,8 +20,8 @@ needs no im2col: its forward and backward-data passes are batched GEMMs on the N
 
 Stride-1 convolutions on maps larger than 12x12 can take the kernel-row path of
 :mod:`nbalex.cpu.conv_rows` for some passes, and 3x3 ones Winograd's
-(:mod:`nbalex.cpu.winograd`, :mod:`nbalex.cpu.winograd_weights`); which pass of which shape takes which path is
-:mod:`nbalex.cpu.conv_strategy`'s choice.
+(:mod:`nbalex.cpu.winograd`, :mod:`nbalex.cpu.winograd_weights`); which pass of which
+shape takes which path is :mod:`nbalex.cpu.conv_strategy`'s choice.
 """
 
 import numpy as np

@@ -34,7 +34,8 @@ def sgd_kernel(w, dw, v, offsets, steps, decays, momentum, lo, hi):
     The loops run over views from index 0: an index that might be negative makes Numba
     wrap it around, and that check kept LLVM from vectorising (2.5x slower).  The count is a
     second loop over each block of BLOCK updated weights, still in cache: counted inside the
-    update loop, it kept that loop scalar (AlexNet's 61 M parameters: 28.7-30.6 -> 25.8-26.3 ms).
+    update loop, it kept that loop scalar (AlexNet's 61 M parameters: 28.7-30.6 -> 25.8-26.3
+    ms).
     """
     bad = 0
     for t in range(offsets.shape[0] - 1):
