@@ -12,10 +12,11 @@ Parameters, gradients and momentum are each one flat buffer per tower with one l
 carved into named views (``conv1.weight`` ... ``fc8.bias``, PyTorch's names); the SGD step
 is one ``sgd_update`` launch over them with per-tensor multipliers.  Activations, saved
 state, gradient buffers and workspaces come from one arena per tower, sized once for
-``batch_size`` (see :mod:`nbalex.memory`).  Memory is kept small: ReLU is fused into the
-conv/fc layers and applied in place in the backward pass, max-pooling keeps only its argmax
-indices, the gradients of activations live in two ping-pong buffers, and no gradient is
-computed for the input image.  :mod:`nbalex.layers` explains how layers split over towers.
+``batch_size`` (:mod:`nbalex.buffers` lays them out, :mod:`nbalex.memory` has the arenas).
+Memory is kept small: ReLU is fused into the conv/fc layers and applied in place in the
+backward pass, max-pooling keeps only its argmax indices, the gradients of activations live
+in two ping-pong buffers, and no gradient is computed for the input image.
+:mod:`nbalex.towers` explains how layers split over towers.
 
 Arguments are checked once, when the network is built: every launch of the plan goes through
 :mod:`nbalex.checks` with the arena's buffers (and stand-ins for the views a step takes of
@@ -28,9 +29,11 @@ import numpy as np
 
 from nbalex import checks
 from nbalex.backends import get_backend, resolve
+from nbalex.buffers import ParamLayout, arena_bytes, build, make_places
 from nbalex.config import ConfigError, load_config
-from nbalex.layers import Gather, GatherStep, LayerStage, Pass, TowerContext, plan_steps, prod, view
-from nbalex.memory import HostPlace, SizingArena, TransferCounter, aligned
+from nbalex.layers import Pass
+from nbalex.memory import SizingArena
+from nbalex.towers import plan_steps, view
 
 __all__ = ["Net", "describe", "initial_params", "ConfigError"]
 
@@ -54,101 +57,11 @@ def initial_params(specs, seed=0, dtype=np.float32):
     return out
 
 
-class ParamLayout:
-    """Where each parameter tensor sits in one tower's flat buffers (its block of axis 0)."""
-
-    def __init__(self, specs, towers):
-        self.specs = [p for layer in specs for p in layer.params]
-        self.towers = towers
-        self.shapes, self.offsets = {}, [0]
-        for p in self.specs:
-            shape = (p.shape[0] // towers, *p.shape[1:]) if towers > 1 else p.shape
-            self.shapes[p.name] = shape
-            self.offsets.append(self.offsets[-1] + prod(shape))
-        self.size = self.offsets[-1]
-
-    def views(self, flat):
-        return {p.name: flat[a:b].reshape(self.shapes[p.name])
-                for p, a, b in zip(self.specs, self.offsets, self.offsets[1:])}
-
-
-def workspace_size(backend, step, shapes, batch):
-    """float32 elements of workspace ``step``'s launchers want at ``batch`` (0 for most layers).
-
-    One workspace per tower serves every conv and linear layer: they run one after another
-    on the tower's stream."""
-    spec = step.spec
-    if spec.type == "conv":
-        return backend.conv2d_workspace_size((batch, *step.in_shape), shapes[f"{spec.name}.weight"],
-                                             spec["stride"], spec["pad"], step.groups)
-    if spec.type == "fc":
-        return backend.linear_workspace_size((batch, prod(step.in_shape)), shapes[f"{spec.name}.weight"])
-    return 0
-
-
-def _build(specs, steps, layout, backend, places, arenas, batch, dtype, towers):
-    """Carve every buffer of every tower from ``arenas``; returns (contexts, stages, buffers)."""
-    first = specs[0].in_shape
-    classes = specs[-1].out_shape[0]
-    grad_size = max(prod(s.shape if isinstance(s, GatherStep) else s.out_shape) for s in steps)
-    block = max([prod(s.shape) // towers for s in steps if isinstance(s, GatherStep)] or [0])
-    workspace = max([workspace_size(backend, s, layout.shapes, batch) for s in steps
-                     if not isinstance(s, GatherStep)] or [0])
-    ctxs, buffers = [], []
-    for place, arena in zip(places, arenas):
-        flats = {k: arena.alloc((layout.size,), dtype, k) for k in ("params", "grads", "momentum")}
-        b = dict(flats)
-        b["offsets"] = arena.alloc((len(layout.offsets),), np.int64, "sgd.offsets")
-        b["lr_mults"] = arena.alloc((len(layout.specs),), np.float32, "sgd.lr_mults")
-        b["decay_mults"] = arena.alloc((len(layout.specs),), np.float32, "sgd.decay_mults")
-        b["nonfinite"] = arena.alloc((1,), np.int32, "sgd.nonfinite")
-        b["input"] = arena.alloc((batch, *first), dtype, "input")
-        b["labels"] = arena.alloc((batch,), np.int32, "labels")
-        b["losses"] = arena.alloc((batch,), dtype, "losses")
-        b["probs"] = arena.alloc((batch, classes), dtype, "probs")
-        b["grad_bufs"] = [arena.alloc((batch * grad_size,), dtype, f"activation_grads{i}") for i in (0, 1)]
-        b["recv"] = arena.alloc((batch * block,), dtype, "recv") if towers > 1 else None
-        b["send"] = arena.alloc((batch * block,), dtype, "send") if towers > 1 else None
-        ws = arena.alloc((workspace,), np.float32, "workspace") if workspace else None
-        ctxs.append(TowerContext(backend, place, arena, batch, dtype, layout.views(flats["params"]),
-                                 layout.views(flats["grads"]), ws))
-        b["momentum_views"] = layout.views(flats["momentum"])
-        buffers.append(b)
-    stages = []
-    for step in steps:
-        if isinstance(step, GatherStep):
-            stages.append(Gather(step, ctxs, [b["recv"] for b in buffers], [b["send"] for b in buffers]))
-        else:
-            stages.append(LayerStage(step, ctxs, specs.index(step.spec)))
-    return ctxs, stages, buffers
-
-
-def _make_places(backend_name, gpus):
-    if backend_name == "cuda":
-        from nbalex.cuda.device import make_towers
-        from nbalex.cuda.memory import TransferCounter as DeviceCounter
-        transfers = DeviceCounter()
-        return make_towers(gpus, transfers), transfers
-    transfers = TransferCounter()
-    return [HostPlace(i, transfers) for i in range(len(gpus))], transfers
-
-
-def arena_bytes(specs, batch_size, backend="cuda", towers=1, dtype=np.float32):
-    """Bytes one tower's arena needs for a training step at ``batch_size``."""
-    steps = plan_steps(specs, towers)
-    layout = ParamLayout(specs, towers)
-    sizers = [SizingArena() for _ in range(towers)]
-    places = [HostPlace(i) for i in range(towers)]
-    _build(specs, steps, layout, get_backend(backend, need_device=False), places, sizers,
-           batch_size, dtype, towers)
-    return sizers[0].used, 3 * aligned(layout.size * np.dtype(dtype).itemsize)
-
-
 class Net:
     """AlexNet-style network from a config name, a TOML path or TOML text (see module docstring).
 
     ``gpus`` lists the towers' GPUs (cuda); two towers split every layer as the paper did
-    (see :mod:`nbalex.layers`).  Host backends accept several towers too, emulated in host
+    (see :mod:`nbalex.towers`).  Host backends accept several towers too, emulated in host
     memory.  ``dtype=np.float64`` works with the reference backend (for gradient checks).
     """
 
@@ -170,18 +83,18 @@ class Net:
         self.gpus = tuple(gpus)
         if not self.gpus:
             raise ValueError("gpus must name at least one device")
-        self._places, self.transfers = _make_places(self.backend_name, self.gpus)
+        self._places, self.transfers = make_places(self.backend_name, self.gpus)
         self.towers = self._places if self.backend_name == "cuda" else []
         towers = len(self._places)
         self.steps = plan_steps(self.layers, towers)
         self.layout = ParamLayout(self.layers, towers)
 
         sizers = [SizingArena() for _ in self._places]
-        _build(self.layers, self.steps, self.layout, self.backend, self._places, sizers,
+        build(self.layers, self.steps, self.layout, self.backend, self._places, sizers,
                self.batch_size, self.dtype, towers)
         self.arenas = [p.create_arena(s.used) for p, s in zip(self._places, sizers)]
         self.arena = self.arenas[0]
-        self._ctxs, self._stages, self._buffers = _build(
+        self._ctxs, self._stages, self._buffers = build(
             self.layers, self.steps, self.layout, self.backend, self._places, self.arenas,
             self.batch_size, self.dtype, towers)
         self._first_param_stage = next(i for i, s in enumerate(self._stages) if s.has_params)

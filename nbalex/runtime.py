@@ -58,10 +58,10 @@ def _check_fits_on_gpu(config, batch_size, gpus):
     if numba_config.ENABLE_CUDASIM:
         return
     from numba import cuda
-    from nbalex import model
+    from nbalex import buffers
     from nbalex.config import load_config
     specs = load_config(config)[2]
-    need = model.arena_bytes(specs, batch_size, "cuda", towers=len(gpus))[0]
+    need = buffers.arena_bytes(specs, batch_size, "cuda", towers=len(gpus))[0]
     for gpu in sorted(set(gpus)):
         with cuda.gpus[gpu]:
             free, _total = cuda.current_context().get_memory_info()

@@ -233,7 +233,7 @@ def step_launches(config, batch, sm_count=tiling.SM_COUNT):
     launch order: augmentation, forward, loss, backward (from the last layer to the first
     with parameters, whose backward-data is not run), the SGD update."""
     from nbalex.config import load_config
-    from nbalex.layers import plan_steps
+    from nbalex.towers import plan_steps
 
     cfg, _, specs = load_config(config)
     steps = plan_steps(specs, 1)
