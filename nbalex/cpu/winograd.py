@@ -192,14 +192,29 @@ def padded(th, tw):
     return 2 * th + 2, 2 * tw + 2
 
 
-def workspace_size(n, c_in, c_out, groups, oh, ow, workers_n):
-    """float32 elements: the transformed filters, then per worker its padded chunk, V and M."""
+def chunk_floats(n, c_in, c_out, oh, ow, workers_n):
+    """float32 elements of one worker's chunk buffers: its padded chunk, V and M (or dM)."""
     th, tw = tiles(oh, ow)
     hp, wp = padded(th, tw)
     nb = chunk_images(n, workers_n)
     t = th * tw * nb
-    return 16 * row_length(c_out * (c_in // groups)) + workers_n * (
-        c_in * hp * wp * nb + 16 * (row_length(c_in * t) + row_length(c_out * t)))
+    return c_in * hp * wp * nb + 16 * (row_length(c_in * t) + row_length(c_out * t))
+
+
+def chunk_buffers(base, c_in, c_out, nb, t, hp, wp):
+    """(padded chunk, V, M) carved from the start of a worker's slice ``base`` (t tiles an
+    image, nb images)."""
+    v_row, m_row = row_length(c_in * t * nb), row_length(c_out * t * nb)
+    xp = base[:c_in * hp * wp * nb]
+    v = base[xp.size:xp.size + 16 * v_row].reshape(16, v_row)
+    m = base[xp.size + v.size:xp.size + v.size + 16 * m_row].reshape(16, m_row)
+    return xp, v, m
+
+
+def workspace_size(n, c_in, c_out, groups, oh, ow, workers_n):
+    """float32 elements: the transformed filters, then per worker its chunk buffers."""
+    return 16 * row_length(c_out * (c_in // groups)) + workers_n * chunk_floats(
+        n, c_in, c_out, oh, ow, workers_n)
 
 
 def convolve(y, x, w, flipped, pad, groups, b, relu, workspace):
@@ -214,19 +229,14 @@ def convolve(y, x, w, flipped, pad, groups, b, relu, workspace):
     t = th * tw
     nb = chunk_images(n, workers.WORKERS)
     u_row = row_length(c_out * cgi)
-    v_row, m_row = row_length(c_in * t * nb), row_length(c_out * t * nb)
-    size = workspace_size(n, c_in, c_out, groups, oh, ow, workers.WORKERS)
-    ws = workspace_view(workspace, size, host_array)
-    per = (size - 16 * u_row) // workers.WORKERS
+    ws = workspace_view(workspace, workspace_size(n, c_in, c_out, groups, oh, ow,
+                                                  workers.WORKERS), host_array)
+    per = chunk_floats(n, c_in, c_out, oh, ow, workers.WORKERS)
     u = ws[:16 * u_row].reshape(16, u_row)
     workers.for_ranges(filter_transform, c_out, u, cgi, w, flipped, work=16 * 16 * c_out * cgi)
 
     def work(wid, lo, hi):
-        base = ws[16 * u_row + wid * per:16 * u_row + (wid + 1) * per]
-        xp = base[:c_in * hp * wp * nb]
-        rest = base[c_in * hp * wp * nb:]
-        v = rest[:16 * v_row].reshape(16, v_row)
-        m = rest[16 * v_row:16 * (v_row + m_row)].reshape(16, m_row)
+        xp, v, m = chunk_buffers(ws[u.size + wid * per:], c_in, c_out, nb, t, hp, wp)
         for n0 in range(lo, hi, nb):
             mm = min(nb, hi - n0)
             width = t * mm

@@ -113,13 +113,9 @@ def filter_grad_transform(dw, du, fg, lo, hi):
 
 
 def workspace_size(n, c_in, c_out, groups, oh, ow, workers_n):
-    """float32 elements: per worker its dU sum, its padded chunk, V and dM."""
-    th, tw = wg.tiles(oh, ow)
-    hp, wp = wg.padded(th, tw)
-    nb = wg.chunk_images(n, workers_n)
-    t = th * tw * nb
-    return workers_n * (16 * wg.row_length(c_out * (c_in // groups)) + c_in * hp * wp * nb
-                        + 16 * (wg.row_length(c_in * t) + wg.row_length(c_out * t)))
+    """float32 elements: per worker its dU sum, then per worker its chunk buffers."""
+    return workers_n * (16 * wg.row_length(c_out * (c_in // groups))
+                        + wg.chunk_floats(n, c_in, c_out, oh, ow, workers_n))
 
 
 def backward_weights(dw, db, dy, x, pad, groups, workspace):
@@ -134,17 +130,13 @@ def backward_weights(dw, db, dy, x, pad, groups, workspace):
     t = th * tw
     nb = wg.chunk_images(n, workers.WORKERS)
     u_row = wg.row_length(c_out * cgi)
-    v_row, m_row = wg.row_length(c_in * t * nb), wg.row_length(c_out * t * nb)
-    size = workspace_size(n, c_in, c_out, groups, oh, ow, workers.WORKERS)
-    ws = workspace_view(workspace, size, host_array)
+    ws = workspace_view(workspace, workspace_size(n, c_in, c_out, groups, oh, ow,
+                                                  workers.WORKERS), host_array)
     du = ws[:workers.WORKERS * 16 * u_row].reshape(workers.WORKERS, 16, u_row)
-    per = (size - du.size) // workers.WORKERS
+    per = wg.chunk_floats(n, c_in, c_out, oh, ow, workers.WORKERS)
 
     def work(wid, lo, hi):
-        base = ws[du.size + wid * per:du.size + (wid + 1) * per]
-        xp = base[:c_in * hp * wp * nb]
-        v = base[xp.size:xp.size + 16 * v_row].reshape(16, v_row)
-        m = base[xp.size + v.size:xp.size + v.size + 16 * m_row].reshape(16, m_row)
+        xp, v, m = wg.chunk_buffers(ws[du.size + wid * per:], c_in, c_out, nb, t, hp, wp)
         for n0 in range(lo, hi, nb):
             mm = min(nb, hi - n0)
             width = t * mm
